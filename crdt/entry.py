@@ -1,0 +1,217 @@
+"""Log entries: bodies, canonical encoding, hashing, signing, wire decoding.
+
+An entry is ``(origin, seq, hlc, prev, body)``.  Its canonical bytes are the
+msgpack encoding of that tuple as arrays in fixed field order; its hash is
+BLAKE2b-256 of those bytes; the origin signs the hash.  On the wire an entry
+is the same array with the signature appended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from hashlib import blake2b
+from typing import Any, Final
+
+import msgpack
+
+from crdt.errors import MalformedEntry, OutOfRange, OversizeEntry, UnknownBodyType
+from crdt.keys import PUBLIC_LEN, SIGNATURE_LEN, SigningKey
+
+HASH_LEN: Final = 32
+GENESIS: Final = bytes(HASH_LEN)
+#: Prices are integer ticks in [1, MAX_PRICE]; quantities integer lots in [1, MAX_QTY].
+MAX_PRICE: Final = (1 << 40) - 1
+MAX_QTY: Final = (1 << 40) - 1
+MAX_SEQ: Final = (1 << 63) - 1
+MAX_HLC: Final = (1 << 64) - 1
+#: Largest accepted wire encoding of one entry, in bytes.
+MAX_ENTRY_BYTES: Final = 512
+
+BUY: Final = 0
+SELL: Final = 1
+GTC: Final = 0
+IOC: Final = 1
+
+ORDER_TAG: Final = 1
+CANCEL_TAG: Final = 2
+HEARTBEAT_TAG: Final = 3
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Order:
+    """A limit order (``market=False``) or a market order (price 0, IOC)."""
+
+    side: int
+    price: int
+    qty: int
+    tif: int = GTC
+    market: bool = False
+
+    def to_wire(self) -> list[Any]:
+        return [ORDER_TAG, self.side, self.price, self.qty, self.tif, self.market]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Cancel:
+    """Cancel the remaining quantity of ``order_id`` (an entry hash of the same origin)."""
+
+    order_id: bytes
+
+    def to_wire(self) -> list[Any]:
+        return [CANCEL_TAG, self.order_id]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Heartbeat:
+    """Keeps an origin's clock visible to others; changes no book state."""
+
+    def to_wire(self) -> list[Any]:
+        return [HEARTBEAT_TAG]
+
+
+Body = Order | Cancel | Heartbeat
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Entry:
+    origin: bytes
+    seq: int
+    hlc: int
+    prev: bytes
+    body: Body
+    sig: bytes
+    hash: bytes
+
+    @property
+    def key(self) -> bytes:
+        """Canonical sort key: ``(hlc, hash)`` as comparable bytes."""
+        return self.hlc.to_bytes(8, "big") + self.hash
+
+    def to_wire(self) -> list[Any]:
+        return [self.origin, self.seq, self.hlc, self.prev, self.body.to_wire(), self.sig]
+
+
+def canonical_bytes(origin: bytes, seq: int, hlc: int, prev: bytes, body: Body) -> bytes:
+    return msgpack.packb([origin, seq, hlc, prev, body.to_wire()], use_bin_type=True)
+
+
+def entry_hash(origin: bytes, seq: int, hlc: int, prev: bytes, body: Body) -> bytes:
+    return blake2b(canonical_bytes(origin, seq, hlc, prev, body), digest_size=HASH_LEN).digest()
+
+
+def check_body(body: Body) -> None:
+    """Raise ``OutOfRange`` when a body's values are outside documented ranges."""
+    if isinstance(body, Order):
+        if body.side not in (BUY, SELL):
+            raise OutOfRange(f"side must be 0 (buy) or 1 (sell), got {body.side}")
+        if body.tif not in (GTC, IOC):
+            raise OutOfRange(f"tif must be 0 (GTC) or 1 (IOC), got {body.tif}")
+        if not 1 <= body.qty <= MAX_QTY:
+            raise OutOfRange(f"qty must be in [1, {MAX_QTY}], got {body.qty}")
+        if body.market:
+            if body.price != 0 or body.tif != IOC:
+                raise OutOfRange("a market order has price 0 and tif IOC")
+        elif not 1 <= body.price <= MAX_PRICE:
+            raise OutOfRange(f"price must be in [1, {MAX_PRICE}], got {body.price}")
+
+
+def make_entry(
+    key: SigningKey, *, seq: int, hlc: int, prev: bytes, body: Body
+) -> Entry:
+    """Build and sign the next entry of ``key``'s own log."""
+    check_body(body)
+    h = entry_hash(key.public, seq, hlc, prev, body)
+    return Entry(origin=key.public, seq=seq, hlc=hlc, prev=prev, body=body, sig=key.sign(h), hash=h)
+
+
+def _int(value: Any, name: str, lo: int, hi: int) -> int:
+    if type(value) is not int:
+        raise MalformedEntry(f"{name} must be an integer")
+    if not lo <= value <= hi:
+        raise OutOfRange(f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _bytes(value: Any, name: str, length: int) -> bytes:
+    if type(value) is not bytes or len(value) != length:
+        raise MalformedEntry(f"{name} must be {length} bytes")
+    return value
+
+
+def decode_body(raw: Any) -> Body:
+    if type(raw) is not list or not raw:
+        raise MalformedEntry("body must be a non-empty array")
+    tag = raw[0]
+    if tag == ORDER_TAG and type(tag) is int:
+        if len(raw) != 6:
+            raise MalformedEntry("order body has 6 fields")
+        market = raw[5]
+        if type(market) is not bool:
+            raise MalformedEntry("market flag must be a boolean")
+        order = Order(
+            side=_int(raw[1], "side", 0, 1),
+            price=_int(raw[2], "price", 0, MAX_PRICE),
+            qty=_int(raw[3], "qty", 1, MAX_QTY),
+            tif=_int(raw[4], "tif", 0, 1),
+            market=market,
+        )
+        check_body(order)
+        return order
+    if tag == CANCEL_TAG and type(tag) is int:
+        if len(raw) != 2:
+            raise MalformedEntry("cancel body has 2 fields")
+        return Cancel(order_id=_bytes(raw[1], "order_id", HASH_LEN))
+    if tag == HEARTBEAT_TAG and type(tag) is int:
+        if len(raw) != 1:
+            raise MalformedEntry("heartbeat body has 1 field")
+        return Heartbeat()
+    raise UnknownBodyType(f"unknown body type {tag!r}")
+
+
+def decode_entry(raw: Any) -> Entry:
+    """Check one decoded wire value and build an ``Entry`` (signature not checked)."""
+    if type(raw) is not list or len(raw) != 6:
+        raise MalformedEntry("an entry is an array of 6 fields")
+    origin = _bytes(raw[0], "origin", PUBLIC_LEN)
+    seq = _int(raw[1], "seq", 1, MAX_SEQ)
+    hlc = _int(raw[2], "hlc", 1, MAX_HLC)
+    prev = _bytes(raw[3], "prev", HASH_LEN)
+    body = decode_body(raw[4])
+    sig = _bytes(raw[5], "sig", SIGNATURE_LEN)
+    return Entry(
+        origin=origin, seq=seq, hlc=hlc, prev=prev, body=body, sig=sig,
+        hash=entry_hash(origin, seq, hlc, prev, body),
+    )
+
+
+def decode_entry_bytes(data: bytes) -> Entry:
+    """Decode one entry from its msgpack wire bytes, with the size cap."""
+    if len(data) > MAX_ENTRY_BYTES:
+        raise OversizeEntry(f"entry is {len(data)} bytes, cap is {MAX_ENTRY_BYTES}")
+    try:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise MalformedEntry(f"not msgpack: {exc}") from None
+    return decode_entry(raw)
+
+
+def encode_entry(entry: Entry) -> bytes:
+    return msgpack.packb(entry.to_wire(), use_bin_type=True)
+
+
+def decode_entries(raw: Any, *, max_entries: int) -> tuple[list[Entry], list[MalformedEntry | OutOfRange | UnknownBodyType | OversizeEntry]]:
+    """Decode an array of wire entries; bad ones become errors, good ones entries."""
+    if type(raw) is not list:
+        raise MalformedEntry("entries must be an array")
+    if len(raw) > max_entries:
+        raise OversizeEntry(f"at most {max_entries} entries per batch")
+    good: list[Entry] = []
+    bad: list[MalformedEntry | OutOfRange | UnknownBodyType | OversizeEntry] = []
+    for item in raw:
+        try:
+            if len(msgpack.packb(item, use_bin_type=True)) > MAX_ENTRY_BYTES:
+                raise OversizeEntry(f"entry over {MAX_ENTRY_BYTES} bytes")
+            good.append(decode_entry(item))
+        except (MalformedEntry, OutOfRange, UnknownBodyType, OversizeEntry) as exc:
+            bad.append(exc)
+    return good, bad

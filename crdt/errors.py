@@ -1,0 +1,78 @@
+"""Exception tree of the whole project.
+
+Owns the root type ``ExchangeError`` and the typed validation errors the
+replicated state returns.  Validation errors are values first: ``Replica``
+returns them in a ``MergeResult``; the shell may raise them.
+"""
+
+from __future__ import annotations
+
+
+class ExchangeError(Exception):
+    """Root of every error this project raises or returns."""
+
+    code = "error"
+
+
+class ValidationError(ExchangeError):
+    """An entry or request that must not touch state."""
+
+    code = "invalid"
+
+
+class MalformedEntry(ValidationError):
+    """Wrong types, wrong field count, wrong lengths."""
+
+    code = "malformed_entry"
+
+
+class UnknownBodyType(ValidationError):
+    code = "unknown_body_type"
+
+
+class OversizeEntry(ValidationError):
+    code = "oversize_entry"
+
+
+class OutOfRange(ValidationError):
+    """A price, quantity, sequence or clock value outside its documented range."""
+
+    code = "out_of_range"
+
+
+class BadSignature(ValidationError):
+    code = "bad_signature"
+
+
+class BrokenChain(ValidationError):
+    """``prev`` does not match the hash of the origin's previous entry."""
+
+    code = "broken_chain"
+
+
+class NonIncreasingHlc(ValidationError):
+    code = "non_increasing_hlc"
+
+
+class ClockSkew(ValidationError):
+    """Entry stamped too far ahead of the receiver's clock."""
+
+    code = "clock_skew"
+
+
+class ForeignCancel(ValidationError):
+    """A cancel of an order that is not in the canceller's own log."""
+
+    code = "foreign_cancel"
+
+
+class Equivocation(ValidationError):
+    """Two validly signed entries with one ``(origin, seq)``; origin is frozen."""
+
+    code = "equivocation"
+
+
+class SequenceGap(ValidationError):
+    """Entries arrived ahead of a gap; they are buffered, not dropped."""
+
+    code = "sequence_gap"

@@ -1,0 +1,445 @@
+"""The matching engine: a price-time priority book over records in canonical order.
+
+Owns the book, the fills, order status and rewinding.  Input is a *record*
+``(key, kind, oid, side, price, qty)``: ``key`` is the canonical sort key
+(any totally ordered value; for entries ``(hlc, hash)`` packed into bytes),
+``kind`` one of GTC/IOC/MARKET/CANCEL/NOOP (a cancel's ``oid`` names the
+order it cancels).  Time priority is key order, never arrival order.
+
+Incremental: records that sort after the applied frontier are applied in
+place.  The applied records, the fills and a short list of cancel effects
+are the journal: every record boundary is a checkpoint, and undoing a record
+needs only what the journal already holds, so the hot path pays one list
+append per record for it and no copy of the book.  A late record rewinds to
+the checkpoint just before its key and replays from there; the fills that
+changed are reported as a ``Revision``.  ``compact`` forgets old checkpoints;
+a record older than what is kept raises ``RewindTooFar`` and the owner
+rebuilds from its entries.
+
+Representation: per side a dict ``price -> deque`` of orders in time order
+and a sorted list of prices with the best price last.  An order is a list
+``[remaining, oid, qty, closed, side, price]`` (``closed``: quantity
+cancelled or expired); a taker filled in full on arrival never rests, and its
+record stands in ``orders`` as its status.  Level volumes and counts are computed when asked,
+so no stored total can drift from its orders.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+from collections import deque
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any, Final
+
+from crdt.errors import ExchangeError
+
+BUY: Final = 0
+SELL: Final = 1
+
+GTC: Final = 0
+IOC: Final = 1
+MARKET: Final = 2
+CANCEL: Final = 3
+NOOP: Final = 4
+
+_INF: Final = 1 << 62
+
+Record = tuple[Any, int, Any, int, int, int]
+Fill = tuple[Any, Any, int, int]  # taker oid, maker oid, price, qty
+Order = list[Any]  # see the module docstring
+
+OPEN: Final = "open"
+PARTIAL: Final = "partially_filled"
+FILLED: Final = "filled"
+CANCELLED: Final = "cancelled"
+
+
+class _Bottom:
+    """Sorts before every key (the frontier of an empty engine)."""
+
+    __slots__ = ()
+
+    def __ge__(self, other: object) -> bool:
+        return other is self
+
+    def __lt__(self, other: object) -> bool:
+        return other is not self
+
+
+_BOTTOM: Final = _Bottom()
+
+
+class RewindTooFar(ExchangeError):
+    """A record sorts before the oldest kept checkpoint; rebuild from scratch."""
+
+    code = "rewind_too_far"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Revision:
+    """What a late record changed: fills that disappeared and fills that appeared."""
+
+    revoked: tuple[Fill, ...]
+    added: tuple[Fill, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OrderStatus:
+    state: str
+    qty: int
+    filled: int
+    remaining: int
+    side: int
+    price: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DepthLevel:
+    price: int
+    qty: int
+    orders: int
+
+
+class Engine:
+    def __init__(self) -> None:
+        self.bids: dict[int, deque[Order]] = {}
+        self.asks: dict[int, deque[Order]] = {}
+        self._bid_prices: list[int] = []  # ascending: best bid last
+        self._ask_prices: list[int] = []  # negated, ascending: best ask last
+        self.orders: dict[Any, Order] = {}
+        self.fills: list[Fill] = []
+        self._applied: list[Record] = []
+        self._cancels: list[tuple[Order, int, Record]] = []
+        self._floor: Any = None  # key of the oldest record that can be undone
+        self._forgotten = 0  # records compacted out of the journal
+
+    # ---- entry points ----------------------------------------------------
+
+    @property
+    def frontier(self) -> Any:
+        return self._applied[-1][0] if self._applied else self._floor
+
+    @property
+    def records_applied(self) -> int:
+        return self._forgotten + len(self._applied)
+
+    def add(self, rec: Record) -> Revision | None:
+        """Apply one record; a ``Revision`` when it sorted before the frontier."""
+        applied = self._applied
+        if not applied or rec[0] > applied[-1][0]:
+            self._run((rec,))
+            return None
+        return self._insert_late(rec)
+
+    def add_many(self, recs: Sequence[Record]) -> list[Revision]:
+        """Apply records; a run in key order after the frontier takes the fast path."""
+        out: list[Revision] = []
+        start, n = 0, len(recs)
+        while start < n:
+            start = self._run(recs, start)
+            if start < n:
+                out.append(self._insert_late(recs[start]))
+                start += 1
+        return out
+
+    # ---- the hot path ----------------------------------------------------
+
+    def _run(self, recs: Sequence[Record], start: int = 0) -> int:
+        """Apply ``recs[start:]`` while each sorts after the one before and after
+        the frontier; return the index of the first record not applied."""
+        bids, asks, orders = self.bids, self.asks, self.orders
+        bid_prices, ask_prices = self._bid_prices, self._ask_prices
+        fpush = self.fills.append
+        apush = self._applied.append
+        best_bid = bid_prices[-1] if bid_prices else -1
+        best_ask = -ask_prices[-1] if ask_prices else _INF
+        last: Any = self._applied[-1][0] if self._applied else _BOTTOM
+        i = start - 1
+        for i, rec in enumerate(islice(recs, start, None) if start else recs, start):
+            key, kind, oid, side, price, qty = rec
+            if key <= last:
+                return i
+            last = key
+            apush(rec)
+            if kind < CANCEL:
+                if side == BUY:
+                    if kind == MARKET:
+                        price = _INF
+                    while best_ask <= price:
+                        q = asks[best_ask]
+                        while q:
+                            m = q[0]
+                            mr = m[0]
+                            if mr <= qty:
+                                q.popleft()
+                                m[0] = 0
+                                fpush((oid, m[1], best_ask, mr))
+                                qty -= mr
+                                if not qty:
+                                    break
+                            else:
+                                m[0] = mr - qty
+                                fpush((oid, m[1], best_ask, qty))
+                                qty = 0
+                                break
+                        if not q:
+                            del asks[best_ask]
+                            ask_prices.pop()
+                            best_ask = -ask_prices[-1] if ask_prices else _INF
+                        if not qty:
+                            break
+                    if not qty:  # filled at once: the record is its status
+                        orders[oid] = rec
+                    elif kind:  # IOC or market: the remainder expires
+                        orders[oid] = [0, oid, rec[5], qty, side, rec[4]]
+                    else:
+                        o = orders[oid] = [qty, oid, rec[5], 0, side, price]
+                        q = bids.get(price)
+                        if q is None:
+                            q = bids[price] = deque()
+                            if price > best_bid:
+                                bid_prices.append(price)
+                                best_bid = price
+                            else:
+                                insort(bid_prices, price)
+                        q.append(o)
+                else:
+                    if kind == MARKET:
+                        price = 0
+                    while best_bid >= price:
+                        q = bids[best_bid]
+                        while q:
+                            m = q[0]
+                            mr = m[0]
+                            if mr <= qty:
+                                q.popleft()
+                                m[0] = 0
+                                fpush((oid, m[1], best_bid, mr))
+                                qty -= mr
+                                if not qty:
+                                    break
+                            else:
+                                m[0] = mr - qty
+                                fpush((oid, m[1], best_bid, qty))
+                                qty = 0
+                                break
+                        if not q:
+                            del bids[best_bid]
+                            bid_prices.pop()
+                            best_bid = bid_prices[-1] if bid_prices else -1
+                        if not qty:
+                            break
+                    if not qty:
+                        orders[oid] = rec
+                    elif kind:
+                        orders[oid] = [0, oid, rec[5], qty, side, rec[4]]
+                    else:
+                        o = orders[oid] = [qty, oid, rec[5], 0, side, price]
+                        q = asks.get(price)
+                        if q is None:
+                            q = asks[price] = deque()
+                            if price < best_ask:
+                                ask_prices.append(-price)
+                                best_ask = price
+                            else:
+                                insort(ask_prices, -price)
+                        q.append(o)
+            elif kind == CANCEL:
+                o = orders.get(oid)
+                if o is None or o.__class__ is not list or not o[0]:
+                    continue
+                p = o[5]
+                book = bids if o[4] == BUY else asks
+                q = book[p]
+                j = q.index(o)
+                del q[j]
+                o[3] += o[0]
+                o[0] = 0
+                self._cancels.append((o, j, rec))
+                if not q:
+                    del book[p]
+                    if o[4] == BUY:
+                        del bid_prices[bisect_left(bid_prices, p)]
+                        best_bid = bid_prices[-1] if bid_prices else -1
+                    else:
+                        del ask_prices[bisect_left(ask_prices, -p)]
+                        best_ask = -ask_prices[-1] if ask_prices else _INF
+        return i + 1
+
+    # ---- late arrivals ---------------------------------------------------
+
+    def _insert_late(self, rec: Record) -> Revision:
+        if self._floor is not None and rec[0] <= self._floor:
+            raise RewindTooFar("record sorts before the oldest kept checkpoint")
+        fills = self.fills
+        n_before = len(fills)
+        undone = self._rewind_to(rec[0])
+        cut = len(fills)
+        revoked_all = self._rewound_fills
+        replay = [rec, *reversed(undone)]
+        done = self._run(replay)
+        if done != len(replay):
+            raise AssertionError("replay out of key order")
+        added_all = fills[cut:]
+        assert len(revoked_all) == n_before - cut
+        old, new = set(revoked_all), set(added_all)
+        return Revision(
+            revoked=tuple(f for f in revoked_all if f not in new),
+            added=tuple(f for f in added_all if f not in old),
+        )
+
+    def _rewind_to(self, key: Any) -> list[Record]:
+        """Undo every applied record with a key above ``key``; newest first."""
+        applied, fills, orders = self._applied, self.fills, self.orders
+        n_fills = len(fills)
+        undone: list[Record] = []
+        while applied and applied[-1][0] >= key:
+            rec = applied.pop()
+            if rec[0] == key:
+                applied.append(rec)
+                self._run(undone[::-1])
+                raise ValueError("a record with this key was already applied")
+            undone.append(rec)
+            _, kind, oid, side, price, _qty = rec
+            if kind == CANCEL:
+                c = self._cancels
+                if c and c[-1][2] is rec:
+                    o, i, _ = c.pop()
+                    self._level(o[4], o[5]).insert(i, o)
+                    o[0] = o[3]
+                    o[3] = 0
+                continue
+            if kind == NOOP:
+                continue
+            o = orders.pop(oid)
+            if kind == GTC and o.__class__ is list and o[0]:
+                book = self.bids if side == BUY else self.asks
+                q = book[price]
+                q.pop()
+                if not q:
+                    self._drop_level(side, price)
+            maker_side = SELL if side == BUY else BUY
+            while n_fills and fills[n_fills - 1][0] == oid:
+                n_fills -= 1
+                _, maker_id, fprice, fqty = fills[n_fills]
+                m = orders[maker_id]
+                if not m[0]:
+                    self._level(maker_side, fprice).appendleft(m)
+                m[0] += fqty
+        self._rewound_fills = fills[n_fills:]
+        del fills[n_fills:]
+        return undone
+
+    def _level(self, side: int, price: int) -> deque[Order]:
+        """The queue at ``price``, reopened when it had left the book."""
+        book = self.bids if side == BUY else self.asks
+        q = book.get(price)
+        if q is None:
+            q = book[price] = deque()
+            if side == BUY:
+                insort(self._bid_prices, price)
+            else:
+                insort(self._ask_prices, -price)
+        return q
+
+    def _drop_level(self, side: int, price: int) -> None:
+        if side == BUY:
+            del self.bids[price]
+            del self._bid_prices[bisect_left(self._bid_prices, price)]
+        else:
+            del self.asks[price]
+            del self._ask_prices[bisect_left(self._ask_prices, -price)]
+
+    def compact(self, keep_records: int) -> None:
+        """Keep checkpoints for only the newest ``keep_records`` records."""
+        applied = self._applied
+        drop = len(applied) - keep_records
+        if drop <= 0:
+            return
+        self._floor = applied[drop - 1][0]
+        del applied[:drop]
+        self._forgotten += drop
+        c = self._cancels
+        floor = self._floor
+        keep_from = 0
+        while keep_from < len(c) and c[keep_from][2][0] <= floor:
+            keep_from += 1
+        del c[:keep_from]
+
+    # ---- queries ---------------------------------------------------------
+
+    def checkpoints(self) -> int:
+        """How many records can still be undone."""
+        return len(self._applied)
+
+    def best(self, side: int) -> int | None:
+        if side == BUY:
+            return self._bid_prices[-1] if self._bid_prices else None
+        return -self._ask_prices[-1] if self._ask_prices else None
+
+    def depth(self, n: int) -> tuple[list[DepthLevel], list[DepthLevel]]:
+        """Top ``n`` levels per side, best first: (bids, asks)."""
+        bids = [
+            DepthLevel(price=p, qty=sum(o[0] for o in self.bids[p]), orders=len(self.bids[p]))
+            for p in reversed(self._bid_prices[-n:] if n else [])
+        ]
+        asks = [
+            DepthLevel(price=-p, qty=sum(o[0] for o in self.asks[-p]), orders=len(self.asks[-p]))
+            for p in reversed(self._ask_prices[-n:] if n else [])
+        ]
+        return bids, asks
+
+    def resting(self, side: int) -> list[tuple[int, Any, int]]:
+        """Resting orders of one side in priority order: (price, oid, remaining)."""
+        if side == BUY:
+            return [(p, o[1], o[0]) for p in reversed(self._bid_prices) for o in self.bids[p]]
+        return [(-p, o[1], o[0]) for p in reversed(self._ask_prices) for o in self.asks[-p]]
+
+    def resting_count(self) -> int:
+        return sum(map(len, self.bids.values())) + sum(map(len, self.asks.values()))
+
+    def status(self, oid: Hashable) -> OrderStatus | None:
+        o = self.orders.get(oid)
+        if o is None:
+            return None
+        if o.__class__ is tuple:  # a taker filled in full on arrival
+            _, kind, _, side, price, qty = o
+            return OrderStatus(
+                state=FILLED, qty=qty, filled=qty, remaining=0, side=side,
+                price=0 if kind == MARKET else price,
+            )
+        remaining, _, qty, closed, side, price = o
+        filled = qty - remaining - closed
+        if remaining:
+            state = PARTIAL if filled else OPEN
+        elif closed:
+            state = CANCELLED
+        else:
+            state = FILLED
+        return OrderStatus(
+            state=state, qty=qty, filled=filled, remaining=remaining, side=side, price=price
+        )
+
+    def check_invariants(self) -> None:
+        """Raise ``AssertionError`` when the book is inconsistent."""
+        for side, book, prices in (
+            (BUY, self.bids, self._bid_prices),
+            (SELL, self.asks, [-p for p in reversed(self._ask_prices)]),
+        ):
+            ordered = sorted(book)
+            assert list(prices) == ordered, "price index out of sync with the levels"
+            for price, q in book.items():
+                assert q, f"empty level {price} left in the book"
+                for o in q:
+                    assert o[0] > 0, "resting order with no quantity"
+                    assert o[4] == side and o[5] == price, "order in the wrong level"
+                    assert self.orders.get(o[1]) is o, "resting order not indexed"
+        bb, ba = self.best(BUY), self.best(SELL)
+        assert bb is None or ba is None or bb < ba, f"book crossed: bid {bb} >= ask {ba}"
+        for o in self.orders.values():
+            if o.__class__ is tuple:
+                continue
+            assert o[0] >= 0 and o[3] >= 0, "negative quantity"
+            assert o[0] + o[3] <= o[2], "conservation broken: filled beyond quantity"
