@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import msgpack
 
-from crdt.errors import MalformedEntry, OutOfRange, OversizeEntry, UnknownBodyType
+from crdt.errors import MalformedEntry, OutOfRange, OversizeEntry, UnknownBodyType, ValidationError
 from crdt.keys import PUBLIC_LEN, SIGNATURE_LEN, SigningKey
 
 HASH_LEN: Final = 32
@@ -92,7 +92,8 @@ class Entry:
 
 
 def canonical_bytes(origin: bytes, seq: int, hlc: int, prev: bytes, body: Body) -> bytes:
-    return msgpack.packb([origin, seq, hlc, prev, body.to_wire()], use_bin_type=True)
+    packed: bytes = msgpack.packb([origin, seq, hlc, prev, body.to_wire()], use_bin_type=True)
+    return packed
 
 
 def entry_hash(origin: bytes, seq: int, hlc: int, prev: bytes, body: Body) -> bytes:
@@ -196,22 +197,23 @@ def decode_entry_bytes(data: bytes) -> Entry:
 
 
 def encode_entry(entry: Entry) -> bytes:
-    return msgpack.packb(entry.to_wire(), use_bin_type=True)
+    packed: bytes = msgpack.packb(entry.to_wire(), use_bin_type=True)
+    return packed
 
 
-def decode_entries(raw: Any, *, max_entries: int) -> tuple[list[Entry], list[MalformedEntry | OutOfRange | UnknownBodyType | OversizeEntry]]:
+def decode_entries(raw: Any, *, max_entries: int) -> tuple[list[Entry], list[ValidationError]]:
     """Decode an array of wire entries; bad ones become errors, good ones entries."""
     if type(raw) is not list:
         raise MalformedEntry("entries must be an array")
     if len(raw) > max_entries:
         raise OversizeEntry(f"at most {max_entries} entries per batch")
     good: list[Entry] = []
-    bad: list[MalformedEntry | OutOfRange | UnknownBodyType | OversizeEntry] = []
+    bad: list[ValidationError] = []
     for item in raw:
         try:
             if len(msgpack.packb(item, use_bin_type=True)) > MAX_ENTRY_BYTES:
                 raise OversizeEntry(f"entry over {MAX_ENTRY_BYTES} bytes")
             good.append(decode_entry(item))
-        except (MalformedEntry, OutOfRange, UnknownBodyType, OversizeEntry) as exc:
+        except ValidationError as exc:
             bad.append(exc)
     return good, bad

@@ -108,7 +108,7 @@ class Engine:
         self.asks: dict[int, deque[Order]] = {}
         self._bid_prices: list[int] = []  # ascending: best bid last
         self._ask_prices: list[int] = []  # negated, ascending: best ask last
-        self.orders: dict[Any, Order] = {}
+        self.orders: dict[Any, Any] = {}  # oid -> Order, or the record of a taker filled at once
         self.fills: list[Fill] = []
         self._applied: list[Record] = []
         self._cancels: list[tuple[Order, int, Record]] = []
@@ -156,6 +156,8 @@ class Engine:
         best_bid = bid_prices[-1] if bid_prices else -1
         best_ask = -ask_prices[-1] if ask_prices else _INF
         last: Any = self._applied[-1][0] if self._applied else _BOTTOM
+        q: Any
+        o: Any
         i = start - 1
         for i, rec in enumerate(islice(recs, start, None) if start else recs, start):
             key, kind, oid, side, price, qty = rec
