@@ -1,0 +1,314 @@
+"""Command line: run a node, trade and inspect it.  Parses arguments and wires
+things together; the logic lives in net/ and the pure core."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DATA_DIR = "data/node"
+DEFAULT_URL = "http://127.0.0.1:7001"
+
+
+class CliError(Exception):
+    """One clear line for the user; exit status 1."""
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"P2PEX_{name}", default)
+
+
+# ---- node ---------------------------------------------------------------------
+
+
+def add_node_parser(sub: Any) -> None:
+    p = sub.add_parser("node", help="run a node (HTTP API + DHT + replication)")
+    p.add_argument("--host", default=env("HOST", "127.0.0.1"), help="bind address [P2PEX_HOST]")
+    p.add_argument("--port", type=int, default=int(env("PORT", "7001") or 7001), help="HTTP port [P2PEX_PORT]")
+    p.add_argument("--dht-port", type=int, default=int(env("DHT_PORT") or 0) or None,
+                   help="UDP port of the DHT (default: the HTTP port number) [P2PEX_DHT_PORT]")
+    p.add_argument("--data-dir", default=env("DATA_DIR", DEFAULT_DATA_DIR), help="[P2PEX_DATA_DIR]")
+    p.add_argument("--bootstrap", action="append",
+                   default=[b for b in re.split(r"[,\s]+", env("BOOTSTRAP", "") or "") if b],
+                   help="DHT address HOST:PORT of any node; repeatable [P2PEX_BOOTSTRAP, comma-separated]")
+    p.add_argument("--advertise", default=env("ADVERTISE"),
+                   help="HOST[:PORT] peers should dial (host names allowed) [P2PEX_ADVERTISE]")
+    p.add_argument("--name", default=env("NAME", "node"), help="name used in logs [P2PEX_NAME]")
+    p.add_argument("--seed", action="store_true", default=env("SEED", "") in ("1", "true", "yes"),
+                   help="seed node: DHT rendezvous and relay, takes no orders [P2PEX_SEED=1]")
+    p.add_argument("--log-file", default=env("LOG_FILE"), help="[P2PEX_LOG_FILE]")
+    p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[P2PEX_LOG_LEVEL]")
+    p.add_argument("--pull-interval", type=float, default=float(env("PULL_INTERVAL", "0.5") or 0.5),
+                   help="seconds between anti-entropy pulls [P2PEX_PULL_INTERVAL]")
+
+
+def run_node(args: argparse.Namespace) -> int:
+    from net.config import NodeConfig, split_host_port
+    from net.node import Node
+
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if args.log_file:
+        Path(args.log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers = [logging.FileHandler(args.log_file)]
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format=f"%(asctime)s {args.name} %(levelname)s %(name)s: %(message)s", handlers=handlers,
+    )
+    try:
+        bootstrap = tuple(split_host_port(b) for b in args.bootstrap)
+        if args.advertise:
+            split_host_port(args.advertise, args.port)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    config = NodeConfig(
+        host=args.host, port=args.port, dht_port=args.dht_port, data_dir=Path(args.data_dir),
+        bootstrap=bootstrap, advertise=args.advertise, name=args.name, trading=not args.seed,
+        pull_interval=args.pull_interval,
+    )
+
+    async def main() -> None:
+        node = Node(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, node.request_stop)
+        try:
+            await node.start()
+        except OSError as exc:
+            await node.stop()
+            raise CliError(f"cannot listen on {config.host}:{config.port}: {exc}") from None
+        print(f"node {node.short} ({config.name}) serving {node.url}; data in {config.data_dir}",
+              file=sys.stderr, flush=True)
+        try:
+            await node.run_until_stopped()
+        finally:
+            await node.stop()
+
+    asyncio.run(main())
+    return 0
+
+
+# ---- client commands -------------------------------------------------------------
+
+
+def add_client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--node", default=env("NODE"), help="node URL (default: the node of --data-dir) [P2PEX_NODE]")
+    p.add_argument("--data-dir", default=env("DATA_DIR", DEFAULT_DATA_DIR),
+                   help="where the node's .cookie and endpoint are [P2PEX_DATA_DIR]")
+    p.add_argument("--token", default=env("TOKEN"), help="API token instead of the cookie [P2PEX_TOKEN]")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--timeout", type=float, default=5.0)
+
+
+def node_url(args: argparse.Namespace) -> str:
+    if args.node:
+        return str(args.node).rstrip("/")
+    endpoint = Path(args.data_dir) / "endpoint"
+    if endpoint.exists():
+        return endpoint.read_text().strip().rstrip("/")
+    return DEFAULT_URL
+
+
+def token(args: argparse.Namespace) -> str:
+    if args.token:
+        return str(args.token)
+    cookie = Path(args.data_dir) / ".cookie"
+    try:
+        return cookie.read_text().strip()
+    except OSError:
+        raise CliError(f"no API token: {cookie} not found (pass --token or --data-dir of the node)") from None
+
+
+def call(args: argparse.Namespace, method: str, path: str, body: Any = None, *, auth: bool = False) -> Any:
+    url = node_url(args) + path
+    headers = {"Accept": "application/json"}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    if auth:
+        headers["Authorization"] = f"Bearer {token(args)}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=args.timeout) as resp:
+            return json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            err = json.loads(exc.read())
+            raise CliError(f"{err.get('error')}: {err.get('detail')} (HTTP {exc.code})") from None
+        except (ValueError, AttributeError):
+            raise CliError(f"HTTP {exc.code} from {url}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise CliError(
+            f"cannot reach a node at {node_url(args)} ({reason}); start one with `python cli.py node`"
+        ) from None
+
+
+def parse_qty_price(text: str, market: bool) -> tuple[int, int | None]:
+    m = re.fullmatch(r"(\d+)(?:@(\d+))?", text)
+    if not m:
+        raise CliError(f"expected QTY@PRICE (integers, e.g. 10@100) or QTY with --market, got {text!r}")
+    qty = int(m.group(1))
+    price = int(m.group(2)) if m.group(2) else None
+    if market and price is not None:
+        raise CliError("a market order has no price: use QTY with --market")
+    if not market and price is None:
+        raise CliError("a limit order needs a price: QTY@PRICE (or add --market)")
+    return qty, price
+
+
+def fmt_order(o: dict[str, Any]) -> str:
+    price = "market" if o.get("market") else str(o["price"])
+    return (f"order {o['id'][:16]} {o['side']} {o['qty']}@{price}: {o['status']}, "
+            f"filled {o['filled']}, remaining {o['remaining']}")
+
+
+def cmd_order(args: argparse.Namespace) -> Any:
+    qty, price = parse_qty_price(args.amount, args.market)
+    body: dict[str, Any] = {"side": args.side, "qty": qty}
+    if args.market:
+        body["market"] = True
+    else:
+        body["price"] = price
+        body["tif"] = "IOC" if args.ioc else "GTC"
+    out = call(args, "POST", "/v1/orders", body, auth=True)
+    if not args.json:
+        print(fmt_order(out))
+        print(f"id {out['id']}")
+        for f in out["fills"]:
+            print(f"  fill {f['qty']}@{f['price']} against {f['maker'][:16]}")
+    return out
+
+
+def cmd_cancel(args: argparse.Namespace) -> Any:
+    out = call(args, "DELETE", f"/v1/orders/{args.id}", auth=True)
+    if not args.json:
+        print(fmt_order(out))
+    return out
+
+
+def cmd_show(args: argparse.Namespace) -> Any:
+    out = call(args, "GET", f"/v1/orders/{args.id}")
+    if not args.json:
+        print(fmt_order(out))
+    return out
+
+
+def cmd_book(args: argparse.Namespace) -> Any:
+    out = call(args, "GET", f"/v1/book?depth={args.depth}")
+    if not args.json:
+        print(f"{'bid qty':>10} {'orders':>6} {'price':>10} | {'price':<10} {'orders':<6} {'ask qty':<10}")
+        rows = max(len(out["bids"]), len(out["asks"]))
+        for i in range(rows):
+            b = out["bids"][i] if i < len(out["bids"]) else None
+            a = out["asks"][i] if i < len(out["asks"]) else None
+            left = f"{b['qty']:>10} {b['orders']:>6} {b['price']:>10}" if b else " " * 28
+            right = f"{a['price']:<10} {a['orders']:<6} {a['qty']:<10}" if a else ""
+            print(f"{left} | {right}")
+        if not rows:
+            print("(book is empty)")
+    return out
+
+
+def cmd_fills(args: argparse.Namespace) -> Any:
+    out = call(args, "GET", f"/v1/fills?since={args.since}&limit={args.limit}")
+    if not args.json:
+        for f in out["fills"]:
+            print(f"#{f['seq']} {f['taker_side'] or '?'} {f['qty']}@{f['price']} "
+                  f"taker {f['taker'][:12]} maker {f['maker'][:12]} id {f['id']}")
+        print(f"{len(out['fills'])} of {out['total']} fills")
+    return out
+
+
+def cmd_status(args: argparse.Namespace) -> Any:
+    out = call(args, "GET", "/v1/status")
+    if not args.json:
+        c = out["counts"]
+        r = out["replication"]
+        print(f"node {out['short_id']} ({out['name']}) at {out['url']}"
+              f"{'' if out['trading'] else ' [seed]'}")
+        print(f"state hash {out['state_hash']}")
+        print(f"entries {c['entries']} (own {c['own_entries']}), orders {c['orders']}, fills {c['fills']}, "
+              f"resting {c['resting']}, buffered {c['buffered']}")
+        up = sum(1 for p in out["peers"] if p["state"] == "up")
+        print(f"peers {len(out['peers'])} ({up} up); replication p50 {r['latency_p50_ms']} ms, "
+              f"p99 {r['latency_p99_ms']} ms")
+    return out
+
+
+def cmd_peers(args: argparse.Namespace) -> Any:
+    out = call(args, "GET", "/v1/status")
+    if not args.json:
+        for p in out["peers"]:
+            print(f"{p['short']}  {p['state']:<5} {p['url']:<32} failures {p['failures']}"
+                  f" rtt {p['rtt_ms']} ms")
+        if not out["peers"]:
+            print("(no peers yet)")
+    return out["peers"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cli.py", description="p2pex: a peer-to-peer order-book exchange")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_node_parser(sub)
+    p = sub.add_parser("order", help="submit an order: order buy 10@100 | order sell 5 --market")
+    p.add_argument("side", choices=["buy", "sell"])
+    p.add_argument("amount", help="QTY@PRICE in integer lots and ticks, or QTY with --market")
+    p.add_argument("--ioc", action="store_true", help="immediate or cancel (default GTC)")
+    p.add_argument("--market", action="store_true", help="market order (IOC, no price limit)")
+    add_client_options(p)
+    p.set_defaults(func=cmd_order)
+    p = sub.add_parser("cancel", help="cancel one of this node's resting orders")
+    p.add_argument("id")
+    add_client_options(p)
+    p.set_defaults(func=cmd_cancel)
+    p = sub.add_parser("show", help="status of one order")
+    p.add_argument("id")
+    add_client_options(p)
+    p.set_defaults(func=cmd_show)
+    p = sub.add_parser("book", help="order book depth")
+    p.add_argument("--depth", type=int, default=10)
+    add_client_options(p)
+    p.set_defaults(func=cmd_book)
+    p = sub.add_parser("fills", help="trades")
+    p.add_argument("--since", type=int, default=0)
+    p.add_argument("--limit", type=int, default=100)
+    add_client_options(p)
+    p.set_defaults(func=cmd_fills)
+    for name, func, text in (("status", cmd_status, "node status"), ("peers", cmd_peers, "known peers")):
+        p = sub.add_parser(name, help=text)
+        add_client_options(p)
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "node":
+            return run_node(args)
+        if args.command == "demo":
+            return int(args.func(args))
+        out = args.func(args)
+        if args.json:
+            print(json.dumps(out, indent=2))
+        return 0
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""HTTP routes: the client API (JSON, or msgpack on request) and the peer API
+(msgpack).  Handlers decode and validate, call the node, encode the result;
+every refusal is ``{"error": code, "detail": text}`` with its status."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import statistics
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from crdt.entry import BUY, GTC, IOC, MAX_PRICE, MAX_QTY, SELL, Cancel, Order
+from crdt.errors import ExchangeError, ForeignCancel, ValidationError
+from crdt.keys import short_id
+from matching.engine import OrderStatus
+from matching.exchange import NotCancellable, UnknownOrder, fill_id
+from net.errors import ApiError, BadRequest, Conflict, NotFound, Unauthorized, Unprocessable
+from net.peers import is_loopback_host
+from net.wire import PEER_BODY_CAP, error_reply, pack, read_client_body, read_peer_body, reply
+
+if TYPE_CHECKING:
+    from net.node import Node
+
+log = logging.getLogger("p2pex.api")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+NODE: web.AppKey[Node] = web.AppKey("node")
+SIDES = {"buy": BUY, "sell": SELL}
+SIDE_NAMES = {BUY: "buy", SELL: "sell"}
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_reply(request, exc)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return error_reply(request, ApiError(str(exc.text), code="too_large", status=413))
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            return error_reply(request, ApiError(exc.reason, code=exc.reason.lower().replace(" ", "_"),
+                                                 status=exc.status))
+        raise
+
+
+def _node(request: web.Request) -> Node:
+    return request.app[NODE]
+
+
+def _require_token(request: web.Request) -> None:
+    header = request.headers.get("Authorization", "")
+    token = header[7:] if header.startswith("Bearer ") else ""
+    if not token or not hmac.compare_digest(token.encode(), _node(request).token.encode()):
+        raise Unauthorized("missing or wrong API token (see the .cookie file in the node's data dir)")
+
+
+def _int_field(body: dict[str, Any], name: str, lo: int, hi: int) -> int:
+    value = body.get(name)
+    if type(value) is not int:
+        raise Unprocessable(f"{name} must be an integer", code=f"bad_{name}")
+    if not lo <= value <= hi:
+        raise Unprocessable(f"{name} must be in [{lo}, {hi}]", code=f"bad_{name}")
+    return value
+
+
+def _order_id(request: web.Request) -> bytes:
+    text = request.match_info["order_id"]
+    try:
+        oid = bytes.fromhex(text)
+    except ValueError:
+        raise BadRequest("order id must be 64 hex characters", code="bad_order_id") from None
+    if len(oid) != 32:
+        raise BadRequest("order id must be 64 hex characters", code="bad_order_id")
+    return oid
+
+
+def status_view(node: Node, oid: bytes, st: OrderStatus) -> dict[str, Any]:
+    owner = node.exchange.owner(oid)
+    return {
+        "id": oid.hex(), "status": st.state, "side": SIDE_NAMES[st.side], "price": st.price,
+        "qty": st.qty, "filled": st.filled, "remaining": st.remaining,
+        "owner": owner.hex() if owner else None,
+    }
+
+
+def fill_view(node: Node, index: int, fill: tuple[Any, Any, int, int]) -> dict[str, Any]:
+    taker, maker, price, qty = fill
+    taker_status = node.exchange.status(taker)
+    return {
+        "seq": index, "id": fill_id(fill), "taker": taker.hex(), "maker": maker.hex(),
+        "price": price, "qty": qty,
+        "taker_side": SIDE_NAMES[taker_status.side] if taker_status else None,
+    }
+
+
+# ---- client API ----------------------------------------------------------------
+
+
+async def post_order(request: web.Request) -> web.Response:
+    _require_token(request)
+    node = _node(request)
+    if not node.config.trading:
+        raise Conflict("this is a seed node; it does not take orders", code="seed_node")
+    body = await read_client_body(request)
+    unknown = set(body) - {"side", "qty", "price", "tif", "market"}
+    if unknown:
+        raise Unprocessable(f"unknown fields: {sorted(unknown)}", code="unknown_field")
+    side = SIDES.get(body.get("side"))
+    if side is None:
+        raise Unprocessable("side must be 'buy' or 'sell'", code="bad_side")
+    qty = _int_field(body, "qty", 1, MAX_QTY)
+    market = body.get("market", "price" not in body)
+    if type(market) is not bool:
+        raise Unprocessable("market must be a boolean", code="bad_market")
+    tif_text = body.get("tif", "IOC" if market else "GTC")
+    if tif_text not in ("GTC", "IOC"):
+        raise Unprocessable("tif must be 'GTC' or 'IOC'", code="bad_tif")
+    if market:
+        if "price" in body:
+            raise Unprocessable("a market order has no price", code="bad_price")
+        if tif_text != "IOC":
+            raise Unprocessable("a market order is IOC", code="bad_tif")
+        order = Order(side=side, price=0, qty=qty, tif=IOC, market=True)
+    else:
+        price = _int_field(body, "price", 1, MAX_PRICE)
+        order = Order(side=side, price=price, qty=qty, tif=GTC if tif_text == "GTC" else IOC)
+    result = node.submit(order)
+    st = result.status
+    assert st is not None
+    view = status_view(node, result.entry.hash, st)
+    view["tif"] = tif_text
+    view["market"] = market
+    start = len(node.exchange.engine.fills) - len(result.fills)
+    view["fills"] = [fill_view(node, start + i, f) for i, f in enumerate(result.fills)]
+    return reply(request, view, status=201)
+
+
+async def delete_order(request: web.Request) -> web.Response:
+    _require_token(request)
+    node = _node(request)
+    oid = _order_id(request)
+    try:
+        result = node.submit(Cancel(order_id=oid))
+    except UnknownOrder as exc:
+        raise NotFound(str(exc), code="unknown_order") from None
+    except ForeignCancel as exc:
+        raise Conflict(str(exc), code="foreign_order") from None
+    except NotCancellable as exc:
+        raise Conflict(str(exc), code="not_cancellable") from None
+    st = result.status
+    assert st is not None
+    return reply(request, status_view(node, oid, st))
+
+
+async def get_order(request: web.Request) -> web.Response:
+    node = _node(request)
+    oid = _order_id(request)
+    st = node.exchange.status(oid)
+    if st is None:
+        raise NotFound(f"no order {oid.hex()}", code="unknown_order")
+    return reply(request, status_view(node, oid, st))
+
+
+def _query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise BadRequest(f"{name} must be an integer", code=f"bad_{name}") from None
+    if not lo <= value <= hi:
+        raise BadRequest(f"{name} must be in [{lo}, {hi}]", code=f"bad_{name}")
+    return value
+
+
+async def get_book(request: web.Request) -> web.Response:
+    node = _node(request)
+    depth = _query_int(request, "depth", 10, 1, 1000)
+    bids, asks = node.exchange.engine.depth(depth)
+    return reply(request, {
+        "bids": [{"price": lv.price, "qty": lv.qty, "orders": lv.orders} for lv in bids],
+        "asks": [{"price": lv.price, "qty": lv.qty, "orders": lv.orders} for lv in asks],
+        "state_hash": node.exchange.state_hash().hex(),
+    })
+
+
+async def get_fills(request: web.Request) -> web.Response:
+    node = _node(request)
+    fills = node.exchange.engine.fills
+    since = _query_int(request, "since", 0, 0, 1 << 62)
+    limit = _query_int(request, "limit", 1000, 1, 10_000)
+    chunk = fills[since: since + limit]
+    return reply(request, {
+        "fills": [fill_view(node, since + i, f) for i, f in enumerate(chunk)],
+        "next": since + len(chunk), "total": len(fills),
+    })
+
+
+def status_data(node: Node) -> dict[str, Any]:
+    ex = node.exchange
+    engine = ex.engine
+    vv = ex.replica.version_vector()
+    own = vv.get(node.node_id, 0)
+    own_orders = own_cancels = 0
+    for e in ex.replica.log(node.node_id):
+        if isinstance(e.body, Order):
+            own_orders += 1
+        elif isinstance(e.body, Cancel):
+            own_cancels += 1
+    lat = sorted(node.latencies)
+    return {
+        "node_id": node.node_id.hex(), "short_id": node.short, "name": node.config.name,
+        "url": node.url, "trading": node.config.trading, "ready": node.ready,
+        "dht_joined": node.discovery.joined.is_set(),
+        "peers": node.peer_views(),
+        "version_vector": {o.hex(): s for o, s in sorted(vv.items())},
+        "state_hash": ex.state_hash().hex(),
+        "counts": {
+            "entries": ex.replica.entry_count(), "own_entries": own, "own_orders": own_orders,
+            "own_cancels": own_cancels, "orders": len(engine.orders), "fills": len(engine.fills),
+            "traded_qty": sum(f[3] for f in engine.fills), "resting": engine.resting_count(),
+            "buffered": ex.replica.buffered(), "rebuilds": ex.rebuilds,
+            "equivocating_origins": len(ex.replica.evidence()),
+        },
+        "replication": {
+            **node.counters,
+            "latency_samples": len(lat),
+            "latency_p50_ms": lat[len(lat) // 2] if lat else None,
+            "latency_p99_ms": lat[min(len(lat) - 1, len(lat) * 99 // 100)] if lat else None,
+        },
+    }
+
+
+async def get_status(request: web.Request) -> web.Response:
+    return reply(request, status_data(_node(request)))
+
+
+async def get_latency(request: web.Request) -> web.Response:
+    """Raw acceptance-to-visibility delays (ms) of entries from other nodes."""
+    node = _node(request)
+    lat = list(node.latencies)
+    return reply(request, {
+        "samples": lat, "median_ms": statistics.median(lat) if lat else None})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return reply(request, {"ok": True})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    node = _node(request)
+    if not node.ready:
+        return reply(request, {"error": "not_ready", "detail": "node is starting or stopping"}, status=503)
+    return reply(request, {"ready": True, "peers": len(node.peers.peers)})
+
+
+# ---- peer API --------------------------------------------------------------------
+
+
+def _peer_label(request: web.Request, body: dict[str, Any]) -> tuple[str, bytes | None]:
+    sender = body.get("from")
+    nid = sender if type(sender) is bytes and len(sender) == 32 else None
+    return request.remote or "?", nid
+
+
+async def peer_sync(request: web.Request) -> web.Response:
+    node = _node(request)
+    body = await read_peer_body(request)
+    raw_vv = body.get("vv")
+    if not isinstance(raw_vv, dict) or len(raw_vv) > 100_000:
+        raise BadRequest("vv must be a map of origin -> seq", code="bad_vv")
+    vv: dict[bytes, int] = {}
+    for k, v in raw_vv.items():
+        if type(k) is not bytes or len(k) != 32 or type(v) is not int or v < 0:
+            raise BadRequest("vv must map 32-byte origins to sequence numbers", code="bad_vv")
+        vv[k] = v
+    limit = body.get("max", 4000)
+    if type(limit) is not int or not 1 <= limit <= 4000:
+        raise BadRequest("max must be in [1, 4000]", code="bad_max")
+    entries, more = node.exchange.replica.delta(vv, max_entries=limit)
+    data = pack({"entries": [e.to_wire() for e in entries], "more": more,
+                 "vv": node.exchange.replica.version_vector()})
+    return web.Response(body=data, content_type="application/msgpack")
+
+
+async def peer_push(request: web.Request) -> web.Response:
+    node = _node(request)
+    body = await read_peer_body(request)
+    addr, nid = _peer_label(request, body)
+    entries = body.get("entries")
+    if not isinstance(entries, list):
+        raise BadRequest("entries must be an array", code="bad_entries")
+    try:
+        result = node.ingest(entries, peer=addr, peer_id=nid)
+    except ValidationError as exc:
+        log.warning("peer %s (%s) sent a bad batch: %s", short_id(nid) if nid else "?", addr, exc)
+        raise Unprocessable(str(exc), code=exc.code) from None
+    rejected = [{"origin": r.origin.hex(), "seq": r.seq, "error": r.error.code}
+                for r in result.merge.rejected]
+    data = pack({"accepted": len(result.merge.accepted), "rejected": rejected,
+                 "buffered": result.merge.buffered})
+    return web.Response(body=data, content_type="application/msgpack")
+
+
+async def peer_peers(request: web.Request) -> web.Response:
+    node = _node(request)
+    body = await read_peer_body(request)
+    addr, _ = _peer_label(request, body)
+    node.offer_records(body.get("records", []), source=addr)
+    data = pack({"records": node.records_for(is_loopback_host(addr)), "observed": addr})
+    return web.Response(body=data, content_type="application/msgpack")
+
+
+def build_app(node: Node) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=PEER_BODY_CAP)
+    app[NODE] = node
+    app.router.add_post("/v1/orders", post_order)
+    app.router.add_delete("/v1/orders/{order_id}", delete_order)
+    app.router.add_get("/v1/orders/{order_id}", get_order)
+    app.router.add_get("/v1/book", get_book)
+    app.router.add_get("/v1/fills", get_fills)
+    app.router.add_get("/v1/status", get_status)
+    app.router.add_get("/v1/latency", get_latency)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_post("/peer/v1/sync", peer_sync)
+    app.router.add_post("/peer/v1/push", peer_push)
+    app.router.add_post("/peer/v1/peers", peer_peers)
+    return app
+
+
+__all__ = ["ExchangeError", "build_app", "status_data"]

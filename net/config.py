@@ -1,0 +1,61 @@
+"""Node settings: defaults, and parsing of host:port values."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeConfig:
+    host: str = "127.0.0.1"
+    port: int = 7001
+    dht_port: int | None = None  # default: same number as the HTTP port (UDP)
+    data_dir: Path = Path("data/node")
+    bootstrap: tuple[tuple[str, int], ...] = ()
+    advertise: str | None = None  # HOST or HOST:PORT peers should dial
+    name: str = "node"
+    trading: bool = True  # False: a seed node (DHT rendezvous and relay, no client writes)
+    pull_interval: float = 0.5
+    peer_timeout: float = 2.0
+    peer_ttl_ms: int = 10 * 60 * 1000
+    publish_interval: float = 2.0
+    max_skew_ms: int = 5_000
+
+    @property
+    def udp_port(self) -> int:
+        return self.port if self.dht_port is None else self.dht_port
+
+
+def split_host_port(value: str, default_port: int | None = None) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` (or ``HOST`` with a default port; ``[v6]:PORT`` too)."""
+    value = value.strip()
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif value.count(":") == 1:
+        host, port_text = value.split(":")
+    else:
+        host, port_text = value, ""
+    if not host:
+        raise ValueError(f"no host in {value!r}")
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"no port in {value!r} (expected HOST:PORT)")
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad port in {value!r}")
+    return host, int(port_text)
+
+
+def resolve_udp(host: str, port: int) -> list[tuple[str, int]]:
+    """IP addresses for a host name (the DHT library needs IPs); blocking."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    out: list[tuple[str, int]] = []
+    for family, _, _, _, sockaddr in infos:
+        if family == socket.AF_INET:
+            addr = (str(sockaddr[0]), int(sockaddr[1]))
+            if addr not in out:
+                out.append(addr)
+    return out

@@ -1,0 +1,408 @@
+"""The node process: wires the pure core to storage, HTTP and discovery.
+
+Owns the lifecycle (start, clean stop), ingesting entries from clients and
+peers (validate in the core, commit to SQLite, then acknowledge), pushing new
+entries to every peer at once, periodic pull anti-entropy, peer exchange and
+DHT publishing.  Every peer call runs under its own timeout; every task is
+kept in ``self._tasks``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from crdt.entry import Body, Entry, decode_entries
+from crdt.hlc import physical_ms
+from crdt.keys import short_id
+from matching.exchange import Exchange, Received, Submitted
+from net.config import NodeConfig, split_host_port
+from net.discovery import Discovery
+from net.errors import PeerError
+from net.peers import Peer, PeerRecord, PeerTable, is_loopback_url
+from net.store import Store, load_or_create_key, write_cookie
+from net.wire import MSGPACK, PEER_BODY_CAP, pack, unpack
+
+log = logging.getLogger("p2pex.node")
+
+SYNC_PAGE = 4000  # entries per sync page: 4000 * 512 bytes stays under the peer body cap
+MAX_PAGES_PER_PULL = 25
+PUSH_QUEUE_CAP = 20_000
+LATENCY_SAMPLES = 20_000
+ENDPOINT_FILE = "endpoint"  # the local URL of the node, for the CLI
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Node:
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        clock_ms: Callable[[], int] = wall_ms,
+        monotonic: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.clock_ms = clock_ms
+        self.monotonic = monotonic
+        self.rng = rng or random.Random()
+        data_dir = Path(config.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.key = load_or_create_key(data_dir)
+        self.node_id = self.key.public
+        self.short = short_id(self.node_id)
+        self.store = Store(data_dir)
+        self.exchange = Exchange(self.key, max_skew_ms=config.max_skew_ms)
+        self.token = write_cookie(data_dir)
+        self.peers = PeerTable(self.node_id, ttl_ms=config.peer_ttl_ms)
+        self.discovery = Discovery(
+            public_key=self.node_id, host=config.host, port=config.udp_port,
+            bootstrap=config.bootstrap,
+        )
+        self.url: str | None = None
+        self.record: PeerRecord | None = None
+        self.ready = False
+        self.started_ms = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._push_queues: dict[bytes, list[Entry]] = {}
+        self._pushing: set[bytes] = set()
+        self._probing: set[bytes] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        self._stopping = asyncio.Event()
+        # acceptance-to-visibility delays (ms) of entries from other origins
+        self.latencies: deque[int] = deque(maxlen=LATENCY_SAMPLES)
+        self.counters = {"pushed": 0, "pulled": 0, "push_failures": 0, "pull_failures": 0,
+                         "rejected": 0}
+
+    # ---- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        from net.api import build_app  # the API module imports Node for typing
+
+        now = self.clock_ms()
+        self.started_ms = now
+        loaded = self.store.load_entries()
+        if loaded:
+            self.exchange.restore(loaded, now_ms=now + self.config.max_skew_ms)
+        for raw in self.store.load_peers():
+            rec = PeerRecord.decode(raw)
+            if rec is not None:
+                self.peers.offer(rec, now)
+        log.info("%s: loaded %d entries, %d peers", self.config.name, len(loaded), len(self.peers.peers))
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.config.peer_timeout),
+            connector=aiohttp.TCPConnector(limit=64, limit_per_host=4),
+        )
+        app = build_app(self)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
+        await site.start()
+        await self.discovery.listen()
+        self.url = await self._advertised_url()
+        self._refresh_record()
+        local_host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
+        (Path(self.config.data_dir) / ENDPOINT_FILE).write_text(f"http://{local_host}:{self.config.port}\n")
+        self.ready = True
+        log.info("%s: node %s serving %s (dht udp %d)", self.config.name, self.short, self.url,
+                 self.config.udp_port)
+        self._spawn(self.discovery.join(), "dht-join")
+        self._spawn(self._discovery_loop(), "dht-publish")
+        self._spawn(self._pull_loop(), "pull")
+        self._spawn(self._exchange_loop(), "peer-exchange")
+
+    async def run_until_stopped(self) -> None:
+        await self._stopping.wait()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def stop(self) -> None:
+        self.ready = False
+        self._stopping.set()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+        self.discovery.stop()
+        self.store.close()
+        log.info("%s: stopped", self.config.name)
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def _advertised_url(self) -> str:
+        cfg = self.config
+        if cfg.advertise:
+            host, port = split_host_port(cfg.advertise, cfg.port)
+        elif cfg.host not in ("0.0.0.0", "::", ""):
+            host, port = cfg.host, cfg.port
+        else:
+            observed = await self.discovery.observed_host()
+            host = observed or socket.gethostbyname(socket.gethostname())
+            port = cfg.port
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{port}"
+
+    def _refresh_record(self) -> None:
+        assert self.url is not None
+        self.record = PeerRecord.create(self.key, self.url, self.clock_ms())
+
+    # ---- the core, from clients and peers ------------------------------------
+
+    def submit(self, body: Body) -> Submitted:
+        """Append to our own log, commit, then push; raises the core's typed errors."""
+        result = self.exchange.submit(body, now_ms=self.clock_ms())
+        self.store.save_entries([result.entry])
+        self._push_new([result.entry], exclude=None)
+        return result
+
+    def ingest(self, raw_entries: Any, *, peer: str, peer_id: bytes | None = None) -> Received:
+        entries, bad = decode_entries(raw_entries, max_entries=SYNC_PAGE * 2)
+        for err in bad:
+            self.counters["rejected"] += 1
+            log.warning("peer %s (%s) sent a malformed entry: %s: %s",
+                        short_id(peer_id) if peer_id else "?", peer, err.code, err)
+        now = self.clock_ms()
+        result = self.exchange.receive(entries, now_ms=now)
+        for rej in result.merge.rejected:
+            self.counters["rejected"] += 1
+            log.warning("peer %s (%s) sent a rejected entry %s#%d: %s: %s",
+                        short_id(peer_id) if peer_id else "?", peer, short_id(rej.origin), rej.seq,
+                        rej.error.code, rej.error)
+        accepted = result.merge.accepted
+        if accepted:
+            self.store.save_entries(accepted)
+            for e in accepted:
+                if e.origin != self.node_id:
+                    self.latencies.append(now - physical_ms(e.hlc))
+            self._push_new(accepted, exclude=peer_id)
+        return result
+
+    # ---- replication -----------------------------------------------------------
+
+    def _push_new(self, entries: Iterable[Entry], *, exclude: bytes | None) -> None:
+        batch = list(entries)
+        mono = self.monotonic()
+        for peer in self.peers.ready(mono):
+            nid = peer.record.node_id
+            if nid == exclude:
+                continue
+            queue = self._push_queues.setdefault(nid, [])
+            if len(queue) + len(batch) > PUSH_QUEUE_CAP:
+                queue.clear()  # the peer will catch up by pull
+                continue
+            queue.extend(batch)
+            if nid not in self._pushing:
+                self._pushing.add(nid)
+                self._spawn(self._drain_push(peer), f"push-{peer.short}")
+
+    async def _drain_push(self, peer: Peer) -> None:
+        nid = peer.record.node_id
+        try:
+            while True:
+                queue = self._push_queues.get(nid)
+                if not queue:
+                    return
+                batch = queue[:SYNC_PAGE]
+                del queue[:SYNC_PAGE]
+                try:
+                    await self._call(peer, "/peer/v1/push", {
+                        "from": self.node_id, "entries": [e.to_wire() for e in batch]})
+                    self.counters["pushed"] += len(batch)
+                except PeerError:
+                    self.counters["push_failures"] += 1
+                    self._push_queues.pop(nid, None)
+                    return
+        finally:
+            self._pushing.discard(nid)
+
+    async def _call(self, peer: Peer, path: str, body: dict[str, Any]) -> Any:
+        """One peer request under the peer timeout; updates the peer's health."""
+        assert self._session is not None
+        start = self.monotonic()
+        try:
+            async with self._session.post(
+                peer.record.url + path, data=pack(body),
+                headers={"Content-Type": MSGPACK, "Accept": MSGPACK},
+            ) as resp:
+                data = await resp.content.read(PEER_BODY_CAP + 1)
+                if len(data) > PEER_BODY_CAP:
+                    raise PeerError("reply over the peer body cap")
+                if resp.status != 200:
+                    raise PeerError(f"HTTP {resp.status}: {data[:200]!r}")
+                result = unpack(data)
+        except (aiohttp.ClientError, TimeoutError, OSError, PeerError) as exc:
+            self.peers.failed(peer, self.monotonic(), f"{type(exc).__name__}: {exc}")
+            if peer.failures == 1:
+                log.info("peer %s (%s) unreachable: %s", peer.short, peer.record.url, exc)
+            raise PeerError(str(exc)) from exc
+        except Exception as exc:  # a reply we cannot decode
+            self.peers.failed(peer, self.monotonic(), f"bad reply: {exc}")
+            log.warning("peer %s (%s) sent a bad reply to %s: %s", peer.short, peer.record.url, path, exc)
+            raise PeerError(str(exc)) from exc
+        if peer.failures:
+            log.info("peer %s (%s) is back", peer.short, peer.record.url)
+        self.peers.ok(peer, self.monotonic(), (self.monotonic() - start) * 1000)
+        return result
+
+    async def sync_with(self, peer: Peer) -> None:
+        """Pull what the peer has and we lack, in pages; push back what it lacks."""
+        theirs: dict[bytes, int] = {}
+        for _ in range(MAX_PAGES_PER_PULL):
+            reply = await self._call(peer, "/peer/v1/sync", {
+                "from": self.node_id, "vv": self.exchange.replica.version_vector(), "max": SYNC_PAGE})
+            if not isinstance(reply, dict):
+                raise PeerError("sync reply is not a map")
+            raw_vv = reply.get("vv", {})
+            theirs = {k: v for k, v in raw_vv.items() if type(k) is bytes and type(v) is int} \
+                if isinstance(raw_vv, dict) else {}
+            entries = reply.get("entries", [])
+            if entries:
+                result = self.ingest(entries, peer=peer.record.url, peer_id=peer.record.node_id)
+                self.counters["pulled"] += len(result.merge.accepted)
+                if not result.merge.accepted:
+                    break
+            if not reply.get("more"):
+                break
+        missing, _ = self.exchange.replica.delta(theirs, max_entries=SYNC_PAGE)
+        if missing:
+            await self._call(peer, "/peer/v1/push", {
+                "from": self.node_id, "entries": [e.to_wire() for e in missing]})
+
+    async def _pull_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.pull_interval * (0.75 + self.rng.random() / 2))
+            mono = self.monotonic()
+            ready = self.peers.ready(mono)
+            live = [p for p in ready if p.failures == 0]
+            if live:
+                peer = self.rng.choice(live)
+                try:
+                    await asyncio.wait_for(self.sync_with(peer), self.config.peer_timeout * 3)
+                except (PeerError, TimeoutError) as exc:
+                    self.counters["pull_failures"] += 1
+                    log.debug("pull from %s failed: %s", peer.short, exc)
+            for peer in ready:
+                if peer.failures and peer.record.node_id not in self._probing:
+                    self._probing.add(peer.record.node_id)
+                    self._spawn(self._probe(peer), f"probe-{peer.short}")
+
+    async def _probe(self, peer: Peer) -> None:
+        try:
+            await asyncio.wait_for(self.sync_with(peer), self.config.peer_timeout * 3)
+        except (PeerError, TimeoutError):
+            pass
+        finally:
+            self._probing.discard(peer.record.node_id)
+
+    # ---- membership -------------------------------------------------------------
+
+    def offer_records(self, raws: Any, *, source: str) -> int:
+        if not isinstance(raws, list):
+            return 0
+        now = self.clock_ms()
+        added = 0
+        for raw in raws[:1000]:
+            rec = PeerRecord.from_wire(raw)
+            if rec is None:
+                log.warning("peer %s sent an invalid peer record", source)
+                continue
+            if self.peers.offer(rec, now):
+                added += 1
+                self.store.save_peer(rec.node_id, rec.encode())
+        return added
+
+    def records_for(self, caller_loopback: bool) -> list[list[Any]]:
+        """Records to hand a caller; never a loopback URL to a non-loopback caller."""
+        recs = self.peers.records()
+        if self.record is not None:
+            recs.append(self.record)
+        return [r.to_wire() for r in recs if caller_loopback or not is_loopback_url(r.url)]
+
+    async def _exchange_loop(self) -> None:
+        interval = 0.5
+        while True:
+            await asyncio.sleep(interval * (0.75 + self.rng.random() / 2))
+            interval = min(interval * 1.5, 5.0)
+            now = self.clock_ms()
+            for nid in self.peers.expire(now):
+                self.store.delete_peer(nid)
+                log.info("forgot peer %s (not seen for %d s)", short_id(nid), self.config.peer_ttl_ms // 1000)
+            ready = [p for p in self.peers.ready(self.monotonic()) if p.failures == 0]
+            if not ready:
+                continue
+            peer = self.rng.choice(ready)
+            try:
+                reply = await self._call(peer, "/peer/v1/peers", {
+                    "from": self.node_id, "records": self.records_for(is_loopback_url(peer.record.url))})
+            except PeerError:
+                continue
+            if isinstance(reply, dict):
+                self.offer_records(reply.get("records"), source=peer.record.url)
+
+    async def _discovery_loop(self) -> None:
+        await self.discovery.joined.wait()
+        interval = 0.5
+        while True:
+            self._refresh_record()
+            assert self.record is not None
+            try:
+                await self.discovery.publish(self.record.encode())
+                seeds = await self.discovery.seeds()
+            except Exception as exc:  # the DHT library raises assorted errors on bad packets
+                log.debug("dht round failed: %s", exc)
+                seeds = []
+            now = self.clock_ms()
+            for raw in seeds:
+                rec = PeerRecord.decode(raw)
+                if rec is None:
+                    continue
+                new = rec.node_id not in self.peers.peers and rec.node_id != self.node_id
+                if self.peers.offer(rec, now):
+                    self.store.save_peer(rec.node_id, rec.encode())
+                    if new:
+                        log.info("found peer %s at %s through the DHT", short_id(rec.node_id), rec.url)
+            await asyncio.sleep(interval * (0.75 + self.rng.random() / 2))
+            interval = min(interval * 2, self.config.publish_interval * 15)
+
+    # ---- views -------------------------------------------------------------------
+
+    def peer_views(self) -> list[dict[str, Any]]:
+        mono = self.monotonic()
+        out = []
+        for p in sorted(self.peers.peers.values(), key=lambda p: p.record.node_id):
+            out.append({
+                "id": p.record.node_id.hex(), "short": p.short, "url": p.record.url, "state": p.state,
+                "failures": p.failures, "last_error": p.last_error,
+                "last_ok_s_ago": None if p.last_ok is None else round(mono - p.last_ok, 3),
+                "rtt_ms": None if p.rtt_ms is None else round(p.rtt_ms, 2),
+                "record_age_s": round((self.clock_ms() - p.record.last_seen) / 1000, 1),
+            })
+        return out

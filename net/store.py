@@ -1,0 +1,96 @@
+"""Persistence in the data dir: identity key, API cookie, SQLite (WAL) for
+entries and peer records.
+
+An entry is committed here before the node acknowledges it.  Nothing read from
+disk is unpickled: entries are msgpack wire bytes decoded by ``crdt.entry``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+
+from crdt.entry import Entry, decode_entry_bytes, encode_entry
+from crdt.keys import SEED_LEN, SigningKey
+from net.errors import StorageError
+
+KEY_FILE = "node.key"
+COOKIE_FILE = ".cookie"
+DB_FILE = "node.sqlite"
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def load_or_create_key(data_dir: Path) -> SigningKey:
+    path = data_dir / KEY_FILE
+    if path.exists():
+        seed = path.read_bytes()
+        if len(seed) != SEED_LEN:
+            raise StorageError(f"{path} is not a {SEED_LEN}-byte Ed25519 seed")
+        return SigningKey(seed)
+    seed = secrets.token_bytes(SEED_LEN)
+    _write_private(path, seed)
+    return SigningKey(seed)
+
+
+def write_cookie(data_dir: Path) -> str:
+    """A fresh API token for this run, readable only by the node's user."""
+    token = secrets.token_hex(32)
+    _write_private(data_dir / COOKIE_FILE, token.encode())
+    return token
+
+
+def read_cookie(data_dir: Path) -> str:
+    return (data_dir / COOKIE_FILE).read_text().strip()
+
+
+class Store:
+    def __init__(self, data_dir: Path) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.path = data_dir / DB_FILE
+        self._db = sqlite3.connect(self.path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS entries (origin BLOB, seq INTEGER, wire BLOB NOT NULL,"
+            " PRIMARY KEY (origin, seq)) WITHOUT ROWID"
+        )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS peers (node_id BLOB PRIMARY KEY, record BLOB NOT NULL)"
+        )
+
+    def save_entries(self, entries: Iterable[Entry]) -> None:
+        rows = [(e.origin, e.seq, encode_entry(e)) for e in entries]
+        if not rows:
+            return
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT OR IGNORE INTO entries VALUES (?, ?, ?)", rows)
+
+    def load_entries(self) -> list[Entry]:
+        cur = self._db.execute("SELECT wire FROM entries ORDER BY origin, seq")
+        return [decode_entry_bytes(bytes(row[0])) for row in cur]
+
+    def save_peer(self, node_id: bytes, record: bytes) -> None:
+        self._db.execute("INSERT OR REPLACE INTO peers VALUES (?, ?)", (node_id, record))
+
+    def delete_peer(self, node_id: bytes) -> None:
+        self._db.execute("DELETE FROM peers WHERE node_id = ?", (node_id,))
+
+    def load_peers(self) -> list[bytes]:
+        return [bytes(row[0]) for row in self._db.execute("SELECT record FROM peers")]
+
+    def close(self) -> None:
+        self._db.close()

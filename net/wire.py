@@ -1,0 +1,82 @@
+"""Request and response bodies: JSON for clients (msgpack on request),
+msgpack for peers; one error shape ``{"error": code, "detail": text}``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgpack
+from aiohttp import web
+
+from net.errors import ApiError, BadRequest, TooLarge
+
+MSGPACK = "application/msgpack"
+CLIENT_BODY_CAP = 64 * 1024
+PEER_BODY_CAP = 4 * 1024 * 1024
+
+
+def wants_msgpack(request: web.Request) -> bool:
+    return MSGPACK in request.headers.get("Accept", "")
+
+
+def reply(request: web.Request, data: Any, *, status: int = 200) -> web.Response:
+    if wants_msgpack(request):
+        return web.Response(body=pack(data), status=status, content_type=MSGPACK)
+    return web.json_response(data, status=status)
+
+
+def error_reply(request: web.Request, exc: ApiError) -> web.Response:
+    body = {"error": exc.code, "detail": exc.detail}
+    if request.path.startswith("/peer/"):
+        return web.Response(body=pack(body), status=exc.status, content_type=MSGPACK)
+    return reply(request, body, status=exc.status)
+
+
+def pack(data: Any) -> bytes:
+    packed: bytes = msgpack.packb(data, use_bin_type=True)
+    return packed
+
+
+def unpack(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(
+            data, raw=False, strict_map_key=False, max_array_len=100_000, max_map_len=100_000,
+        )
+    except Exception as exc:
+        raise BadRequest(f"body is not valid msgpack: {exc}", code="bad_msgpack") from None
+
+
+async def read_body(request: web.Request, cap: int) -> bytes:
+    if request.content_length is not None and request.content_length > cap:
+        raise TooLarge(f"body of {request.content_length} bytes exceeds the cap of {cap}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(65536):
+        size += len(chunk)
+        if size > cap:
+            raise TooLarge(f"body exceeds the cap of {cap} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_client_body(request: web.Request) -> Any:
+    """A JSON object (or msgpack map when the content type says so)."""
+    data = await read_body(request, CLIENT_BODY_CAP)
+    if request.content_type == MSGPACK:
+        obj = unpack(data)
+    else:
+        try:
+            obj = json.loads(data or b"{}")
+        except ValueError as exc:
+            raise BadRequest(f"body is not valid JSON: {exc}", code="bad_json") from None
+    if not isinstance(obj, dict):
+        raise BadRequest("body must be an object", code="bad_body")
+    return obj
+
+
+async def read_peer_body(request: web.Request) -> Any:
+    obj = unpack(await read_body(request, PEER_BODY_CAP))
+    if not isinstance(obj, dict):
+        raise BadRequest("peer body must be a map", code="bad_body")
+    return obj
