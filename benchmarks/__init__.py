@@ -1,0 +1,1 @@
+"""Reproducible benchmarks with fixed inputs (run the modules as scripts)."""
