@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 import re
 import signal
 import sys
@@ -257,10 +258,63 @@ def cmd_peers(args: argparse.Namespace) -> Any:
     return out["peers"]
 
 
+# ---- trade ----------------------------------------------------------------------
+
+
+def add_trade_parser(sub: Any) -> None:
+    p = sub.add_parser("trade", help="trade random orders through a node's client API until SIGTERM")
+    add_client_options(p)
+    p.add_argument("--rate", type=float, default=5.0, help="orders per second (default 5)")
+    p.add_argument("--seconds", type=float, default=None, help="stop trading after this long (default: until SIGTERM)")
+    p.add_argument("--seed", type=int, default=None, help="random seed of the order flow (default: random)")
+    p.add_argument("--mid", type=int, default=10_000, help="mid price in ticks (default 10000)")
+    p.add_argument("--wait-ready", type=float, default=60.0, metavar="SECONDS",
+                   help="how long to wait for the node's /readyz (default 60)")
+    p.add_argument("--with-node", action="store_true",
+                   help="also run this data dir's node (`cli.py node`, configured by the same P2PEX_* settings) "
+                        "as a child process; it keeps serving after --seconds until SIGTERM, which stops both")
+    p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[P2PEX_LOG_LEVEL]")
+
+
+def run_trade(args: argparse.Namespace) -> int:
+    from net.trader import TraderError, TradeStats, run_trader
+
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format=f"%(asctime)s {env('NAME') or 'trader'} %(levelname)s %(name)s: %(message)s")
+    if args.rate <= 0 or (args.seconds is not None and args.seconds <= 0) or args.mid < 1:
+        raise CliError("--rate, --seconds and --mid must be positive")
+    seed = args.seed if args.seed is not None else random.randrange(1 << 31)
+    node_argv = [sys.executable, str(Path(__file__).resolve()), "node", "--data-dir", str(args.data_dir)]
+    # the child node listens on P2PEX_PORT; its endpoint file may not be written yet
+    url = f"http://127.0.0.1:{env('PORT', '7001')}" if args.with_node and not args.node else node_url(args)
+
+    def report(stats: TradeStats) -> None:
+        out = {"seed": seed, **stats.as_dict()}
+        print(json.dumps(out) if args.json else " ".join(f"{k}={v}" for k, v in out.items()), flush=True)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_trader(
+            url, lambda: token(args), stop=stop, wait_ready_s=args.wait_ready,
+            node_argv=node_argv if args.with_node else None, on_done=report,
+            rate=args.rate, seconds=args.seconds, seed=seed, mid=args.mid, timeout=args.timeout,
+        )
+
+    try:
+        asyncio.run(main())
+    except TraderError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cli.py", description="p2pex: a peer-to-peer order-book exchange")
     sub = parser.add_subparsers(dest="command", required=True)
     add_node_parser(sub)
+    add_trade_parser(sub)
     p = sub.add_parser("order", help="submit an order: order buy 10@100 | order sell 5 --market")
     p.add_argument("side", choices=["buy", "sell"])
     p.add_argument("amount", help="QTY@PRICE in integer lots and ticks, or QTY with --market")
@@ -297,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "node":
             return run_node(args)
+        if args.command == "trade":
+            return run_trade(args)
         if args.command == "demo":
             return int(args.func(args))
         out = args.func(args)
