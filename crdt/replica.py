@@ -180,6 +180,9 @@ class Replica:
         log = self._logs.get(origin, [])
         head = len(log)
         buf = self._buffer.setdefault(origin, {})
+        # Entries that extend the log without a gap are always taken, caps or not:
+        # they drain below, and a full buffer must never lock out the entry that fills the gap.
+        nxt = head + 1
         for e in batch:
             if e.seq <= head:
                 stored = log[e.seq - 1]
@@ -196,9 +199,13 @@ class Replica:
             elif e.seq in buf:
                 if buf[e.seq].hash == e.hash:
                     counts[1] += 1
-            elif len(buf) < self.max_buffer_per_origin and self._buffered_total < self.max_buffer_total:
+            elif e.seq == nxt or (
+                len(buf) < self.max_buffer_per_origin and self._buffered_total < self.max_buffer_total
+            ):
                 buf[e.seq] = e
                 self._buffered_total += 1
+            while nxt in buf:
+                nxt += 1
         run = self._drain(origin, log, buf, now_ms, rejected)
         if run and not trusted:
             run = self._authenticate(origin, run, buf, rejected)

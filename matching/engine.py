@@ -45,6 +45,8 @@ CANCEL: Final = 3
 NOOP: Final = 4
 
 _INF: Final = 1 << 62
+#: A market buy's limit: above every price, but below ``_INF`` (the empty ask side).
+_NO_LIMIT: Final = _INF - 1
 
 Record = tuple[Any, int, Any, int, int, int]
 Fill = tuple[Any, Any, int, int]  # taker oid, maker oid, price, qty
@@ -128,7 +130,11 @@ class Engine:
     def add(self, rec: Record) -> Revision | None:
         """Apply one record; a ``Revision`` when it sorted before the frontier."""
         applied = self._applied
-        if not applied or rec[0] > applied[-1][0]:
+        if applied:
+            if rec[0] > applied[-1][0]:
+                self._run((rec,))
+                return None
+        elif self._floor is None or rec[0] > self._floor:  # compacted to nothing: the floor is the frontier
             self._run((rec,))
             return None
         return self._insert_late(rec)
@@ -155,7 +161,8 @@ class Engine:
         apush = self._applied.append
         best_bid = bid_prices[-1] if bid_prices else -1
         best_ask = -ask_prices[-1] if ask_prices else _INF
-        last: Any = self._applied[-1][0] if self._applied else _BOTTOM
+        last: Any = self._applied[-1][0] if self._applied else (
+            _BOTTOM if self._floor is None else self._floor)
         q: Any
         o: Any
         i = start - 1
@@ -168,7 +175,7 @@ class Engine:
             if kind < CANCEL:
                 if side == BUY:
                     if kind == MARKET:
-                        price = _INF
+                        price = _NO_LIMIT
                     while best_ask <= price:
                         q = asks[best_ask]
                         while q:
@@ -301,6 +308,7 @@ class Engine:
             rec = applied.pop()
             if rec[0] == key:
                 applied.append(rec)
+                del fills[n_fills:]  # the replay below appends them again
                 self._run(undone[::-1])
                 raise ValueError("a record with this key was already applied")
             undone.append(rec)
