@@ -18,10 +18,12 @@ rebuilds from its entries.
 
 Representation: per side a dict ``price -> deque`` of orders in time order
 and a sorted list of prices with the best price last.  An order is a list
-``[remaining, oid, qty, closed, side, price]`` (``closed``: quantity
-cancelled or expired); a taker filled in full on arrival never rests, and its
-record stands in ``orders`` as its status.  Level volumes and counts are computed when asked,
-so no stored total can drift from its orders.
+``[remaining, oid, qty, closed, side, price, key]`` (``closed``: quantity
+cancelled or expired; ``key`` lets a cancel find the order in its level by
+binary search, since a level is in key order); a taker filled in full on
+arrival never rests, and its record stands in ``orders`` as its status.
+Level volumes and counts are computed when asked, so no stored total can
+drift from its orders.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from itertools import islice
+from operator import itemgetter
 from typing import Any, Final
 
 from crdt.errors import ExchangeError
@@ -45,6 +48,7 @@ CANCEL: Final = 3
 NOOP: Final = 4
 
 _INF: Final = 1 << 62
+_key_of = itemgetter(6)  # a resting order's canonical key
 #: A market buy's limit: above every price, but below ``_INF`` (the empty ask side).
 _NO_LIMIT: Final = _INF - 1
 
@@ -159,6 +163,7 @@ class Engine:
         bid_prices, ask_prices = self._bid_prices, self._ask_prices
         fpush = self.fills.append
         apush = self._applied.append
+        key_of = _key_of
         best_bid = bid_prices[-1] if bid_prices else -1
         best_ask = -ask_prices[-1] if ask_prices else _INF
         last: Any = self._applied[-1][0] if self._applied else (
@@ -202,9 +207,9 @@ class Engine:
                     if not qty:  # filled at once: the record is its status
                         orders[oid] = rec
                     elif kind:  # IOC or market: the remainder expires
-                        orders[oid] = [0, oid, rec[5], qty, side, rec[4]]
+                        orders[oid] = [0, oid, rec[5], qty, side, rec[4], key]
                     else:
-                        o = orders[oid] = [qty, oid, rec[5], 0, side, price]
+                        o = orders[oid] = [qty, oid, rec[5], 0, side, price, key]
                         q = bids.get(price)
                         if q is None:
                             q = bids[price] = deque()
@@ -243,9 +248,9 @@ class Engine:
                     if not qty:
                         orders[oid] = rec
                     elif kind:
-                        orders[oid] = [0, oid, rec[5], qty, side, rec[4]]
+                        orders[oid] = [0, oid, rec[5], qty, side, rec[4], key]
                     else:
-                        o = orders[oid] = [qty, oid, rec[5], 0, side, price]
+                        o = orders[oid] = [qty, oid, rec[5], 0, side, price, key]
                         q = asks.get(price)
                         if q is None:
                             q = asks[price] = deque()
@@ -262,7 +267,7 @@ class Engine:
                 p = o[5]
                 book = bids if o[4] == BUY else asks
                 q = book[p]
-                j = q.index(o)
+                j = bisect_left(q, key_of(o), key=key_of)  # a level is in key order
                 del q[j]
                 o[3] += o[0]
                 o[0] = 0
@@ -420,7 +425,7 @@ class Engine:
                 state=FILLED, qty=qty, filled=qty, remaining=0, side=side,
                 price=0 if kind == MARKET else price,
             )
-        remaining, _, qty, closed, side, price = o
+        remaining, _, qty, closed, side, price, _ = o
         filled = qty - remaining - closed
         if remaining:
             state = PARTIAL if filled else OPEN
@@ -442,6 +447,8 @@ class Engine:
             assert list(prices) == ordered, "price index out of sync with the levels"
             for price, q in book.items():
                 assert q, f"empty level {price} left in the book"
+                keys = [o[6] for o in q]
+                assert keys == sorted(keys), f"level {price} is not in time (key) order"
                 for o in q:
                     assert o[0] > 0, "resting order with no quantity"
                     assert o[4] == side and o[5] == price, "order in the wrong level"
