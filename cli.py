@@ -112,7 +112,8 @@ def add_client_options(p: argparse.ArgumentParser) -> None:
 
 def node_url(args: argparse.Namespace) -> str:
     if args.node:
-        return str(args.node).rstrip("/")
+        url = str(args.node).strip().rstrip("/")
+        return url if "://" in url else f"http://{url}"  # --node 127.0.0.1:7001 means HTTP
     endpoint = Path(args.data_dir) / "endpoint"
     if endpoint.exists():
         return endpoint.read_text().strip().rstrip("/")
@@ -138,10 +139,13 @@ def call(args: argparse.Namespace, method: str, path: str, body: Any = None, *, 
         headers["Content-Type"] = "application/json"
     if auth:
         headers["Authorization"] = f"Bearer {token(args)}"
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    except ValueError as exc:
+        raise CliError(f"bad node URL {node_url(args)!r}: {exc}") from None
     try:
         with urllib.request.urlopen(req, timeout=args.timeout) as resp:
-            return json.loads(resp.read() or b"null")
+            raw = resp.read()
     except urllib.error.HTTPError as exc:
         try:
             err = json.loads(exc.read())
@@ -153,6 +157,10 @@ def call(args: argparse.Namespace, method: str, path: str, body: Any = None, *, 
         raise CliError(
             f"cannot reach a node at {node_url(args)} ({reason}); start one with `python cli.py node`"
         ) from None
+    try:
+        return json.loads(raw or b"null")
+    except ValueError:
+        raise CliError(f"{url} did not answer with JSON: is {node_url(args)} a p2pex node?") from None
 
 
 def parse_qty_price(text: str, market: bool) -> tuple[int, int | None]:

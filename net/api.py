@@ -17,9 +17,9 @@ from crdt.errors import ExchangeError, ForeignCancel, ValidationError
 from crdt.keys import short_id
 from matching.engine import OrderStatus
 from matching.exchange import NotCancellable, UnknownOrder, fill_id
-from net.errors import ApiError, BadRequest, Conflict, NotFound, Unauthorized, Unprocessable
+from net.errors import ApiError, BadRequest, Conflict, NotFound, TooLarge, Unauthorized, Unprocessable
 from net.peers import is_loopback_host
-from net.wire import PEER_BODY_CAP, error_reply, pack, read_client_body, read_peer_body, reply
+from net.wire import CLIENT_BODY_CAP, PEER_BODY_CAP, error_reply, pack, read_client_body, read_peer_body, reply
 
 if TYPE_CHECKING:
     from net.node import Node
@@ -44,6 +44,16 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             return error_reply(request, ApiError(exc.reason, code=exc.reason.lower().replace(" ", "_"),
                                                  status=exc.status))
         raise
+
+
+@web.middleware
+async def body_cap_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse a declared body over the cap on every route, also on routes that
+    never read a body (a DELETE with 1 MiB attached used to go through)."""
+    cap = PEER_BODY_CAP if request.path.startswith("/peer/") else CLIENT_BODY_CAP
+    if request.content_length is not None and request.content_length > cap:
+        raise TooLarge(f"body of {request.content_length} bytes exceeds the cap of {cap}")
+    return await handler(request)
 
 
 def _node(request: web.Request) -> Node:
@@ -107,8 +117,9 @@ async def post_order(request: web.Request) -> web.Response:
     body = await read_client_body(request)
     unknown = set(body) - {"side", "qty", "price", "tif", "market"}
     if unknown:
-        raise Unprocessable(f"unknown fields: {sorted(unknown)}", code="unknown_field")
-    side = SIDES.get(body.get("side"))
+        raise Unprocessable(f"unknown fields: {sorted(unknown, key=repr)}", code="unknown_field")
+    raw_side = body.get("side")
+    side = SIDES.get(raw_side) if isinstance(raw_side, str) else None  # a list or map is unhashable
     if side is None:
         raise Unprocessable("side must be 'buy' or 'sell'", code="bad_side")
     qty = _int_field(body, "qty", 1, MAX_QTY)
@@ -301,6 +312,8 @@ async def peer_push(request: web.Request) -> web.Response:
         raise Unprocessable(str(exc), code=exc.code) from None
     rejected = [{"origin": r.origin.hex(), "seq": r.seq, "error": r.error.code}
                 for r in result.merge.rejected]
+    rejected += [{"origin": m.origin.hex() if m.origin else None, "seq": m.seq, "error": m.error.code}
+                 for m in result.malformed]
     data = pack({"accepted": len(result.merge.accepted), "rejected": rejected,
                  "buffered": result.merge.buffered})
     return web.Response(body=data, content_type="application/msgpack")
@@ -316,7 +329,7 @@ async def peer_peers(request: web.Request) -> web.Response:
 
 
 def build_app(node: Node) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=PEER_BODY_CAP)
+    app = web.Application(middlewares=[errors_middleware, body_cap_middleware], client_max_size=PEER_BODY_CAP)
     app[NODE] = node
     app.router.add_post("/v1/orders", post_order)
     app.router.add_delete("/v1/orders/{order_id}", delete_order)

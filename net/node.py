@@ -16,6 +16,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,11 @@ import aiohttp
 from aiohttp import web
 
 from crdt.entry import Body, Entry, decode_entries
+from crdt.errors import ValidationError
 from crdt.hlc import physical_ms
-from crdt.keys import short_id
-from matching.exchange import Exchange, Received, Submitted
+from crdt.keys import PUBLIC_LEN, short_id
+from crdt.replica import MergeResult
+from matching.exchange import Exchange, Submitted
 from net.config import NodeConfig, split_host_port
 from net.discovery import Discovery
 from net.errors import PeerError
@@ -44,6 +47,38 @@ ENDPOINT_FILE = "endpoint"  # the local URL of the node, for the CLI
 
 def wall_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Malformed:
+    """A wire entry that did not decode, so it never reached the core; its
+    origin and seq as far as they could be read."""
+
+    origin: bytes | None
+    seq: int | None
+    error: ValidationError
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ingested:
+    """What became of a batch from a peer: the core's merge result, plus the
+    entries that were refused before it (so a reply can list every refusal)."""
+
+    merge: MergeResult
+    malformed: tuple[Malformed, ...]
+
+
+def _malformed(raw_entries: list[Any]) -> tuple[Malformed, ...]:
+    """Decode one by one to tell which items are bad (only when some are)."""
+    out = []
+    for item in raw_entries:
+        _, errors = decode_entries([item], max_entries=1)
+        if errors:
+            origin = item[0] if type(item) is list and item and type(item[0]) is bytes \
+                and len(item[0]) == PUBLIC_LEN else None
+            seq = item[1] if type(item) is list and len(item) > 1 and type(item[1]) is int else None
+            out.append(Malformed(origin=origin, seq=seq, error=errors[0]))
+    return tuple(out)
 
 
 class Node:
@@ -183,12 +218,14 @@ class Node:
         self._push_new([result.entry], exclude=None)
         return result
 
-    def ingest(self, raw_entries: Any, *, peer: str, peer_id: bytes | None = None) -> Received:
+    def ingest(self, raw_entries: Any, *, peer: str, peer_id: bytes | None = None) -> Ingested:
         entries, bad = decode_entries(raw_entries, max_entries=SYNC_PAGE * 2)
-        for err in bad:
+        malformed = _malformed(raw_entries) if bad else ()
+        for m in malformed:
             self.counters["rejected"] += 1
-            log.warning("peer %s (%s) sent a malformed entry: %s: %s",
-                        short_id(peer_id) if peer_id else "?", peer, err.code, err)
+            log.warning("peer %s (%s) sent a malformed entry %s#%s: %s: %s",
+                        short_id(peer_id) if peer_id else "?", peer,
+                        short_id(m.origin) if m.origin else "?", m.seq, m.error.code, m.error)
         now = self.clock_ms()
         result = self.exchange.receive(entries, now_ms=now)
         for rej in result.merge.rejected:
@@ -203,7 +240,7 @@ class Node:
                 if e.origin != self.node_id:
                     self.latencies.append(now - physical_ms(e.hlc))
             self._push_new(accepted, exclude=peer_id)
-        return result
+        return Ingested(merge=result.merge, malformed=malformed)
 
     # ---- replication -----------------------------------------------------------
 
@@ -285,7 +322,12 @@ class Node:
                 if isinstance(raw_vv, dict) else {}
             entries = reply.get("entries", [])
             if entries:
-                result = self.ingest(entries, peer=peer.record.url, peer_id=peer.record.node_id)
+                try:
+                    result = self.ingest(entries, peer=peer.record.url, peer_id=peer.record.node_id)
+                except ValidationError as exc:  # a batch that is not an array, or too long
+                    self.peers.failed(peer, self.monotonic(), f"bad sync reply: {exc}")
+                    log.warning("peer %s (%s) sent a bad sync reply: %s", peer.short, peer.record.url, exc)
+                    raise PeerError(str(exc)) from exc
                 self.counters["pulled"] += len(result.merge.accepted)
                 if not result.merge.accepted:
                     break

@@ -83,10 +83,15 @@ class PeerRecord:
 
 
 def url_ok(url: str) -> bool:
-    parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        _ = parts.port  # raises ValueError for a port that is not a number in range
+    except ValueError:  # e.g. "http://[::1": a signed record must not crash the caller
         return False
-    return parts.hostname not in ("0.0.0.0", "::")
+    if parts.scheme != "http" or not host:
+        return False
+    return host not in ("0.0.0.0", "::")
 
 
 def is_loopback_host(host: str) -> bool:

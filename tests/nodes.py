@@ -1,0 +1,422 @@
+"""A small harness for tests with real node processes.
+
+Starts ``python cli.py node`` as subprocesses on free 127.0.0.1 ports, waits
+for ``/readyz``, talks HTTP with urllib and stops every process by pid
+(SIGTERM, then SIGKILL after a timeout).  Every wait loop is bounded in time
+and in iterations; a failed wait reports the tail of the node logs.  Nothing
+here mocks the network: the nodes replicate over real sockets.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = ROOT / "cli.py"
+HOST = "127.0.0.1"
+
+START_TIMEOUT = 20.0  # seconds for a node to answer /readyz
+STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
+CONVERGE_TIMEOUT = 30.0  # seconds for replicas to agree
+HTTP_TIMEOUT = 5.0
+POLL = 0.05
+
+_handed_out: set[int] = set()
+_live: dict[int, subprocess.Popen[bytes]] = {}  # pid -> process, for the atexit safety net
+
+
+# ---- ports ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A port number free for TCP (HTTP) and UDP (the DHT) on 127.0.0.1.
+
+    Binds TCP port 0, then UDP on the same number; retries a bounded number of
+    times, and never hands out the same number twice in one test run."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind((HOST, 0))
+            port = int(tcp.getsockname()[1])
+            if port in _handed_out:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind((HOST, port))
+                except OSError:
+                    continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free TCP+UDP port found on 127.0.0.1")
+
+
+# ---- HTTP -------------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    content_type: str
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def __repr__(self) -> str:
+        return f"Reply({self.status}, {self.body[:300]!r})"
+
+
+def http(method: str, url: str, body: bytes | None = None, *, headers: dict[str, str] | None = None,
+         timeout: float = HTTP_TIMEOUT) -> Reply:
+    """One HTTP request; HTTP errors come back as a Reply, network errors raise."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return Reply(resp.status, resp.read(), resp.headers.get("Content-Type", ""))
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return Reply(exc.code, exc.read(), exc.headers.get("Content-Type", ""))
+
+
+def get_json(url: str, *, timeout: float = HTTP_TIMEOUT) -> Any:
+    r = http("GET", url, timeout=timeout)
+    assert r.status == 200, f"GET {url}: {r!r}"
+    return r.json()
+
+
+# ---- processes ----------------------------------------------------------------------
+
+
+def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """``python cli.py ARGS`` in a subprocess; never raises on a non-zero exit."""
+    return subprocess.run(
+        [sys.executable, str(CLI), *args], cwd=ROOT, capture_output=True, text=True,
+        timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def cli_json(*args: str) -> Any:
+    done = run_cli(*args, "--json")
+    assert done.returncode == 0, f"cli.py {' '.join(args)} failed: {done.stderr.strip()}"
+    return json.loads(done.stdout)
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return f"({path} missing)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class NodeProc:
+    """One node process: ports, data dir, log file and the Popen handle."""
+
+    name: str
+    port: int
+    data_dir: Path
+    bootstrap: list[int] = field(default_factory=list)
+    extra_args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir.parent / f"{self.name}.log"
+
+    @property
+    def out_file(self) -> Path:
+        return self.data_dir.parent / f"{self.name}.out"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    # lifecycle
+
+    def start(self, *, wait: bool = True) -> NodeProc:
+        assert not self.running(), f"{self.name} already running"
+        args = [sys.executable, str(CLI), "node", "--host", HOST, "--port", str(self.port),
+                "--data-dir", str(self.data_dir), "--name", self.name,
+                "--log-file", str(self.log_file), *self.extra_args]
+        for p in self.bootstrap:
+            args += ["--bootstrap", f"{HOST}:{p}"]
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.out_file, "ab") as out:
+            out.write(f"--- start {self.starts + 1}: {' '.join(args)}\n".encode())
+            out.flush()
+            self.proc = subprocess.Popen(args, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        _live[self.proc.pid] = self.proc
+        self.starts += 1
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        def ready() -> bool:
+            if not self.running():
+                raise AssertionError(f"{self.name} exited with {self.proc and self.proc.returncode}\n"
+                                     + self.logs())
+            try:
+                return http("GET", self.url + "/readyz", timeout=1.0).status == 200
+            except OSError:
+                return False
+
+        wait_until(ready, timeout=timeout, what=f"{self.name} ready", nodes=[self])
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``; returns the exit status."""
+        proc = self.proc
+        if proc is None:
+            return None
+        try:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGCONT)  # a frozen process cannot handle SIGTERM
+                    os.kill(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout)
+            return proc.returncode
+        finally:
+            _live.pop(proc.pid, None)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(STOP_TIMEOUT)
+        _live.pop(self.proc.pid, None)
+
+    def freeze(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.running():
+            os.kill(self.pid, signal.SIGCONT)
+
+    # HTTP
+
+    @property
+    def token(self) -> str:
+        return (self.data_dir / ".cookie").read_text().strip()
+
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def get(self, path: str, *, timeout: float = HTTP_TIMEOUT) -> Any:
+        return get_json(self.url + path, timeout=timeout)
+
+    def request(self, method: str, path: str, body: Any = None, *, token: str | None = "cookie",
+                raw: bytes | None = None, content_type: str = "application/json",
+                headers: dict[str, str] | None = None, timeout: float = HTTP_TIMEOUT) -> Reply:
+        headers = {"Accept": "application/json", **(headers or {})}
+        if token == "cookie":
+            headers.update(self.auth())
+        elif token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        if data is not None:
+            headers["Content-Type"] = content_type
+        return http(method, self.url + path, data, headers=headers, timeout=timeout)
+
+    def order(self, side: str, qty: int, price: int | None = None, **extra: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {"side": side, "qty": qty, **extra}
+        if price is not None:
+            body["price"] = price
+        r = self.request("POST", "/v1/orders", body)
+        assert r.status == 201, f"POST /v1/orders at {self.name}: {r!r}"
+        out: dict[str, Any] = r.json()
+        return out
+
+    def cancel(self, oid: str) -> Reply:
+        return self.request("DELETE", f"/v1/orders/{oid}")
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = self.get("/v1/status")
+        return out
+
+    def state_hash(self) -> str:
+        return str(self.status()["state_hash"])
+
+    def snapshot(self) -> dict[str, Any]:
+        """What must be equal on converged replicas: hash, version vector, book, fills."""
+        st = self.status()
+        book = self.get("/v1/book?depth=1000")
+        fills = self.get("/v1/fills?limit=10000")
+        return {"state_hash": st["state_hash"], "version_vector": st["version_vector"],
+                "book": book, "fills": fills}
+
+    def peer_ids(self) -> set[str]:
+        return {p["id"] for p in self.status()["peers"]}
+
+    def node_id(self) -> str:
+        return str(self.status()["node_id"])
+
+    def logs(self, lines: int = 40) -> str:
+        return (f"----- {self.name} log ({self.log_file}) -----\n{tail(self.log_file, lines)}\n"
+                f"----- {self.name} stdout/stderr -----\n{tail(self.out_file, 10)}")
+
+
+def stop_all(nodes: Iterable[NodeProc]) -> None:
+    for n in nodes:
+        try:
+            n.stop()
+        except Exception as exc:  # keep stopping the others
+            print(f"stopping {n.name}: {exc}", file=sys.stderr)
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """Safety net: no node outlives the test process, whatever happened."""
+    for pid, proc in list(_live.items()):
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                proc.wait(STOP_TIMEOUT)
+        _live.pop(pid, None)
+
+
+def make_nodes(base: Path, names: Iterable[str]) -> list[NodeProc]:
+    """Node descriptions on fresh ports; the first is every other node's bootstrap."""
+    nodes = [NodeProc(name=n, port=free_port(), data_dir=base / n) for n in names]
+    for n in nodes[1:]:
+        n.bootstrap = [nodes[0].port]
+    return nodes
+
+
+@contextlib.contextmanager
+def cluster(base: Path, names: Iterable[str] = ("a", "b", "c")) -> Iterator[list[NodeProc]]:
+    """Start nodes (the first is the bootstrap of the rest); stop them all on exit."""
+    nodes = make_nodes(base, names)
+    try:
+        for n in nodes:
+            n.start(wait=False)
+        for n in nodes:
+            n.wait_ready()
+        wait_full_mesh(nodes)
+        yield nodes
+    finally:
+        stop_all(nodes)
+
+
+# ---- bounded waits --------------------------------------------------------------------
+
+
+def wait_until(pred: Callable[[], Any], *, timeout: float, what: str, nodes: Iterable[NodeProc] = (),
+               interval: float = POLL) -> Any:
+    """Poll ``pred`` until it returns a truthy value; bounded in time and in count."""
+    deadline = time.monotonic() + timeout
+    max_polls = int(timeout / interval) + 10
+    last: Any = None
+    for _ in range(max_polls):
+        last = pred()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n" + all_logs(nodes))
+
+
+def all_logs(nodes: Iterable[NodeProc]) -> str:
+    return "\n".join(n.logs() for n in nodes)
+
+
+def wait_full_mesh(nodes: list[NodeProc], timeout: float = CONVERGE_TIMEOUT) -> None:
+    """Every node knows every other node as a peer that answers."""
+    ids = {n.name: n.node_id() for n in nodes}
+
+    def meshed() -> bool:
+        for n in nodes:
+            up = {p["id"] for p in n.status()["peers"] if p["state"] == "up"}
+            if not {ids[m.name] for m in nodes if m is not n} <= up:
+                return False
+        return True
+
+    wait_until(meshed, timeout=timeout, what="full mesh of peers", nodes=nodes, interval=0.1)
+
+
+def wait_converged(nodes: list[NodeProc], timeout: float = CONVERGE_TIMEOUT,
+                   min_entries: int = 0) -> dict[str, Any]:
+    """Wait until every node has the same state hash (and at least ``min_entries``);
+    then check book, fills and version vector are equal too.  Returns the snapshot."""
+
+    def same() -> bool:
+        sts = [n.status() for n in nodes]
+        return (len({s["state_hash"] for s in sts}) == 1
+                and all(s["counts"]["entries"] >= min_entries for s in sts))
+
+    try:
+        wait_until(same, timeout=timeout, what="equal state hashes", nodes=nodes, interval=0.1)
+    except AssertionError:
+        detail = "\n".join(f"{n.name}: {n.status()['version_vector']}" for n in nodes if n.running())
+        raise AssertionError(f"replicas did not converge:\n{detail}") from None
+    snaps = [n.snapshot() for n in nodes]
+    for n, s in zip(nodes[1:], snaps[1:], strict=True):
+        assert s == snaps[0], f"{n.name} differs from {nodes[0].name} at equal state hash"
+    return snaps[0]
+
+
+def wait_order_everywhere(nodes: list[NodeProc], oid: str, timeout: float = CONVERGE_TIMEOUT) -> float:
+    """Seconds until GET /v1/orders/{oid} answers 200 on every node."""
+    start = time.monotonic()
+    pending = list(nodes)
+
+    def seen() -> bool:
+        for n in list(pending):
+            if http("GET", f"{n.url}/v1/orders/{oid}").status == 200:
+                pending.remove(n)
+        return not pending
+
+    wait_until(seen, timeout=timeout, what=f"order {oid[:16]} on every node", nodes=nodes, interval=0.01)
+    return time.monotonic() - start
+
+
+# ---- pytest glue ------------------------------------------------------------------------
+
+
+def report(request: pytest.FixtureRequest, text: str) -> None:
+    """Write past output capture (measured figures, logs of a failed test)."""
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext():
+        print(text, flush=True)
+
+
+@contextlib.contextmanager
+def logs_on_failure(request: pytest.FixtureRequest, nodes: Iterable[NodeProc]) -> Iterator[None]:
+    """Around a test: if it failed, print the tail of the node logs."""
+    before = request.session.testsfailed
+    yield
+    if request.session.testsfailed > before:
+        report(request, f"\n===== node logs after {request.node.nodeid} =====\n" + all_logs(nodes))
