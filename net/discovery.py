@@ -24,10 +24,12 @@ SLOTS = 4
 SLOT_KEYS = [f"p2pex/seeds/{i}" for i in range(SLOTS)]
 _DHT_TIMEOUT = 8.0
 
-# The library warns on every lookup while the table is empty; that is normal
-# for the first node of a network.
+# The library warns on every lookup while the table is empty, which is normal
+# for the first node of a network, and rpcudp logs an ERROR for every
+# unanswered packet, which is what a seed that is not up yet looks like; the
+# join loop below reports that itself.
 logging.getLogger("kademlia").setLevel(logging.ERROR)
-logging.getLogger("rpcudp").setLevel(logging.ERROR)
+logging.getLogger("rpcudp").setLevel(logging.CRITICAL)
 
 
 _RPC_TIMEOUT = 2  # seconds; the library's 5 s default slows every join attempt
@@ -45,11 +47,13 @@ class _Server(Server):  # type: ignore[misc]
 
 class Discovery:
     def __init__(
-        self, *, public_key: bytes, host: str, port: int, bootstrap: tuple[tuple[str, int], ...]
+        self, *, public_key: bytes, host: str, port: int, bootstrap: tuple[tuple[str, int], ...],
+        own_name: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
-        self.bootstrap_addrs = bootstrap
+        # A seed may list itself (one bootstrap list for every service): skip that entry.
+        self.bootstrap_addrs = tuple(b for b in bootstrap if b != (own_name, port))
         self.server = _Server(node_id=blake2b(public_key, digest_size=20).digest())
         self.joined = asyncio.Event()
         self._slots = [SLOT_KEYS[public_key[0] % SLOTS], SLOT_KEYS[(public_key[0] + 1) % SLOTS]]
@@ -80,7 +84,7 @@ class Discovery:
             return bool(found)
 
         retrying = AsyncRetrying(
-            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
             retry=retry_if_result(lambda ok: not ok),
             reraise=True,
         )

@@ -42,6 +42,8 @@ SYNC_PAGE = 4000  # entries per sync page: 4000 * 512 bytes stays under the peer
 MAX_PAGES_PER_PULL = 25
 PUSH_QUEUE_CAP = 20_000
 LATENCY_SAMPLES = 20_000
+EXCHANGE_MIN_S = 0.2  # peer-exchange period while membership changes
+EXCHANGE_MAX_S = 5.0
 ENDPOINT_FILE = "endpoint"  # the local URL of the node, for the CLI
 
 
@@ -106,6 +108,7 @@ class Node:
         self.discovery = Discovery(
             public_key=self.node_id, host=config.host, port=config.udp_port,
             bootstrap=config.bootstrap,
+            own_name=split_host_port(config.advertise, config.port)[0] if config.advertise else None,
         )
         self.url: str | None = None
         self.record: PeerRecord | None = None
@@ -376,10 +379,32 @@ class Node:
             if rec is None:
                 log.warning("peer %s sent an invalid peer record", source)
                 continue
-            if self.peers.offer(rec, now):
+            if self._offer(rec, now):
                 added += 1
-                self.store.save_peer(rec.node_id, rec.encode())
         return added
+
+    def _offer(self, rec: PeerRecord, now: int) -> bool:
+        """Take a verified record; greet a peer we did not know at once."""
+        new = rec.node_id not in self.peers.peers
+        if not self.peers.offer(rec, now):
+            return False
+        self.store.save_peer(rec.node_id, rec.encode())
+        if new and self.ready:
+            peer = self.peers.peers[rec.node_id]
+            self._spawn(self._greet(peer), f"greet-{peer.short}")
+        return True
+
+    async def _greet(self, peer: Peer) -> None:
+        """Introduce ourselves to a new peer and sync with it, instead of waiting
+        for the random choice of the periodic loops to land on it."""
+        try:
+            reply = await self._call(peer, "/peer/v1/peers", {
+                "from": self.node_id, "records": self.records_for(is_loopback_url(peer.record.url))})
+            if isinstance(reply, dict):
+                self.offer_records(reply.get("records"), source=peer.record.url)
+            await asyncio.wait_for(self.sync_with(peer), self.config.peer_timeout * 3)
+        except (PeerError, TimeoutError):
+            pass
 
     def records_for(self, caller_loopback: bool) -> list[list[Any]]:
         """Records to hand a caller; never a loopback URL to a non-loopback caller."""
@@ -389,10 +414,14 @@ class Node:
         return [r.to_wire() for r in recs if caller_loopback or not is_loopback_url(r.url)]
 
     async def _exchange_loop(self) -> None:
-        interval = 0.5
+        interval = EXCHANGE_MIN_S
+        known = 0
         while True:
             await asyncio.sleep(interval * (0.75 + self.rng.random() / 2))
-            interval = min(interval * 1.5, 5.0)
+            # gossip fast while membership changes, then settle at EXCHANGE_MAX_S
+            changed = len(self.peers.peers) != known
+            known = len(self.peers.peers)
+            interval = EXCHANGE_MIN_S if changed else min(interval * 1.5, EXCHANGE_MAX_S)
             now = self.clock_ms()
             for nid in self.peers.expire(now):
                 self.store.delete_peer(nid)
@@ -427,10 +456,8 @@ class Node:
                 if rec is None:
                     continue
                 new = rec.node_id not in self.peers.peers and rec.node_id != self.node_id
-                if self.peers.offer(rec, now):
-                    self.store.save_peer(rec.node_id, rec.encode())
-                    if new:
-                        log.info("found peer %s at %s through the DHT", short_id(rec.node_id), rec.url)
+                if self._offer(rec, now) and new:
+                    log.info("found peer %s at %s through the DHT", short_id(rec.node_id), rec.url)
             await asyncio.sleep(interval * (0.75 + self.rng.random() / 2))
             interval = min(interval * 2, self.config.publish_interval * 15)
 

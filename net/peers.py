@@ -20,7 +20,7 @@ from crdt.keys import PUBLIC_LEN, SIGNATURE_LEN, SigningKey, short_id, verify
 
 RECORD_TAG = b"p2pex-peer-v1"
 MAX_URL_LEN = 200
-_backoff = wait_exponential_jitter(initial=0.25, max=15.0, jitter=0.25)
+_backoff = wait_exponential_jitter(multiplier=0.25, max=15.0, jitter=0.25)
 
 
 def backoff_seconds(failures: int) -> float:
