@@ -18,11 +18,13 @@ from crdt.hlc import Hlc
 from crdt.keys import SigningKey
 from crdt.replica import MergeResult, Replica
 from matching.engine import (
+    BUY,
     CANCEL,
     GTC,
     IOC,
     MARKET,
     NOOP,
+    SELL,
     Engine,
     Fill,
     OrderStatus,
@@ -148,3 +150,14 @@ class Exchange:
 
     def state_hash(self) -> bytes:
         return self.replica.state_hash()
+
+    def book_hash(self) -> bytes:
+        """Digest of the fills and the resting book: equal on replicas that matched alike."""
+        engine = self.engine
+        h = blake2b(digest_size=32)
+        for taker, maker, price, qty in engine.fills:
+            h.update(b"F%s%s%d:%d;" % (taker, maker, price, qty))
+        for side in (BUY, SELL):
+            for price, oid, remaining in engine.resting(side):
+                h.update(b"R%d:%s%d:%d;" % (side, oid, price, remaining))
+        return h.digest()

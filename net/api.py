@@ -247,7 +247,12 @@ def status_data(node: Node) -> dict[str, Any]:
 
 
 async def get_status(request: web.Request) -> web.Response:
-    return reply(request, status_data(_node(request)))
+    """``?verify=1`` adds ``book_hash``, a digest of every fill and resting order
+    (costs a pass over them), to check that replicas also matched alike."""
+    data = status_data(_node(request))
+    if request.query.get("verify") in ("1", "true"):
+        data["book_hash"] = _node(request).exchange.book_hash().hex()
+    return reply(request, data)
 
 
 async def get_latency(request: web.Request) -> web.Response:
