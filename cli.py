@@ -318,11 +318,34 @@ def run_trade(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_demo_parser(sub: Any) -> None:
+    p = sub.add_parser("demo", help="run a local network of nodes and traders, then print a summary")
+    p.add_argument("--seconds", type=float, default=30.0, help="how long the traders trade (default 30)")
+    p.add_argument("--traders", type=int, default=2, help="trader nodes (default 2)")
+    p.add_argument("--exchanges", type=int, default=2, help="exchange nodes (default 2)")
+    p.add_argument("--seeds", type=int, default=2, help="seed nodes (default 2)")
+    p.add_argument("--rate", type=float, default=10.0, help="orders per second per trader (default 10)")
+    p.add_argument("--seed", type=int, default=42, help="random seed of the traders (default 42)")
+    p.add_argument("--logs", default="logs", help="log directory (default ./logs)")
+    p.add_argument("--keep-data", action="store_true", help="keep the nodes' data dirs")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from net.demo import DemoOptions
+    from net.demo import run_demo as run
+
+    return run(DemoOptions(
+        seconds=args.seconds, traders=args.traders, exchanges=args.exchanges, seeds=args.seeds,
+        rate=args.rate, seed=args.seed, logs=Path(args.logs), keep_data=args.keep_data,
+    ))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cli.py", description="p2pex: a peer-to-peer order-book exchange")
     sub = parser.add_subparsers(dest="command", required=True)
     add_node_parser(sub)
     add_trade_parser(sub)
+    add_demo_parser(sub)
     p = sub.add_parser("order", help="submit an order: order buy 10@100 | order sell 5 --market")
     p.add_argument("side", choices=["buy", "sell"])
     p.add_argument("amount", help="QTY@PRICE in integer lots and ticks, or QTY with --market")
@@ -362,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "trade":
             return run_trade(args)
         if args.command == "demo":
-            return int(args.func(args))
+            return run_demo(args)
         out = args.func(args)
         if args.json:
             print(json.dumps(out, indent=2))
