@@ -67,8 +67,8 @@ def run_node(args: argparse.Namespace) -> int:
     )
     try:
         bootstrap = tuple(split_host_port(b) for b in args.bootstrap)
-        if args.advertise:
-            split_host_port(args.advertise, args.port)
+        if args.advertise and split_host_port(args.advertise, args.port)[0] in ("0.0.0.0", "::", "[::]"):
+            raise ValueError("--advertise must be an address or name peers can dial, not a wildcard")
     except ValueError as exc:
         raise CliError(str(exc)) from None
     config = NodeConfig(

@@ -44,6 +44,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             return error_reply(request, ApiError(exc.reason, code=exc.reason.lower().replace(" ", "_"),
                                                  status=exc.status))
         raise
+    except ExchangeError as exc:  # a core refusal no handler mapped: still nothing changed
+        return error_reply(request, ApiError(str(exc), code=exc.code, status=409))
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return error_reply(request, ApiError("internal error; see the node's log", code="internal",
+                                             status=500))
 
 
 @web.middleware

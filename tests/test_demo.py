@@ -1,0 +1,93 @@
+"""`python cli.py demo` end to end: real node processes on 127.0.0.1, real
+traders, the summary's verdict, the logs, and no process left behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ROLES = ("seed1", "seed2", "exchange1", "exchange2", "trader1", "trader2")
+
+
+def start_demo(logs: Path, *extra: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("P2PEX_")}
+    return subprocess.Popen(
+        [sys.executable, "cli.py", "demo", "--seconds", "4", "--rate", "8", "--logs", str(logs), *extra],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def procs_mentioning(text: str) -> list[int]:
+    """Pids of live processes whose command line mentions ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and int(entry.name) != os.getpid():
+            found.append(int(entry.name))
+    return found
+
+
+def wait_gone(text: str, timeout: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    left = procs_mentioning(text)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = procs_mentioning(text)
+    return left
+
+
+class TestDemo:
+    def test_two_demos_side_by_side_converge_with_fills(self, tmp_path: Path) -> None:
+        logs = [tmp_path / "a" / "logs", tmp_path / "b" / "logs"]
+        demos = [start_demo(d) for d in logs]
+        outs = []
+        try:
+            for d in demos:
+                out, _ = d.communicate(timeout=150)
+                outs.append(out)
+        finally:
+            for d in demos:
+                if d.poll() is None:
+                    d.kill()
+        for d, out, log_dir in zip(demos, outs, logs, strict=True):
+            assert d.returncode == 0, out
+            lines = out.strip().splitlines()
+            assert lines[-1] == "converged", out
+            assert any(line.startswith("[") and " orders " in line for line in lines), "no live progress"
+            cluster = re.search(r"cluster: (\d+) orders, (\d+) cancels, (\d+) fills", out)
+            assert cluster, out
+            assert int(cluster.group(1)) > 0 and int(cluster.group(3)) > 0, out
+            assert re.search(r"replication latency.*p50 \d+ ms, p99 \d+ ms", out), out
+            for role in ROLES:
+                assert re.search(rf"^{role}\s+[0-9a-f]{{8}}\s", out, re.M), f"no summary row for {role}"
+                assert (log_dir / f"{role}.log").stat().st_size > 0
+            assert not wait_gone(str(log_dir)), "node processes left running"
+
+    def test_ctrl_c_stops_every_node(self, tmp_path: Path) -> None:
+        logs = tmp_path / "logs"
+        demo = start_demo(logs, "--seconds", "60")
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and len(procs_mentioning(str(logs))) < len(ROLES):
+                time.sleep(0.2)
+            assert len(procs_mentioning(str(logs))) >= len(ROLES), "the demo did not start its nodes"
+            time.sleep(2.0)
+            demo.send_signal(signal.SIGINT)
+            out, _ = demo.communicate(timeout=30)
+        finally:
+            if demo.poll() is None:
+                demo.kill()
+        assert demo.returncode != 0
+        assert "stopping every node" in out, out
+        assert not wait_gone(str(logs)), "node processes left running after Ctrl-C"
