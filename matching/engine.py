@@ -32,6 +32,7 @@ from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from heapq import merge
 from itertools import islice
 from operator import itemgetter
 from typing import Any, Final
@@ -49,6 +50,7 @@ NOOP: Final = 4
 
 _INF: Final = 1 << 62
 _key_of = itemgetter(6)  # a resting order's canonical key
+_rec_key = itemgetter(0)  # a record's canonical key
 #: A market buy's limit: above every price, but below ``_INF`` (the empty ask side).
 _NO_LIMIT: Final = _INF - 1
 
@@ -141,18 +143,16 @@ class Engine:
         elif self._floor is None or rec[0] > self._floor:  # compacted to nothing: the floor is the frontier
             self._run((rec,))
             return None
-        return self._insert_late(rec)
+        return self._insert_late([rec])
 
     def add_many(self, recs: Sequence[Record]) -> list[Revision]:
-        """Apply records; a run in key order after the frontier takes the fast path."""
-        out: list[Revision] = []
-        start, n = 0, len(recs)
-        while start < n:
-            start = self._run(recs, start)
-            if start < n:
-                out.append(self._insert_late(recs[start]))
-                start += 1
-        return out
+        """Apply records.  The run in key order after the frontier takes the fast
+        path; whatever is left is merged in with one rewind, however many of the
+        records are late (a catch-up page must not rewind once per record)."""
+        start = self._run(recs, 0)
+        if start == len(recs):
+            return []
+        return [self._insert_late(sorted(recs[start:], key=_rec_key))]
 
     # ---- the hot path ----------------------------------------------------
 
@@ -284,15 +284,20 @@ class Engine:
 
     # ---- late arrivals ---------------------------------------------------
 
-    def _insert_late(self, rec: Record) -> Revision:
-        if self._floor is not None and rec[0] <= self._floor:
+    def _insert_late(self, recs: list[Record]) -> Revision:
+        """Merge records (sorted by key) that do not all sort after the frontier."""
+        first = recs[0][0]
+        if self._floor is not None and first <= self._floor:
             raise RewindTooFar("record sorts before the oldest kept checkpoint")
         fills = self.fills
         n_before = len(fills)
-        undone = self._rewind_to(rec[0])
+        undone = self._rewind_to(first)
         cut = len(fills)
         revoked_all = self._rewound_fills
-        replay = [rec, *reversed(undone)]
+        replay = list(merge(recs, reversed(undone), key=_rec_key))
+        if any(replay[i][0] == replay[i + 1][0] for i in range(len(replay) - 1)):
+            self._run(undone[::-1])  # put back exactly what was there
+            raise ValueError("a record with this key was already applied")
         done = self._run(replay)
         if done != len(replay):
             raise AssertionError("replay out of key order")
@@ -311,11 +316,6 @@ class Engine:
         undone: list[Record] = []
         while applied and applied[-1][0] >= key:
             rec = applied.pop()
-            if rec[0] == key:
-                applied.append(rec)
-                del fills[n_fills:]  # the replay below appends them again
-                self._run(undone[::-1])
-                raise ValueError("a record with this key was already applied")
             undone.append(rec)
             _, kind, oid, side, price, _qty = rec
             if kind == CANCEL:

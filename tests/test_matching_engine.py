@@ -388,3 +388,33 @@ class TestInvariantsCanFail:
         e.fills[0] = ("b", "s", 101, 1)
         with pytest.raises(AssertionError):
             assert_matches_reference(e, recs)
+
+
+class TestCatchUpPage:
+    def test_a_page_of_late_records_rewinds_once(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Regression: add_many rewound and replayed once per late record, so a
+        catch-up page of n entries older than the frontier cost O(n^2) undo/redo."""
+        recs: list[Record] = []
+        for i in range(300):
+            side = BUY if i % 2 else SELL
+            price = 100 + (i % 7) - (3 if side == BUY else 0)
+            recs.append((i * 2, GTC, f"o{i}", side, price, 1 + i % 5))
+        frontier = (10_000, GTC, "late-frontier", BUY, 101, 3)
+        engine = Engine()
+        engine.add(frontier)
+        before = list(engine.fills)
+        rewinds = 0
+        original = engine._rewind_to
+
+        def counting(key: Any) -> list[Record]:
+            nonlocal rewinds
+            rewinds += 1
+            return original(key)
+
+        monkeypatch.setattr(engine, "_rewind_to", counting)
+        shuffled = recs[::-1]  # arrival order does not matter
+        revisions = engine.add_many(shuffled)
+        assert rewinds == 1
+        assert len(revisions) == 1
+        assert_revision(revisions[0], before, engine.fills)
+        assert_matches_reference(engine, [*recs, frontier])
