@@ -37,13 +37,13 @@ from itertools import islice
 from operator import itemgetter
 from typing import Any, Final
 
+from crdt.entry import BUY as BUY
+from crdt.entry import GTC as GTC
+from crdt.entry import IOC as IOC
+from crdt.entry import SELL as SELL
 from crdt.errors import ExchangeError
 
-BUY: Final = 0
-SELL: Final = 1
-
-GTC: Final = 0
-IOC: Final = 1
+# record kinds: GTC and IOC as in crdt.entry, then the engine's own
 MARKET: Final = 2
 CANCEL: Final = 3
 NOOP: Final = 4
@@ -178,6 +178,8 @@ class Engine:
             last = key
             apush(rec)
             if kind < CANCEL:
+                # the buy and sell branches mirror each other; they are written
+                # out twice because this loop is the engine's whole cost
                 if side == BUY:
                     if kind == MARKET:
                         price = _NO_LIMIT
