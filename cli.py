@@ -29,14 +29,31 @@ def env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"P2PEX_{name}", default)
 
 
+def port_number(text: str) -> int:
+    """argparse type (applied to string defaults from the environment too)."""
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}")
+    return int(text)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
 # ---- node ---------------------------------------------------------------------
 
 
 def add_node_parser(sub: Any) -> None:
     p = sub.add_parser("node", help="run a node (HTTP API + DHT + replication)")
     p.add_argument("--host", default=env("HOST", "127.0.0.1"), help="bind address [P2PEX_HOST]")
-    p.add_argument("--port", type=int, default=int(env("PORT", "7001") or 7001), help="HTTP port [P2PEX_PORT]")
-    p.add_argument("--dht-port", type=int, default=int(env("DHT_PORT") or 0) or None,
+    p.add_argument("--port", type=port_number, default=env("PORT", "7001"), help="HTTP port [P2PEX_PORT]")
+    p.add_argument("--dht-port", type=port_number, default=env("DHT_PORT"),
                    help="UDP port of the DHT (default: the HTTP port number) [P2PEX_DHT_PORT]")
     p.add_argument("--data-dir", default=env("DATA_DIR", DEFAULT_DATA_DIR), help="[P2PEX_DATA_DIR]")
     p.add_argument("--bootstrap", action="append",
@@ -49,7 +66,7 @@ def add_node_parser(sub: Any) -> None:
                    help="seed node: DHT rendezvous and relay, takes no orders [P2PEX_SEED=1]")
     p.add_argument("--log-file", default=env("LOG_FILE"), help="[P2PEX_LOG_FILE]")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[P2PEX_LOG_LEVEL]")
-    p.add_argument("--pull-interval", type=float, default=float(env("PULL_INTERVAL", "0.5") or 0.5),
+    p.add_argument("--pull-interval", type=positive_float, default=env("PULL_INTERVAL", "0.5"),
                    help="seconds between anti-entropy pulls [P2PEX_PULL_INTERVAL]")
 
 

@@ -15,6 +15,7 @@ from typing import Any, Final
 import msgpack
 
 from crdt.errors import MalformedEntry, OutOfRange, OversizeEntry, UnknownBodyType, ValidationError
+from crdt.hlc import MAX_HLC
 from crdt.keys import PUBLIC_LEN, SIGNATURE_LEN, SigningKey
 
 HASH_LEN: Final = 32
@@ -23,7 +24,6 @@ GENESIS: Final = bytes(HASH_LEN)
 MAX_PRICE: Final = (1 << 40) - 1
 MAX_QTY: Final = (1 << 40) - 1
 MAX_SEQ: Final = (1 << 63) - 1
-MAX_HLC: Final = (1 << 64) - 1
 #: Largest accepted wire encoding of one entry, in bytes.
 MAX_ENTRY_BYTES: Final = 512
 

@@ -14,7 +14,7 @@ from hashlib import blake2b
 
 import msgpack
 
-from crdt.entry import GENESIS, Cancel, Entry, Order, check_body
+from crdt.entry import GENESIS, MAX_SEQ, Cancel, Entry, Order, check_body
 from crdt.errors import (
     BadSignature,
     BrokenChain,
@@ -115,11 +115,26 @@ class Replica:
         return self._buffered_total
 
     def state_hash(self) -> bytes:
+        """Digest of the version vector and head hashes: equal digests, equal entries."""
         heads = [[o, len(log), log[-1].hash] for o, log in sorted(self._logs.items())]
-        frozen = sorted(self._evidence)
-        return blake2b(
-            msgpack.packb([heads, frozen], use_bin_type=True), digest_size=32
-        ).digest()
+        return blake2b(msgpack.packb(heads, use_bin_type=True), digest_size=32).digest()
+
+    def digest_for_sync(self) -> dict[bytes, int]:
+        """The version vector to send a peer: a frozen origin is marked as
+        complete so that no peer sends entries we would refuse anyway."""
+        vv = self.version_vector()
+        for origin in self._evidence:
+            vv[origin] = MAX_SEQ
+        return vv
+
+    def restore_evidence(self, first: Entry, second: Entry) -> bool:
+        """Re-freeze an origin from stored evidence; False if it does not prove
+        equivocation (same origin and seq, different hashes, both validly signed)."""
+        if not (first.origin == second.origin and first.seq == second.seq and first.hash != second.hash
+                and _verify(first) and _verify(second)):
+            return False
+        self._freeze(first.origin, first, second)
+        return True
 
     def delta(self, vv: Mapping[bytes, int], *, max_entries: int | None = None) -> tuple[list[Entry], bool]:
         """Entries above ``vv``, origin by origin in seq order; ``more`` if cut."""
@@ -276,23 +291,17 @@ class Replica:
     def _authenticate(
         self, origin: bytes, run: list[Entry], buf: dict[int, Entry], rejected: list[Rejection]
     ) -> list[Entry]:
-        """Keep the longest prefix of ``run`` whose last entry is validly signed.
-
-        The hash chain makes one signature vouch for the whole prefix, so the
-        honest case costs one verification."""
-        for i in range(len(run) - 1, -1, -1):
-            if _verify(run[i]):
-                break
-        else:
-            i = -1
-        bad = run[i + 1:]
-        if bad:
-            rejected.append(Rejection(origin=origin, seq=bad[0].seq, error=BadSignature(
-                f"{short_id(origin)}#{bad[0].seq}: signature does not verify")))
-            for e in bad:
-                del buf[e.seq]
-            self._buffered_total -= len(bad)
-        return run[: i + 1]
+        """Keep ``run`` when its newest entry is validly signed: the hash chain
+        makes that one signature vouch for the whole run.  Otherwise drop the
+        run: a run must not cost more than one verification."""
+        if _verify(run[-1]):
+            return run
+        rejected.append(Rejection(origin=origin, seq=run[-1].seq, error=BadSignature(
+            f"{short_id(origin)}#{run[-1].seq}: signature does not verify")))
+        for e in run:
+            del buf[e.seq]
+        self._buffered_total -= len(run)
+        return []
 
     def _freeze(self, origin: bytes, first: Entry, second: Entry) -> None:
         self._evidence[origin] = EquivocationEvidence(first=first, second=second)

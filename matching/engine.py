@@ -293,9 +293,8 @@ class Engine:
             raise RewindTooFar("record sorts before the oldest kept checkpoint")
         fills = self.fills
         n_before = len(fills)
-        undone = self._rewind_to(first)
+        undone, revoked_all = self._rewind_to(first)
         cut = len(fills)
-        revoked_all = self._rewound_fills
         replay = list(merge(recs, reversed(undone), key=_rec_key))
         if any(replay[i][0] == replay[i + 1][0] for i in range(len(replay) - 1)):
             self._run(undone[::-1])  # put back exactly what was there
@@ -311,8 +310,9 @@ class Engine:
             added=tuple(f for f in added_all if f not in old),
         )
 
-    def _rewind_to(self, key: Any) -> list[Record]:
-        """Undo every applied record with a key above ``key``; newest first."""
+    def _rewind_to(self, key: Any) -> tuple[list[Record], list[Fill]]:
+        """Undo every applied record with a key at or above ``key``; return them
+        (newest first) and the fills they had produced."""
         applied, fills, orders = self._applied, self.fills, self.orders
         n_fills = len(fills)
         undone: list[Record] = []
@@ -345,9 +345,9 @@ class Engine:
                 if not m[0]:
                     self._level(maker_side, fprice).appendleft(m)
                 m[0] += fqty
-        self._rewound_fills = fills[n_fills:]
+        rewound = fills[n_fills:]
         del fills[n_fills:]
-        return undone
+        return undone, rewound
 
     def _level(self, side: int, price: int) -> deque[Order]:
         """The queue at ``price``, reopened when it had left the book."""

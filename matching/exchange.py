@@ -14,7 +14,7 @@ from hashlib import blake2b
 
 from crdt.entry import GENESIS, Body, Cancel, Entry, Heartbeat, Order, make_entry
 from crdt.errors import ExchangeError, ForeignCancel
-from crdt.hlc import Hlc
+from crdt.hlc import MAX_HLC, Hlc
 from crdt.keys import SigningKey
 from crdt.replica import MergeResult, Replica
 from matching.engine import (
@@ -86,7 +86,12 @@ class Exchange:
     # ---- writing -----------------------------------------------------
 
     def submit(self, body: Body, *, now_ms: int) -> Submitted:
-        """Append a body to this node's own log and apply it."""
+        """Append a body to this node's own log and apply it (no storage in between)."""
+        return self.apply_own(self.prepare(body, now_ms=now_ms), now_ms=now_ms)
+
+    def prepare(self, body: Body, *, now_ms: int) -> Entry:
+        """Validate a body and sign it as the next entry of our log, changing no
+        state but the clock: the shell commits the entry, then calls ``apply_own``."""
         if isinstance(body, Cancel):
             if self.replica.order_origin(body.order_id) is None:
                 raise UnknownOrder(f"no order {body.order_id.hex()}")
@@ -96,17 +101,20 @@ class Exchange:
             if status is None or status.remaining == 0:
                 raise NotCancellable(f"order {body.order_id.hex()} is no longer resting")
         head = self.replica.head(self.node_id)
-        entry = make_entry(
+        return make_entry(
             self.key,
             seq=head.seq + 1 if head else 1,
             hlc=self.hlc.now(now_ms),
             prev=head.hash if head else GENESIS,
             body=body,
         )
+
+    def apply_own(self, entry: Entry, *, now_ms: int) -> Submitted:
         n_fills = len(self.engine.fills)
         result = self.receive([entry], now_ms=now_ms, trusted=True)
         if not result.merge.accepted:
             raise result.merge.rejected[0].error
+        body = entry.body
         target = body.order_id if isinstance(body, Cancel) else entry.hash
         # an own entry carries the newest stamp, so its fills are the tail
         fills = tuple(self.engine.fills[n_fills:])
@@ -115,9 +123,10 @@ class Exchange:
     def heartbeat(self, *, now_ms: int) -> Entry:
         return self.submit(Heartbeat(), now_ms=now_ms).entry
 
-    def restore(self, entries: Iterable[Entry], *, now_ms: int) -> Received:
-        """Load entries from local storage (already verified when first accepted)."""
-        return self.receive(entries, now_ms=now_ms, trusted=True)
+    def restore(self, entries: Iterable[Entry]) -> Received:
+        """Load entries from local storage: verified when first accepted, and
+        exempt from the clock-skew bound (the clock may have stepped back since)."""
+        return self.receive(entries, now_ms=MAX_HLC, trusted=True)
 
     def receive(self, entries: Iterable[Entry], *, now_ms: int, trusted: bool = False) -> Received:
         merge = self.replica.receive(entries, now_ms=now_ms, trusted=trusted)

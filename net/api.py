@@ -158,6 +158,8 @@ async def post_order(request: web.Request) -> web.Response:
 async def delete_order(request: web.Request) -> web.Response:
     _require_token(request)
     node = _node(request)
+    if not node.config.trading:
+        raise Conflict("this is a seed node; it holds no orders of its own", code="seed_node")
     oid = _order_id(request)
     try:
         result = node.submit(Cancel(order_id=oid))

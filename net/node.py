@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from crdt.entry import Body, Entry, decode_entries
+from crdt.entry import Body, Entry, decode_entries, encode_entry
 from crdt.errors import ValidationError
 from crdt.hlc import physical_ms
 from crdt.keys import PUBLIC_LEN, short_id
@@ -42,6 +42,8 @@ SYNC_PAGE = 4000  # entries per sync page: 4000 * 512 bytes stays under the peer
 MAX_PAGES_PER_PULL = 25
 PUSH_QUEUE_CAP = 20_000
 LATENCY_SAMPLES = 20_000
+MAX_RECORDS_PER_CALL = 300  # peer records read from one request or reply
+MAX_GREETINGS = 8  # greetings of new peers under way at once
 EXCHANGE_MIN_S = 0.2  # peer-exchange period while membership changes
 EXCHANGE_MAX_S = 5.0
 ENDPOINT_FILE = "endpoint"  # the local URL of the node, for the CLI
@@ -118,11 +120,13 @@ class Node:
         self._push_queues: dict[bytes, list[Entry]] = {}
         self._pushing: set[bytes] = set()
         self._probing: set[bytes] = set()
+        self._greeting: set[bytes] = set()
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
         # acceptance-to-visibility delays (ms) of entries from other origins
         self.latencies: deque[int] = deque(maxlen=LATENCY_SAMPLES)
+        self._evidence_saved = 0
         self.counters = {"pushed": 0, "pulled": 0, "push_failures": 0, "pull_failures": 0,
                          "rejected": 0}
 
@@ -133,9 +137,12 @@ class Node:
 
         now = self.clock_ms()
         self.started_ms = now
+        for first, second in self.store.load_evidence():
+            self.exchange.replica.restore_evidence(first, second)
+        self._evidence_saved = len(self.exchange.replica.evidence())
         loaded = self.store.load_entries()
         if loaded:
-            self.exchange.restore(loaded, now_ms=now + self.config.max_skew_ms)
+            self.exchange.restore(loaded)
         for raw in self.store.load_peers():
             rec = PeerRecord.decode(raw)
             if rec is not None:
@@ -172,11 +179,11 @@ class Node:
     async def stop(self) -> None:
         self.ready = False
         self._stopping.set()
+        if self._runner is not None:  # first stop taking requests, which may spawn pushes
+            await self._runner.cleanup()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._runner is not None:
-            await self._runner.cleanup()
         if self._session is not None:
             await self._session.close()
         self.discovery.stop()
@@ -216,9 +223,11 @@ class Node:
 
     def submit(self, body: Body) -> Submitted:
         """Append to our own log, commit, then push; raises the core's typed errors."""
-        result = self.exchange.submit(body, now_ms=self.clock_ms())
-        self.store.save_entries([result.entry])
-        self._push_new([result.entry], exclude=None)
+        now = self.clock_ms()
+        entry = self.exchange.prepare(body, now_ms=now)
+        self.store.save_entries([entry])  # committed before any state or peer sees it
+        result = self.exchange.apply_own(entry, now_ms=now)
+        self._push_new([entry], exclude=None)
         return result
 
     def ingest(self, raw_entries: Any, *, peer: str, peer_id: bytes | None = None) -> Ingested:
@@ -236,6 +245,8 @@ class Node:
             log.warning("peer %s (%s) sent a rejected entry %s#%d: %s: %s",
                         short_id(peer_id) if peer_id else "?", peer, short_id(rej.origin), rej.seq,
                         rej.error.code, rej.error)
+        if len(self.exchange.replica.evidence()) != self._evidence_saved:
+            self._save_evidence()
         accepted = result.merge.accepted
         if accepted:
             self.store.save_entries(accepted)
@@ -244,6 +255,14 @@ class Node:
                     self.latencies.append(now - physical_ms(e.hlc))
             self._push_new(accepted, exclude=peer_id)
         return Ingested(merge=result.merge, malformed=malformed)
+
+    def _save_evidence(self) -> None:
+        evidence = self.exchange.replica.evidence()
+        for origin, ev in evidence.items():
+            self.store.save_evidence(origin, encode_entry(ev.first), encode_entry(ev.second))
+            log.warning("origin %s equivocated (two entries at seq %d); no longer merging it",
+                        short_id(origin), ev.first.seq)
+        self._evidence_saved = len(evidence)
 
     # ---- replication -----------------------------------------------------------
 
@@ -317,7 +336,7 @@ class Node:
         theirs: dict[bytes, int] = {}
         for _ in range(MAX_PAGES_PER_PULL):
             reply = await self._call(peer, "/peer/v1/sync", {
-                "from": self.node_id, "vv": self.exchange.replica.version_vector(), "max": SYNC_PAGE})
+                "from": self.node_id, "vv": self.exchange.replica.digest_for_sync(), "max": SYNC_PAGE})
             if not isinstance(reply, dict):
                 raise PeerError("sync reply is not a map")
             raw_vv = reply.get("vv", {})
@@ -344,20 +363,26 @@ class Node:
     async def _pull_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.pull_interval * (0.75 + self.rng.random() / 2))
-            mono = self.monotonic()
-            ready = self.peers.ready(mono)
-            live = [p for p in ready if p.failures == 0]
-            if live:
-                peer = self.rng.choice(live)
-                try:
-                    await asyncio.wait_for(self.sync_with(peer), self.config.peer_timeout * 3)
-                except (PeerError, TimeoutError) as exc:
-                    self.counters["pull_failures"] += 1
-                    log.debug("pull from %s failed: %s", peer.short, exc)
-            for peer in ready:
-                if peer.failures and peer.record.node_id not in self._probing:
-                    self._probing.add(peer.record.node_id)
-                    self._spawn(self._probe(peer), f"probe-{peer.short}")
+            try:
+                await self._pull_round()
+            except Exception:  # a loop that dies would leave the node silently stale
+                log.exception("pull round failed")
+
+    async def _pull_round(self) -> None:
+        mono = self.monotonic()
+        ready = self.peers.ready(mono)
+        live = [p for p in ready if p.failures == 0]
+        if live:
+            peer = self.rng.choice(live)
+            try:
+                await asyncio.wait_for(self.sync_with(peer), self.config.peer_timeout * 3)
+            except (PeerError, TimeoutError) as exc:
+                self.counters["pull_failures"] += 1
+                log.debug("pull from %s failed: %s", peer.short, exc)
+        for peer in ready:
+            if peer.failures and peer.record.node_id not in self._probing:
+                self._probing.add(peer.record.node_id)
+                self._spawn(self._probe(peer), f"probe-{peer.short}")
 
     async def _probe(self, peer: Peer) -> None:
         try:
@@ -374,7 +399,7 @@ class Node:
             return 0
         now = self.clock_ms()
         added = 0
-        for raw in raws[:1000]:
+        for raw in raws[:MAX_RECORDS_PER_CALL]:
             rec = PeerRecord.from_wire(raw)
             if rec is None:
                 log.warning("peer %s sent an invalid peer record", source)
@@ -389,8 +414,9 @@ class Node:
         if not self.peers.offer(rec, now):
             return False
         self.store.save_peer(rec.node_id, rec.encode())
-        if new and self.ready:
+        if new and self.ready and len(self._greeting) < MAX_GREETINGS:
             peer = self.peers.peers[rec.node_id]
+            self._greeting.add(rec.node_id)
             self._spawn(self._greet(peer), f"greet-{peer.short}")
         return True
 
@@ -405,6 +431,8 @@ class Node:
             await asyncio.wait_for(self.sync_with(peer), self.config.peer_timeout * 3)
         except (PeerError, TimeoutError):
             pass
+        finally:
+            self._greeting.discard(peer.record.node_id)
 
     def records_for(self, caller_loopback: bool) -> list[list[Any]]:
         """Records to hand a caller; never a loopback URL to a non-loopback caller."""
@@ -422,21 +450,27 @@ class Node:
             changed = len(self.peers.peers) != known
             known = len(self.peers.peers)
             interval = EXCHANGE_MIN_S if changed else min(interval * 1.5, EXCHANGE_MAX_S)
-            now = self.clock_ms()
-            for nid in self.peers.expire(now):
-                self.store.delete_peer(nid)
-                log.info("forgot peer %s (not seen for %d s)", short_id(nid), self.config.peer_ttl_ms // 1000)
-            ready = [p for p in self.peers.ready(self.monotonic()) if p.failures == 0]
-            if not ready:
-                continue
-            peer = self.rng.choice(ready)
             try:
-                reply = await self._call(peer, "/peer/v1/peers", {
-                    "from": self.node_id, "records": self.records_for(is_loopback_url(peer.record.url))})
-            except PeerError:
-                continue
-            if isinstance(reply, dict):
-                self.offer_records(reply.get("records"), source=peer.record.url)
+                await self._exchange_round()
+            except Exception:  # a loop that dies would leave membership frozen
+                log.exception("peer-exchange round failed")
+
+    async def _exchange_round(self) -> None:
+        now = self.clock_ms()
+        for nid in self.peers.expire(now):
+            self.store.delete_peer(nid)
+            log.info("forgot peer %s (not seen for %d s)", short_id(nid), self.config.peer_ttl_ms // 1000)
+        ready = [p for p in self.peers.ready(self.monotonic()) if p.failures == 0]
+        if not ready:
+            return
+        peer = self.rng.choice(ready)
+        try:
+            reply = await self._call(peer, "/peer/v1/peers", {
+                "from": self.node_id, "records": self.records_for(is_loopback_url(peer.record.url))})
+        except PeerError:
+            return
+        if isinstance(reply, dict):
+            self.offer_records(reply.get("records"), source=peer.record.url)
 
     async def _discovery_loop(self) -> None:
         await self.discovery.joined.wait()
@@ -456,8 +490,11 @@ class Node:
                 if rec is None:
                     continue
                 new = rec.node_id not in self.peers.peers and rec.node_id != self.node_id
-                if self._offer(rec, now) and new:
-                    log.info("found peer %s at %s through the DHT", short_id(rec.node_id), rec.url)
+                try:
+                    if self._offer(rec, now) and new:
+                        log.info("found peer %s at %s through the DHT", short_id(rec.node_id), rec.url)
+                except Exception:  # storage trouble must not end discovery
+                    log.exception("could not record peer %s", short_id(rec.node_id))
             await asyncio.sleep(interval * (0.75 + self.rng.random() / 2))
             interval = min(interval * 2, self.config.publish_interval * 15)
 

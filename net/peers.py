@@ -9,7 +9,7 @@ forgotten once their record is older than the TTL.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -115,8 +115,6 @@ class Peer:
     last_ok: float | None = None
     last_error: str = ""
     rtt_ms: float | None = None
-    pushed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def state(self) -> str:
@@ -129,15 +127,28 @@ class Peer:
         return short_id(self.record.node_id)
 
 
+#: Most peers a node tracks; records of unknown nodes beyond it are ignored.
+MAX_PEERS = 256
+#: How far ahead of our clock a record may be stamped.
+MAX_RECORD_SKEW_MS = 60_000
+
+
 class PeerTable:
-    def __init__(self, self_id: bytes, *, ttl_ms: int) -> None:
+    def __init__(self, self_id: bytes, *, ttl_ms: int, max_peers: int = MAX_PEERS) -> None:
         self.self_id = self_id
         self.ttl_ms = ttl_ms
+        self.max_peers = max_peers
         self.peers: dict[bytes, Peer] = {}
 
     def offer(self, record: PeerRecord, now_ms: int) -> bool:
-        """Add or refresh a verified record; True when it is new or newer."""
-        if record.node_id == self.self_id or record.last_seen < now_ms - self.ttl_ms:
+        """Add or refresh a verified record; True when it is new or newer.
+
+        Stale records, records stamped in the future (they would never expire)
+        and new nodes once the table is full are refused."""
+        if (record.node_id == self.self_id or record.last_seen < now_ms - self.ttl_ms
+                or record.last_seen > now_ms + MAX_RECORD_SKEW_MS):
+            return False
+        if record.node_id not in self.peers and len(self.peers) >= self.max_peers:
             return False
         peer = self.peers.get(record.node_id)
         if peer is None:

@@ -70,6 +70,10 @@ class Store:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS peers (node_id BLOB PRIMARY KEY, record BLOB NOT NULL)"
         )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS evidence (origin BLOB PRIMARY KEY, first BLOB NOT NULL,"
+            " second BLOB NOT NULL)"
+        )
 
     def save_entries(self, entries: Iterable[Entry]) -> None:
         rows = [(e.origin, e.seq, encode_entry(e)) for e in entries]
@@ -77,11 +81,19 @@ class Store:
             return
         with self._db:
             self._db.execute("BEGIN")
-            self._db.executemany("INSERT OR IGNORE INTO entries VALUES (?, ?, ?)", rows)
+            # a plain INSERT: a second entry at one (origin, seq) must fail loudly
+            self._db.executemany("INSERT INTO entries VALUES (?, ?, ?)", rows)
 
     def load_entries(self) -> list[Entry]:
         cur = self._db.execute("SELECT wire FROM entries ORDER BY origin, seq")
         return [decode_entry_bytes(bytes(row[0])) for row in cur]
+
+    def save_evidence(self, origin: bytes, first: bytes, second: bytes) -> None:
+        self._db.execute("INSERT OR IGNORE INTO evidence VALUES (?, ?, ?)", (origin, first, second))
+
+    def load_evidence(self) -> list[tuple[Entry, Entry]]:
+        rows = self._db.execute("SELECT first, second FROM evidence")
+        return [(decode_entry_bytes(bytes(a)), decode_entry_bytes(bytes(b))) for a, b in rows]
 
     def save_peer(self, node_id: bytes, record: bytes) -> None:
         self._db.execute("INSERT OR REPLACE INTO peers VALUES (?, ?)", (node_id, record))

@@ -68,7 +68,7 @@ async def read_client_body(request: web.Request) -> Any:
     else:
         try:
             obj = json.loads(data or b"{}")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise BadRequest(f"body is not valid JSON: {exc}", code="bad_json") from None
     if not isinstance(obj, dict):
         raise BadRequest("body must be an object", code="bad_body")

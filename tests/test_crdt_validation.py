@@ -8,6 +8,7 @@ from typing import Any
 import msgpack
 import pytest
 
+import crdt.replica
 from crdt.entry import (
     BUY,
     GENESIS,
@@ -16,6 +17,7 @@ from crdt.entry import (
     MAX_ENTRY_BYTES,
     MAX_PRICE,
     MAX_QTY,
+    MAX_SEQ,
     SELL,
     Cancel,
     Entry,
@@ -115,23 +117,34 @@ class TestSignature:
         good = c.crafted(Heartbeat())
         assert_rejected_unchanged(r, with_sig(good, bytes(64)), BadSignature)
 
-    def test_tampered_tip_of_a_batch_keeps_the_vouched_prefix(self) -> None:
-        """Only the newest entry's signature is checked; when it fails the longest
-        prefix that ends in a valid signature is kept and the rest is refused."""
+    def test_tampered_tip_refuses_the_run_at_the_cost_of_one_check(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Only the newest entry's signature is checked.  When it fails the whole
+        run is refused and nothing changes.  Regression: the replica used to walk
+        back checking every signature, so one forged page of n entries cost n
+        verifications (about 0.5 s of CPU for 8,000 entries)."""
         r, a, _ = two_origins()
         before = replica_snapshot(r)
         e3 = a.order(BUY, 98, 1)
         e4 = a.heartbeat()
         e5 = a.order(SELL, 110, 2)
         bad = with_sig(e5, tamper(e5.sig))
+        checks = 0
+        real_verify = crdt.replica.verify
+
+        def counting(public: bytes, sig: bytes, message: bytes) -> bool:
+            nonlocal checks
+            checks += 1
+            return real_verify(public, sig, message)
+
+        monkeypatch.setattr(crdt.replica, "verify", counting)
         result = r.receive([bad, e4, e3], now_ms=NOW_MS)
-        assert result.accepted == (e3, e4)
+        assert checks == 1
+        assert result.accepted == ()
         assert [(x.seq, type(x.error)) for x in result.rejected] == [(5, BadSignature)]
-        assert r.version_vector()[a.origin] == 4
         assert r.buffered() == 0
-        assert replica_snapshot(r) != before
-        # the genuine tip is still welcome afterwards
-        assert r.receive([e5], now_ms=NOW_MS).accepted == (e5,)
+        assert replica_snapshot(r) == before
+        # the genuine entries are still welcome afterwards
+        assert r.receive([e5, e4, e3], now_ms=NOW_MS).accepted == (e3, e4, e5)
 
     def test_whole_batch_with_no_valid_signature_changes_nothing(self) -> None:
         r, a, _ = two_origins()
@@ -139,7 +152,7 @@ class TestSignature:
         before = replica_snapshot(r)
         result = r.receive([with_sig(e3, tamper(e3.sig)), with_sig(e4, tamper(e4.sig))], now_ms=NOW_MS)
         assert not result.accepted
-        assert [(x.seq, type(x.error)) for x in result.rejected] == [(3, BadSignature)]
+        assert [(x.seq, type(x.error)) for x in result.rejected] == [(4, BadSignature)]  # the tip is the entry checked
         assert replica_snapshot(r) == before
 
     def test_forged_body_under_an_old_signature(self) -> None:
@@ -380,12 +393,20 @@ class TestEquivocation:
         vv, entries = r.version_vector(), r.entries()
         frozen_before = r.state_hash()
         only_rejection(r.receive([twin], now_ms=NOW_MS), Equivocation, twin)
-        # evidence kept, state not merged, origin reported as frozen in the state hash
+        # evidence kept, state not merged; the state hash covers entries only, so a
+        # replica that never saw the twin still agrees with this one
         ev = r.evidence()
         assert list(ev) == [a.origin]
         assert ev[a.origin].first == stored and ev[a.origin].second == twin
         assert r.version_vector() == vv and r.entries() == entries
-        assert r.state_hash() != frozen_before
+        assert r.state_hash() == frozen_before
+        # peers are told not to send the frozen origin at all
+        assert r.digest_for_sync()[a.origin] == MAX_SEQ
+        # the evidence alone re-freezes a fresh replica (it is what the node stores)
+        fresh = Replica()
+        assert fresh.restore_evidence(stored, twin)
+        assert list(fresh.evidence()) == [a.origin]
+        assert not Replica().restore_evidence(stored, stored)
         after = replica_snapshot(r)
         # later entries from the frozen origin are refused, even perfectly valid ones
         nxt = a.heartbeat()

@@ -406,7 +406,7 @@ class TestCatchUpPage:
         rewinds = 0
         original = engine._rewind_to
 
-        def counting(key: Any) -> list[Record]:
+        def counting(key: Any) -> tuple[list[Record], list[Fill]]:
             nonlocal rewinds
             rewinds += 1
             return original(key)

@@ -238,7 +238,7 @@ class TestSubmit:
         ex.heartbeat(now_ms=NOW_MS + 2)
         entries = ex.replica.entries()
         again = Exchange(key_for(0))
-        again.restore(list(reversed(entries)), now_ms=NOW_MS + 3)
+        again.restore(list(reversed(entries)))
         oids = order_ids(entries)
         assert full_view(again, oids) == full_view(ex, oids)
         nxt = again.submit(Heartbeat(), now_ms=NOW_MS)  # clock behind the restored log
