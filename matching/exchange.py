@@ -82,6 +82,8 @@ class Exchange:
         self.hlc = Hlc()
         self.engine = Engine()
         self.rebuilds = 0
+        self.own_orders = 0  # orders and cancels in this node's own log
+        self.own_cancels = 0
 
     # ---- writing -----------------------------------------------------
 
@@ -132,6 +134,12 @@ class Exchange:
         merge = self.replica.receive(entries, now_ms=now_ms, trusted=trusted)
         if not merge.accepted:
             return Received(merge=merge, revisions=(), rebuilt=False)
+        for e in merge.accepted:
+            if e.origin == self.node_id:
+                if isinstance(e.body, Order):
+                    self.own_orders += 1
+                elif isinstance(e.body, Cancel):
+                    self.own_cancels += 1
         self.hlc.observe(max(e.hlc for e in merge.accepted))
         recs = sorted((record_of(e) for e in merge.accepted), key=lambda r: r[0])
         try:

@@ -19,6 +19,7 @@ from matching.engine import OrderStatus
 from matching.exchange import NotCancellable, UnknownOrder, fill_id
 from net.errors import ApiError, BadRequest, Conflict, NotFound, TooLarge, Unauthorized, Unprocessable
 from net.peers import is_loopback_host
+from net.ports import percentile
 from net.wire import CLIENT_BODY_CAP, PEER_BODY_CAP, error_reply, pack, read_client_body, read_peer_body, reply
 
 if TYPE_CHECKING:
@@ -224,12 +225,7 @@ def status_data(node: Node) -> dict[str, Any]:
     engine = ex.engine
     vv = ex.replica.version_vector()
     own = vv.get(node.node_id, 0)
-    own_orders = own_cancels = 0
-    for e in ex.replica.log(node.node_id):
-        if isinstance(e.body, Order):
-            own_orders += 1
-        elif isinstance(e.body, Cancel):
-            own_cancels += 1
+    own_orders, own_cancels = ex.own_orders, ex.own_cancels
     lat = sorted(node.latencies)
     return {
         "node_id": node.node_id.hex(), "short_id": node.short, "name": node.config.name,
@@ -248,8 +244,8 @@ def status_data(node: Node) -> dict[str, Any]:
         "replication": {
             **node.counters,
             "latency_samples": len(lat),
-            "latency_p50_ms": lat[len(lat) // 2] if lat else None,
-            "latency_p99_ms": lat[min(len(lat) - 1, len(lat) * 99 // 100)] if lat else None,
+            "latency_p50_ms": percentile(lat, 50) if lat else None,
+            "latency_p99_ms": percentile(lat, 99) if lat else None,
         },
     }
 

@@ -13,7 +13,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from typing import Any
 
 import aiohttp
 
+from net.ports import free_port, percentile
 from net.trader import TradeStats, trade
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,24 +50,6 @@ class Proc:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-
-def free_port(taken: set[int]) -> int:
-    """A port number free for both TCP and UDP on 127.0.0.1 (HTTP and DHT share it)."""
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port = int(tcp.getsockname()[1])
-            if port in taken:
-                continue
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            taken.add(port)
-            return port
-    raise DemoError("no free ports on 127.0.0.1")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -121,8 +103,15 @@ class Demo:
             for i in range(1, count + 1):
                 name = f"{role}{i}"
                 self.procs.append(Proc(
-                    name=name, role=role, port=free_port(taken), data_dir=self.data_root / name,
+                    name=name, role=role, port=self._free_port(taken), data_dir=self.data_root / name,
                     log_path=self.log_dir / f"{name}.log"))
+
+    @staticmethod
+    def _free_port(taken: set[int]) -> int:
+        try:
+            return free_port(taken)
+        except OSError as exc:
+            raise DemoError(str(exc)) from None
 
     def start(self, proc: Proc, bootstrap: list[Proc]) -> None:
         cmd = [sys.executable, str(ROOT / "cli.py"), "node", "--host", "127.0.0.1",
@@ -295,8 +284,7 @@ class Demo:
               f"{errors} errors; throughput {sent / secs:.1f} orders/s, {ref['fills'] / secs:.1f} fills/s")
         if latencies:
             lat = sorted(latencies)
-            p50 = lat[len(lat) // 2]
-            p99 = lat[min(len(lat) - 1, len(lat) * 99 // 100)]
+            p50, p99 = percentile(lat, 50), percentile(lat, 99)
             print(f"replication latency, acceptance to visibility at every other node: p50 {p50} ms, "
                   f"p99 {p99} ms ({len(lat)} samples)")
         if converged:

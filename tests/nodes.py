@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from net import ports
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = ROOT / "cli.py"
@@ -45,24 +46,9 @@ _live: dict[int, subprocess.Popen[bytes]] = {}  # pid -> process, for the atexit
 
 
 def free_port() -> int:
-    """A port number free for TCP (HTTP) and UDP (the DHT) on 127.0.0.1.
-
-    Binds TCP port 0, then UDP on the same number; retries a bounded number of
-    times, and never hands out the same number twice in one test run."""
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((HOST, 0))
-            port = int(tcp.getsockname()[1])
-            if port in _handed_out:
-                continue
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((HOST, port))
-                except OSError:
-                    continue
-        _handed_out.add(port)
-        return port
-    raise RuntimeError("no free TCP+UDP port found on 127.0.0.1")
+    """A port number free for TCP (HTTP) and UDP (the DHT) on 127.0.0.1, never
+    the same twice in one test run."""
+    return ports.free_port(_handed_out)
 
 
 # ---- HTTP -------------------------------------------------------------------------
