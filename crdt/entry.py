@@ -201,19 +201,38 @@ def encode_entry(entry: Entry) -> bytes:
     return packed
 
 
-def decode_entries(raw: Any, *, max_entries: int) -> tuple[list[Entry], list[ValidationError]]:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BadWireEntry:
+    """A wire entry that did not decode, with its origin and seq as far as
+    they could be read (for the refusal list and the log)."""
+
+    origin: bytes | None
+    seq: int | None
+    error: ValidationError
+
+
+def _claimed(item: Any) -> tuple[bytes | None, int | None]:
+    if type(item) is not list:
+        return None, None
+    origin = item[0] if item and type(item[0]) is bytes and len(item[0]) == PUBLIC_LEN else None
+    seq = item[1] if len(item) > 1 and type(item[1]) is int else None
+    return origin, seq
+
+
+def decode_entries(raw: Any, *, max_entries: int) -> tuple[list[Entry], list[BadWireEntry]]:
     """Decode an array of wire entries; bad ones become errors, good ones entries."""
     if type(raw) is not list:
         raise MalformedEntry("entries must be an array")
     if len(raw) > max_entries:
         raise OversizeEntry(f"at most {max_entries} entries per batch")
     good: list[Entry] = []
-    bad: list[ValidationError] = []
+    bad: list[BadWireEntry] = []
     for item in raw:
         try:
             if len(msgpack.packb(item, use_bin_type=True)) > MAX_ENTRY_BYTES:
                 raise OversizeEntry(f"entry over {MAX_ENTRY_BYTES} bytes")
             good.append(decode_entry(item))
         except ValidationError as exc:
-            bad.append(exc)
+            origin, seq = _claimed(item)
+            bad.append(BadWireEntry(origin=origin, seq=seq, error=exc))
     return good, bad

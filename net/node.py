@@ -23,10 +23,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from crdt.entry import Body, Entry, decode_entries, encode_entry
+from crdt.entry import BadWireEntry, Body, Entry, decode_entries, encode_entry
 from crdt.errors import ValidationError
 from crdt.hlc import physical_ms
-from crdt.keys import PUBLIC_LEN, short_id
+from crdt.keys import short_id
 from crdt.replica import MergeResult
 from matching.exchange import Exchange, Submitted
 from net.config import NodeConfig, split_host_port
@@ -54,35 +54,12 @@ def wall_ms() -> int:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Malformed:
-    """A wire entry that did not decode, so it never reached the core; its
-    origin and seq as far as they could be read."""
-
-    origin: bytes | None
-    seq: int | None
-    error: ValidationError
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Ingested:
     """What became of a batch from a peer: the core's merge result, plus the
     entries that were refused before it (so a reply can list every refusal)."""
 
     merge: MergeResult
-    malformed: tuple[Malformed, ...]
-
-
-def _malformed(raw_entries: list[Any]) -> tuple[Malformed, ...]:
-    """Decode one by one to tell which items are bad (only when some are)."""
-    out = []
-    for item in raw_entries:
-        _, errors = decode_entries([item], max_entries=1)
-        if errors:
-            origin = item[0] if type(item) is list and item and type(item[0]) is bytes \
-                and len(item[0]) == PUBLIC_LEN else None
-            seq = item[1] if type(item) is list and len(item) > 1 and type(item[1]) is int else None
-            out.append(Malformed(origin=origin, seq=seq, error=errors[0]))
-    return tuple(out)
+    malformed: tuple[BadWireEntry, ...]
 
 
 class Node:
@@ -231,8 +208,7 @@ class Node:
         return result
 
     def ingest(self, raw_entries: Any, *, peer: str, peer_id: bytes | None = None) -> Ingested:
-        entries, bad = decode_entries(raw_entries, max_entries=SYNC_PAGE * 2)
-        malformed = _malformed(raw_entries) if bad else ()
+        entries, malformed = decode_entries(raw_entries, max_entries=SYNC_PAGE * 2)
         for m in malformed:
             self.counters["rejected"] += 1
             log.warning("peer %s (%s) sent a malformed entry %s#%s: %s: %s",
@@ -254,7 +230,7 @@ class Node:
                 if e.origin != self.node_id:
                     self.latencies.append(now - physical_ms(e.hlc))
             self._push_new(accepted, exclude=peer_id)
-        return Ingested(merge=result.merge, malformed=malformed)
+        return Ingested(merge=result.merge, malformed=tuple(malformed))
 
     def _save_evidence(self) -> None:
         evidence = self.exchange.replica.evidence()

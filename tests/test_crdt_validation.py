@@ -343,7 +343,9 @@ class TestWire:
         big = [*good[0][:5], b"y" * MAX_ENTRY_BYTES]
         entries, bad = decode_entries([good[0], [1, 2], big, mutated((4,), [9]), good[1]], max_entries=5)
         assert entries == a.entries
-        assert [type(x) for x in bad] == [MalformedEntry, OversizeEntry, UnknownBodyType]
+        assert [type(x.error) for x in bad] == [MalformedEntry, OversizeEntry, UnknownBodyType]
+        # what the bad items claim to be is kept for the refusal list
+        assert [(x.origin, x.seq) for x in bad] == [(None, 2), (a.origin, 1), (a.origin, 1)]
         with pytest.raises(OversizeEntry):
             decode_entries(good * 3, max_entries=5)
         with pytest.raises(MalformedEntry):
