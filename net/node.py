@@ -31,10 +31,10 @@ from crdt.replica import MergeResult
 from matching.exchange import Exchange, Submitted
 from net.config import NodeConfig, split_host_port
 from net.discovery import Discovery
-from net.errors import PeerError
+from net.errors import PeerError, TooLarge
 from net.peers import Peer, PeerRecord, PeerTable, is_loopback_url
 from net.store import Store, load_or_create_key, write_cookie
-from net.wire import MSGPACK, PEER_BODY_CAP, pack, unpack
+from net.wire import MSGPACK, PEER_BODY_CAP, pack, read_capped, unpack
 
 log = logging.getLogger("p2pex.node")
 
@@ -287,9 +287,10 @@ class Node:
                 peer.record.url + path, data=pack(body),
                 headers={"Content-Type": MSGPACK, "Accept": MSGPACK},
             ) as resp:
-                data = await resp.content.read(PEER_BODY_CAP + 1)
-                if len(data) > PEER_BODY_CAP:
-                    raise PeerError("reply over the peer body cap")
+                try:
+                    data = await read_capped(resp.content, PEER_BODY_CAP, resp.content_length)
+                except TooLarge as exc:
+                    raise PeerError(f"reply over the peer body cap: {exc}") from None
                 if resp.status != 200:
                     raise PeerError(f"HTTP {resp.status}: {data[:200]!r}")
                 result = unpack(data)

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import msgpack
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from net.errors import ApiError, BadRequest, TooLarge
 
@@ -47,17 +47,25 @@ def unpack(data: bytes) -> Any:
         raise BadRequest(f"body is not valid msgpack: {exc}", code="bad_msgpack") from None
 
 
-async def read_body(request: web.Request, cap: int) -> bytes:
-    if request.content_length is not None and request.content_length > cap:
-        raise TooLarge(f"body of {request.content_length} bytes exceeds the cap of {cap}")
+async def read_capped(stream: StreamReader, cap: int, declared: int | None) -> bytes:
+    """The whole body of a request or a reply, refused once it passes ``cap``.
+
+    ``StreamReader.read(n)`` returns what is buffered so far, not ``n`` bytes,
+    so a body is read chunk by chunk until the end of the stream."""
+    if declared is not None and declared > cap:
+        raise TooLarge(f"body of {declared} bytes exceeds the cap of {cap}")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_chunked(65536):
+    async for chunk in stream.iter_chunked(65536):
         size += len(chunk)
         if size > cap:
             raise TooLarge(f"body exceeds the cap of {cap} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def read_body(request: web.Request, cap: int) -> bytes:
+    return await read_capped(request.content, cap, request.content_length)
 
 
 async def read_client_body(request: web.Request) -> Any:
