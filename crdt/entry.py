@@ -1,9 +1,15 @@
-"""Log entries: bodies, canonical encoding, hashing, signing, wire decoding.
+"""Log entries: bodies, acknowledgements, canonical encoding, hashing, signing,
+wire decoding.
 
-An entry is ``(origin, seq, hlc, prev, body)``.  Its canonical bytes are the
-msgpack encoding of that tuple as arrays in fixed field order; its hash is
+An entry is ``(origin, seq, hlc, prev, ack, body)``.  Its canonical bytes are
+the msgpack encoding of that tuple as arrays in fixed field order; its hash is
 BLAKE2b-256 of those bytes; the origin signs the hash.  On the wire an entry
 is the same array with the signature appended.
+
+``ack`` is what a member says it holds when it writes the entry (see
+``crdt.finality``): ``[]`` for a node that is not a member, ``[complete,
+stable, digest]``, or that followed by ``[suspect, complete, stable, digest]``
+computed without one member that is being voted out.
 """
 
 from __future__ import annotations
@@ -35,6 +41,13 @@ IOC: Final = 1
 ORDER_TAG: Final = 1
 CANCEL_TAG: Final = 2
 HEARTBEAT_TAG: Final = 3
+ADMIT_TAG: Final = 4
+EVICT_TAG: Final = 5
+RETRACT_TAG: Final = 6
+
+#: ``()`` or ``(complete, stable, digest)`` or that plus ``(suspect, complete, stable, digest)``.
+Ack = tuple[Any, ...]
+NO_ACK: Final[Ack] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,7 +82,42 @@ class Heartbeat:
         return [HEARTBEAT_TAG]
 
 
-Body = Order | Cancel | Heartbeat
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Admit:
+    """Make ``member`` a member: its entries stamped after this one and with a
+    seq above ``after`` (its log length when it asked) are matched.  Written by
+    a member; the genesis entry of a network is its founder's ``Admit`` of
+    itself at seq 1."""
+
+    member: bytes
+    after: int = 0
+
+    def to_wire(self) -> list[Any]:
+        return [ADMIT_TAG, self.member, self.after]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Evict:
+    """A member's vote to remove ``member``, whose log it holds up to seq ``cut``."""
+
+    member: bytes
+    cut: int
+
+    def to_wire(self) -> list[Any]:
+        return [EVICT_TAG, self.member, self.cut]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Retract:
+    """Withdraw this member's vote to remove ``member`` (it was heard again)."""
+
+    member: bytes
+
+    def to_wire(self) -> list[Any]:
+        return [RETRACT_TAG, self.member]
+
+
+Body = Order | Cancel | Heartbeat | Admit | Evict | Retract
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,6 +129,7 @@ class Entry:
     body: Body
     sig: bytes
     hash: bytes
+    ack: Ack = NO_ACK
 
     @property
     def key(self) -> bytes:
@@ -88,16 +137,20 @@ class Entry:
         return self.hlc.to_bytes(8, "big") + self.hash
 
     def to_wire(self) -> list[Any]:
-        return [self.origin, self.seq, self.hlc, self.prev, self.body.to_wire(), self.sig]
+        return [self.origin, self.seq, self.hlc, self.prev, list(self.ack), self.body.to_wire(), self.sig]
 
 
-def canonical_bytes(origin: bytes, seq: int, hlc: int, prev: bytes, body: Body) -> bytes:
-    packed: bytes = msgpack.packb([origin, seq, hlc, prev, body.to_wire()], use_bin_type=True)
+def canonical_bytes(origin: bytes, seq: int, hlc: int, prev: bytes, body: Body, ack: Ack = NO_ACK) -> bytes:
+    packed: bytes = msgpack.packb([origin, seq, hlc, prev, list(ack), body.to_wire()], use_bin_type=True)
     return packed
 
 
-def entry_hash(origin: bytes, seq: int, hlc: int, prev: bytes, body: Body) -> bytes:
-    return blake2b(canonical_bytes(origin, seq, hlc, prev, body), digest_size=HASH_LEN).digest()
+def entry_hash(origin: bytes, seq: int, hlc: int, prev: bytes, body: Body, ack: Ack = NO_ACK) -> bytes:
+    return blake2b(canonical_bytes(origin, seq, hlc, prev, body, ack), digest_size=HASH_LEN).digest()
+
+
+def key_of(hlc: int, hash_: bytes) -> bytes:
+    return hlc.to_bytes(8, "big") + hash_
 
 
 def check_body(body: Body) -> None:
@@ -117,12 +170,12 @@ def check_body(body: Body) -> None:
 
 
 def make_entry(
-    key: SigningKey, *, seq: int, hlc: int, prev: bytes, body: Body
+    key: SigningKey, *, seq: int, hlc: int, prev: bytes, body: Body, ack: Ack = NO_ACK
 ) -> Entry:
     """Build and sign the next entry of ``key``'s own log."""
     check_body(body)
-    h = entry_hash(key.public, seq, hlc, prev, body)
-    return Entry(origin=key.public, seq=seq, hlc=hlc, prev=prev, body=body, sig=key.sign(h), hash=h)
+    h = entry_hash(key.public, seq, hlc, prev, body, ack)
+    return Entry(origin=key.public, seq=seq, hlc=hlc, prev=prev, body=body, sig=key.sign(h), hash=h, ack=ack)
 
 
 def _int(value: Any, name: str, lo: int, hi: int) -> int:
@@ -166,22 +219,49 @@ def decode_body(raw: Any) -> Body:
         if len(raw) != 1:
             raise MalformedEntry("heartbeat body has 1 field")
         return Heartbeat()
+    if tag == ADMIT_TAG and type(tag) is int:
+        if len(raw) != 3:
+            raise MalformedEntry("admit body has 3 fields")
+        return Admit(member=_bytes(raw[1], "member", PUBLIC_LEN), after=_int(raw[2], "after", 0, MAX_SEQ))
+    if tag == EVICT_TAG and type(tag) is int:
+        if len(raw) != 3:
+            raise MalformedEntry("evict body has 3 fields")
+        return Evict(member=_bytes(raw[1], "member", PUBLIC_LEN), cut=_int(raw[2], "cut", 0, MAX_SEQ))
+    if tag == RETRACT_TAG and type(tag) is int:
+        if len(raw) != 2:
+            raise MalformedEntry("retract body has 2 fields")
+        return Retract(member=_bytes(raw[1], "member", PUBLIC_LEN))
     raise UnknownBodyType(f"unknown body type {tag!r}")
+
+
+def decode_ack(raw: Any) -> Ack:
+    """``[]``, ``[complete, stable, digest]`` or that plus ``[suspect, complete, stable, digest]``."""
+    if type(raw) is not list or len(raw) not in (0, 3, 7):
+        raise MalformedEntry("ack is an array of 0, 3 or 7 fields")
+    if not raw:
+        return NO_ACK
+    out: list[Any] = [_int(raw[0], "ack complete", 0, MAX_HLC), _int(raw[1], "ack stable", 0, MAX_HLC),
+                      _bytes(raw[2], "ack digest", HASH_LEN)]
+    if len(raw) == 7:
+        out += [_bytes(raw[3], "ack suspect", PUBLIC_LEN), _int(raw[4], "suspect ack complete", 0, MAX_HLC),
+                _int(raw[5], "suspect ack stable", 0, MAX_HLC), _bytes(raw[6], "suspect ack digest", HASH_LEN)]
+    return tuple(out)
 
 
 def decode_entry(raw: Any) -> Entry:
     """Check one decoded wire value and build an ``Entry`` (signature not checked)."""
-    if type(raw) is not list or len(raw) != 6:
-        raise MalformedEntry("an entry is an array of 6 fields")
+    if type(raw) is not list or len(raw) != 7:
+        raise MalformedEntry("an entry is an array of 7 fields")
     origin = _bytes(raw[0], "origin", PUBLIC_LEN)
     seq = _int(raw[1], "seq", 1, MAX_SEQ)
     hlc = _int(raw[2], "hlc", 1, MAX_HLC)
     prev = _bytes(raw[3], "prev", HASH_LEN)
-    body = decode_body(raw[4])
-    sig = _bytes(raw[5], "sig", SIGNATURE_LEN)
+    ack = decode_ack(raw[4])
+    body = decode_body(raw[5])
+    sig = _bytes(raw[6], "sig", SIGNATURE_LEN)
     return Entry(
-        origin=origin, seq=seq, hlc=hlc, prev=prev, body=body, sig=sig,
-        hash=entry_hash(origin, seq, hlc, prev, body),
+        origin=origin, seq=seq, hlc=hlc, prev=prev, body=body, sig=sig, ack=ack,
+        hash=entry_hash(origin, seq, hlc, prev, body, ack),
     )
 
 

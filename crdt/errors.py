@@ -76,3 +76,21 @@ class SequenceGap(ValidationError):
     """Entries arrived ahead of a gap; they are buffered, not dropped."""
 
     code = "sequence_gap"
+
+
+class NotMember(ExchangeError):
+    """This node is not (or no longer) a member of its network: it may not write."""
+
+    code = "not_member"
+
+
+class ClockUnhealthy(ExchangeError):
+    """This node's clock is too far from its peers' median to stamp orders."""
+
+    code = "clock_unhealthy"
+
+
+class WrongNetwork(ExchangeError):
+    """A peer or an entry belongs to another network (another genesis)."""
+
+    code = "wrong_network"

@@ -1,10 +1,12 @@
 """The matching engine: a price-time priority book over records in canonical order.
 
-Owns the book, the fills, order status and rewinding.  Input is a *record*
-``(key, kind, oid, side, price, qty)``: ``key`` is the canonical sort key
-(any totally ordered value; for entries ``(hlc, hash)`` packed into bytes),
-``kind`` one of GTC/IOC/MARKET/CANCEL/NOOP (a cancel's ``oid`` names the
-order it cancels).  Time priority is key order, never arrival order.
+Owns the book, the fills, order status, rewinding and finalizing.  Input is
+a *record* ``(key, kind, oid, side, price, qty, owner)``: ``key`` is the
+canonical sort key (any totally ordered value; for entries ``(hlc, hash)``
+packed into bytes), ``kind`` one of GTC/IOC/MARKET/CANCEL/NOOP (a cancel's
+``oid`` names the order it cancels), ``owner`` who placed the order (or who
+cancels: a cancel only acts on its owner's own resting order).  Time priority
+is key order, never arrival order.
 
 Incremental: records that sort after the applied frontier are applied in
 place.  The applied records, the fills and a short list of cancel effects
@@ -12,25 +14,29 @@ are the journal: every record boundary is a checkpoint, and undoing a record
 needs only what the journal already holds, so the hot path pays one list
 append per record for it and no copy of the book.  A late record rewinds to
 the checkpoint just before its key and replays from there; the fills that
-changed are reported as a ``Revision``.  ``compact`` forgets old checkpoints;
-a record older than what is kept raises ``RewindTooFar`` and the owner
-rebuilds from its entries.
+changed are reported as a ``Revision``; ``rewrite`` also takes records out
+(entries that became void).  ``finalize`` makes everything at or below a key
+final: it hands back the final fills and the final state of every order they
+touched, drops closed orders and the journal below the key, and the fills
+list keeps only the provisional tail.  A record at or below the floor raises
+``RewindTooFar``.
 
 Representation: per side a dict ``price -> deque`` of orders in time order
 and a sorted list of prices with the best price last.  An order is a list
-``[remaining, oid, qty, closed, side, price, key]`` (``closed``: quantity
-cancelled or expired; ``key`` lets a cancel find the order in its level by
-binary search, since a level is in key order); a taker filled in full on
-arrival never rests, and its record stands in ``orders`` as its status.
+``[remaining, oid, qty, closed, side, price, key, owner]`` (``closed``:
+quantity cancelled or expired; ``key`` lets a cancel find the order in its
+level by binary search, since a level is in key order); a taker filled in
+full on arrival never rests, and its record stands in ``orders`` as its
+status.
 Level volumes and counts are computed when asked, so no stored total can
 drift from its orders.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left, insort
+from bisect import bisect_left, bisect_right, insort
 from collections import deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Collection, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from heapq import merge
 from itertools import islice
@@ -54,7 +60,7 @@ _rec_key = itemgetter(0)  # a record's canonical key
 #: A market buy's limit: above every price, but below ``_INF`` (the empty ask side).
 _NO_LIMIT: Final = _INF - 1
 
-Record = tuple[Any, int, Any, int, int, int]
+Record = tuple[Any, int, Any, int, int, int, Any]
 Fill = tuple[Any, Any, int, int]  # taker oid, maker oid, price, qty
 Order = list[Any]  # see the module docstring
 
@@ -104,6 +110,27 @@ class OrderStatus:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class FinalOrder:
+    """An order's state at the frontier, as ``finalize`` hands it over."""
+
+    oid: Any
+    owner: Any
+    key: Any
+    status: OrderStatus
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FinalBatch:
+    """What one ``finalize`` made final: fills ``first_seq...`` in order, and
+    the orders they (or final records) touched, at the frontier."""
+
+    first_seq: int
+    fills: tuple[Fill, ...]
+    orders: tuple[FinalOrder, ...]
+    records: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DepthLevel:
     price: int
     qty: int
@@ -117,7 +144,8 @@ class Engine:
         self._bid_prices: list[int] = []  # ascending: best bid last
         self._ask_prices: list[int] = []  # negated, ascending: best ask last
         self.orders: dict[Any, Any] = {}  # oid -> Order, or the record of a taker filled at once
-        self.fills: list[Fill] = []
+        self.fills: list[Fill] = []  # provisional fills (the final ones were handed over)
+        self.fills_base = 0  # how many fills are final
         self._applied: list[Record] = []
         self._cancels: list[tuple[Order, int, Record]] = []
         self._floor: Any = None  # key of the oldest record that can be undone
@@ -128,6 +156,11 @@ class Engine:
     @property
     def frontier(self) -> Any:
         return self._applied[-1][0] if self._applied else self._floor
+
+    @property
+    def floor(self) -> Any:
+        """Key at or below which everything is final (None before the first ``finalize``)."""
+        return self._floor
 
     @property
     def records_applied(self) -> int:
@@ -143,16 +176,41 @@ class Engine:
         elif self._floor is None or rec[0] > self._floor:  # compacted to nothing: the floor is the frontier
             self._run((rec,))
             return None
-        return self._insert_late([rec])
+        return self.rewrite((), [rec])
 
     def add_many(self, recs: Sequence[Record]) -> list[Revision]:
         """Apply records.  The run in key order after the frontier takes the fast
         path; whatever is left is merged in with one rewind, however many of the
-        records are late (a catch-up page must not rewind once per record)."""
+        records are late (a catch-up page must not rewind once per record).  A
+        ``Revision`` (at most one) compares the fills with those before the call."""
+        n0 = len(self.fills)
         start = self._run(recs, 0)
         if start == len(recs):
             return []
-        return [self._insert_late(sorted(recs[start:], key=_rec_key))]
+        fast = self.fills[n0:]  # what the in-order part appended, before the rewind revises it
+        rev = self.rewrite((), recs[start:])
+        if not fast:
+            return [rev]
+        revoked = list(rev.revoked)
+        added = list(rev.added)
+        for f in fast:  # report the change against the state before this call
+            if f in revoked:
+                revoked.remove(f)
+            else:
+                added.append(f)
+        return [Revision(revoked=tuple(revoked), added=tuple(added))]
+
+    def owner(self, oid: Hashable) -> Any:
+        o = self.orders.get(oid)
+        if o is None:
+            return None
+        return o[6] if o.__class__ is tuple else o[7]
+
+    def key_of(self, oid: Hashable) -> Any:
+        o = self.orders.get(oid)
+        if o is None:
+            return None
+        return o[0] if o.__class__ is tuple else o[6]
 
     # ---- the hot path ----------------------------------------------------
 
@@ -172,7 +230,7 @@ class Engine:
         o: Any
         i = start - 1
         for i, rec in enumerate(islice(recs, start, None) if start else recs, start):
-            key, kind, oid, side, price, qty = rec
+            key, kind, oid, side, price, qty, owner = rec
             if key <= last:
                 return i
             last = key
@@ -209,9 +267,9 @@ class Engine:
                     if not qty:  # filled at once: the record is its status
                         orders[oid] = rec
                     elif kind:  # IOC or market: the remainder expires
-                        orders[oid] = [0, oid, rec[5], qty, side, rec[4], key]
+                        orders[oid] = [0, oid, rec[5], qty, side, rec[4], key, owner]
                     else:
-                        o = orders[oid] = [qty, oid, rec[5], 0, side, price, key]
+                        o = orders[oid] = [qty, oid, rec[5], 0, side, price, key, owner]
                         q = bids.get(price)
                         if q is None:
                             q = bids[price] = deque()
@@ -250,9 +308,9 @@ class Engine:
                     if not qty:
                         orders[oid] = rec
                     elif kind:
-                        orders[oid] = [0, oid, rec[5], qty, side, rec[4], key]
+                        orders[oid] = [0, oid, rec[5], qty, side, rec[4], key, owner]
                     else:
-                        o = orders[oid] = [qty, oid, rec[5], 0, side, price, key]
+                        o = orders[oid] = [qty, oid, rec[5], 0, side, price, key, owner]
                         q = asks.get(price)
                         if q is None:
                             q = asks[price] = deque()
@@ -264,7 +322,7 @@ class Engine:
                         q.append(o)
             elif kind == CANCEL:
                 o = orders.get(oid)
-                if o is None or o.__class__ is not list or not o[0]:
+                if o is None or o.__class__ is not list or not o[0] or o[7] != owner:
                     continue
                 p = o[5]
                 book = bids if o[4] == BUY else asks
@@ -286,16 +344,23 @@ class Engine:
 
     # ---- late arrivals ---------------------------------------------------
 
-    def _insert_late(self, recs: list[Record]) -> Revision:
-        """Merge records (sorted by key) that do not all sort after the frontier."""
-        first = recs[0][0]
+    def rewrite(self, remove: Collection[Any], add: Sequence[Record]) -> Revision:
+        """Take out the records whose keys are in ``remove`` and merge in ``add``,
+        with one rewind to the earliest of them; the fills that changed come
+        back as a ``Revision``."""
+        keys = [*remove, *(r[0] for r in add)]
+        if not keys:
+            return Revision(revoked=(), added=())
+        first = min(keys)
         if self._floor is not None and first <= self._floor:
-            raise RewindTooFar("record sorts before the oldest kept checkpoint")
+            raise RewindTooFar("record sorts at or before the final frontier")
         fills = self.fills
         n_before = len(fills)
         undone, revoked_all = self._rewind_to(first)
         cut = len(fills)
-        replay = list(merge(recs, reversed(undone), key=_rec_key))
+        gone = set(remove)
+        kept = [r for r in reversed(undone) if r[0] not in gone] if gone else undone[::-1]
+        replay = list(merge(sorted(add, key=_rec_key), kept, key=_rec_key))
         if any(replay[i][0] == replay[i + 1][0] for i in range(len(replay) - 1)):
             self._run(undone[::-1])  # put back exactly what was there
             raise ValueError("a record with this key was already applied")
@@ -310,6 +375,61 @@ class Engine:
             added=tuple(f for f in added_all if f not in old),
         )
 
+    def finalize(self, floor: Any) -> FinalBatch:
+        """Make every record with a key at or below ``floor`` final: hand over
+        their fills and the state at ``floor`` of every order they touched,
+        forget closed orders and the journal below ``floor``."""
+        applied = self._applied
+        n = bisect_right(applied, floor, key=_rec_key)
+        if self._floor is not None and floor <= self._floor:
+            return FinalBatch(first_seq=self.fills_base, fills=(), orders=(), records=0)
+        undone: list[Record] = []
+        if n < len(applied):
+            undone, _ = self._rewind_to(applied[n][0])  # the state at ``floor``
+        final_recs = list(applied)
+        new_final = tuple(self.fills)
+        touched: dict[Any, None] = {}
+        for rec in final_recs:
+            touched[rec[2]] = None
+        for f in new_final:
+            touched[f[1]] = None
+        orders = self.orders
+        out: list[FinalOrder] = []
+        for oid in touched:
+            o = orders.get(oid)
+            if o is None:
+                continue
+            st = self.status(oid)
+            assert st is not None
+            if o.__class__ is tuple:
+                out.append(FinalOrder(oid=oid, owner=o[6], key=o[0], status=st))
+            else:
+                out.append(FinalOrder(oid=oid, owner=o[7], key=o[6], status=st))
+            if st.remaining == 0:
+                del orders[oid]
+        first_seq = self.fills_base
+        self.fills_base += len(new_final)
+        self.fills.clear()
+        applied.clear()
+        self._cancels.clear()
+        self._floor = floor
+        self._forgotten += len(final_recs)
+        if undone:
+            done = self._run(undone[::-1])
+            assert done == len(undone), "replay of the provisional tail out of key order"
+        return FinalBatch(first_seq=first_seq, fills=new_final, orders=tuple(out), records=len(final_recs))
+
+    def restore(self, resting: Iterable[Order], *, floor: Any, fills_base: int) -> None:
+        """Start from a final book (orders as lists, any order) at ``floor``."""
+        if self._applied or self.orders:
+            raise ValueError("restore into an empty engine only")
+        for o in sorted(resting, key=_key_of):
+            o = list(o)
+            self.orders[o[1]] = o
+            self._level(o[4], o[5]).append(o)
+        self._floor = floor
+        self.fills_base = fills_base
+
     def _rewind_to(self, key: Any) -> tuple[list[Record], list[Fill]]:
         """Undo every applied record with a key at or above ``key``; return them
         (newest first) and the fills they had produced."""
@@ -319,7 +439,7 @@ class Engine:
         while applied and applied[-1][0] >= key:
             rec = applied.pop()
             undone.append(rec)
-            _, kind, oid, side, price, _qty = rec
+            _, kind, oid, side, price, _qty, _owner = rec
             if kind == CANCEL:
                 c = self._cancels
                 if c and c[-1][2] is rec:
@@ -369,22 +489,6 @@ class Engine:
             del self.asks[price]
             del self._ask_prices[bisect_left(self._ask_prices, -price)]
 
-    def compact(self, keep_records: int) -> None:
-        """Keep checkpoints for only the newest ``keep_records`` records."""
-        applied = self._applied
-        drop = len(applied) - keep_records
-        if drop <= 0:
-            return
-        self._floor = applied[drop - 1][0]
-        del applied[:drop]
-        self._forgotten += drop
-        c = self._cancels
-        floor = self._floor
-        keep_from = 0
-        while keep_from < len(c) and c[keep_from][2][0] <= floor:
-            keep_from += 1
-        del c[:keep_from]
-
     # ---- queries ---------------------------------------------------------
 
     def checkpoints(self) -> int:
@@ -422,12 +526,12 @@ class Engine:
         if o is None:
             return None
         if o.__class__ is tuple:  # a taker filled in full on arrival
-            _, kind, _, side, price, qty = o
+            _, kind, _, side, price, qty, _ = o
             return OrderStatus(
                 state=FILLED, qty=qty, filled=qty, remaining=0, side=side,
                 price=0 if kind == MARKET else price,
             )
-        remaining, _, qty, closed, side, price, _ = o
+        remaining, _, qty, closed, side, price, _, _ = o
         filled = qty - remaining - closed
         if remaining:
             state = PARTIAL if filled else OPEN

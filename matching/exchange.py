@@ -1,21 +1,34 @@
-"""The sans-I/O node core: one replica, one own log, one engine.
+"""The sans-I/O node core: one replica, membership, finality and one engine.
 
-Owns turning entries into engine records, submitting the node's own orders
-and cancels, merging received entries and keeping the engine in step with
-the replica.  The shell supplies the wall clock (milliseconds) on each call
-and carries out persistence and replication of what comes back.
+Owns turning entries into engine records (only members' entries inside their
+membership are matched), submitting the node's own orders, cancels,
+heartbeats, admissions and votes, merging received entries, keeping the
+engine in step with the replica, and making records final as the stable
+frontier moves.  The shell supplies the wall clock (milliseconds) on each
+call and carries out what comes back: it commits entries before applying its
+own and after merging others', persists what ``take_finalized`` hands over,
+and pushes new entries to peers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from hashlib import blake2b
+from typing import Any
 
-from crdt.entry import GENESIS, Body, Cancel, Entry, Heartbeat, Order, make_entry
-from crdt.errors import ExchangeError, ForeignCancel
-from crdt.hlc import MAX_HLC, Hlc
+from crdt.entry import GENESIS, Admit, Body, Cancel, Entry, Heartbeat, Order, make_entry
+from crdt.errors import ClockUnhealthy, ExchangeError, ForeignCancel, NotMember, WrongNetwork
+from crdt.finality import (
+    DEFAULT_EVICT_AFTER_MS,
+    DEFAULT_HEARTBEAT_MS,
+    DEFAULT_LIVENESS_MS,
+    Finality,
+    Frontiers,
+)
+from crdt.hlc import Hlc, physical_ms
 from crdt.keys import SigningKey
+from crdt.membership import Decision, Membership
 from crdt.replica import MergeResult, Replica
 from matching.engine import (
     BUY,
@@ -23,18 +36,17 @@ from matching.engine import (
     GTC,
     IOC,
     MARKET,
-    NOOP,
     SELL,
     Engine,
     Fill,
+    FinalBatch,
     OrderStatus,
     Record,
     Revision,
-    RewindTooFar,
 )
 
-#: Checkpoints kept for late arrivals; older late entries rebuild the engine.
-KEEP_CHECKPOINTS = 200_000
+#: Far above any wall clock: restored entries are exempt from the skew bound.
+_NO_CLOCK = 1 << 62
 
 
 class UnknownOrder(ExchangeError):
@@ -45,14 +57,19 @@ class NotCancellable(ExchangeError):
     code = "not_cancellable"
 
 
-def record_of(entry: Entry) -> Record:
+def floor_key(hlc: int) -> bytes:
+    """The greatest canonical key stamped at ``hlc``: records at or below it are those with stamp <= hlc."""
+    return hlc.to_bytes(8, "big") + b"\xff" * 32
+
+
+def record_of(entry: Entry) -> Record | None:
     body = entry.body
     if isinstance(body, Order):
         kind = MARKET if body.market else (IOC if body.tif == IOC else GTC)
-        return (entry.key, kind, entry.hash, body.side, body.price, body.qty)
+        return (entry.key, kind, entry.hash, body.side, body.price, body.qty, entry.origin)
     if isinstance(body, Cancel):
-        return (entry.key, CANCEL, body.order_id, 0, 0, 0)
-    return (entry.key, NOOP, entry.hash, 0, 0, 0)
+        return (entry.key, CANCEL, body.order_id, 0, 0, 0, entry.origin)
+    return None
 
 
 def fill_id(fill: Fill) -> str:
@@ -61,120 +78,452 @@ def fill_id(fill: Fill) -> str:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Params:
+    max_skew_ms: int = 5_000
+    evict_after_ms: int = DEFAULT_EVICT_AFTER_MS
+    heartbeat_ms: int = DEFAULT_HEARTBEAT_MS
+    liveness_ms: int = DEFAULT_LIVENESS_MS
+    #: a node whose clock is further than this from its peers' median refuses orders
+    max_clock_offset_ms: int = 1_000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Submitted:
     entry: Entry
     status: OrderStatus | None
     fills: tuple[Fill, ...]
+    first_fill_seq: int = 0  # global seq of fills[0]
+    received: Received | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Received:
     merge: MergeResult
-    revisions: tuple[Revision, ...]
-    rebuilt: bool
+    added: tuple[Fill, ...] = ()  # provisional fills that appeared
+    revoked: tuple[Fill, ...] = ()  # provisional fills that went away
+    finalized: bool = False  # the stable frontier moved: see ``take_finalized``
+    decisions: tuple[Decision, ...] = ()
+    voided: tuple[Entry, ...] = ()  # this node's own entries that became void
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Checkpoint:
+    """What a restart needs besides the entries above the bases and the final book."""
+
+    network: bytes | None
+    final: int
+    stable: int
+    fills_base: int
+    final_digest: bytes
+    bases: dict[bytes, tuple[int, bytes, int]]
+    membership: dict[bytes, list[list[Any]]]
+    forks: dict[bytes, tuple[int, int]]
+    pins: dict[tuple[bytes, int], tuple[bytes, int]] = field(default_factory=dict)
+
+
+@dataclass(slots=True, kw_only=True)
+class _Effects:
+    added: list[Fill] = field(default_factory=list)
+    revoked: list[Fill] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+    voided: list[Entry] = field(default_factory=list)
+    finalized: bool = False
 
 
 class Exchange:
-    def __init__(self, key: SigningKey, *, max_skew_ms: int = 5_000) -> None:
+    def __init__(self, key: SigningKey, *, network: bytes | None = None, params: Params | None = None) -> None:
         self.key = key
         self.node_id = key.public
-        self.replica = Replica(max_skew_ms=max_skew_ms)
+        self.params = params or Params()
+        p = self.params
+        self.replica = Replica(max_skew_ms=p.max_skew_ms)
+        self.membership = Membership(network)
+        self.finality = Finality(
+            node_id=self.node_id, replica=self.replica, membership=self.membership,
+            evict_after_ms=p.evict_after_ms, heartbeat_ms=p.heartbeat_ms, liveness_ms=p.liveness_ms)
         self.hlc = Hlc()
         self.engine = Engine()
-        self.rebuilds = 0
-        self.own_orders = 0  # orders and cancels in this node's own log
-        self.own_cancels = 0
+        self.clock_offset_ms = 0  # the network's clock minus ours (median over peers)
+        self.final_digest = bytes(32)  # chained hash of every final fill, in order
+        self.anomalies = 0  # member records that arrived at or below the final frontier (must stay 0)
+        self._applied: dict[bytes, dict[bytes, Record]] = {}  # origin -> key -> record above the frontier
+        self._newest_record = 0  # stamp of the newest matched non-heartbeat entry
+        self._batches: list[FinalBatch] = []
+        self._loading = False  # replaying stored entries: those at or below the floor are already final
+        self._membership_version = self.membership.version
+        self._forks_version = 0
 
-    # ---- writing -----------------------------------------------------
+    # ---- network and membership ------------------------------------------------
 
-    def submit(self, body: Body, *, now_ms: int) -> Submitted:
-        """Append a body to this node's own log and apply it (no storage in between)."""
-        return self.apply_own(self.prepare(body, now_ms=now_ms), now_ms=now_ms)
+    @property
+    def network(self) -> bytes | None:
+        return self.membership.network
+
+    def set_network(self, network: bytes) -> None:
+        """Join the network named ``network`` (the hash of its genesis entry)."""
+        if self.membership.network is not None and self.membership.network != network:
+            raise WrongNetwork(f"this node belongs to network {self.membership.network.hex()[:16]}")
+        self.membership.network = network
+
+    def is_member(self) -> bool:
+        return self.membership.is_member(self.node_id)
+
+    def found(self, *, now_ms: int) -> Entry:
+        """Genesis: found a new network with this node as its first member."""
+        if self.membership.network is not None or self.replica.length(self.node_id):
+            raise WrongNetwork("this node already belongs to a network")
+        entry = make_entry(self.key, seq=1, hlc=self.hlc.now(now_ms), prev=GENESIS,
+                           body=Admit(member=self.node_id, after=1))
+        self.membership.network = entry.hash
+        return entry
+
+    # ---- writing -----------------------------------------------------------------
+
+    def clock_healthy(self) -> bool:
+        return abs(self.clock_offset_ms) <= self.params.max_clock_offset_ms
 
     def prepare(self, body: Body, *, now_ms: int) -> Entry:
         """Validate a body and sign it as the next entry of our log, changing no
         state but the clock: the shell commits the entry, then calls ``apply_own``."""
+        if not self.is_member():
+            raise NotMember("this node is not a member of its network yet (or any more)")
+        if isinstance(body, Order | Cancel) and not self.clock_healthy():
+            raise ClockUnhealthy(
+                f"this node's clock is {-self.clock_offset_ms} ms off its peers' median "
+                f"(limit {self.params.max_clock_offset_ms} ms); fix the clock (NTP) before trading")
         if isinstance(body, Cancel):
-            if self.replica.order_origin(body.order_id) is None:
-                raise UnknownOrder(f"no order {body.order_id.hex()}")
-            if self.replica.order_origin(body.order_id) != self.node_id:
+            owner = self.engine.owner(body.order_id)
+            if owner is None:
+                raise UnknownOrder(f"no resting order {body.order_id.hex()}")
+            if owner != self.node_id:
                 raise ForeignCancel("only the node that placed an order can cancel it")
             status = self.engine.status(body.order_id)
             if status is None or status.remaining == 0:
                 raise NotCancellable(f"order {body.order_id.hex()} is no longer resting")
-        head = self.replica.head(self.node_id)
-        return make_entry(
-            self.key,
-            seq=head.seq + 1 if head else 1,
-            hlc=self.hlc.now(now_ms),
-            prev=head.hash if head else GENESIS,
-            body=body,
-        )
+        seq, prev, _ = self.replica.head_info(self.node_id)
+        return make_entry(self.key, seq=seq + 1, hlc=self.hlc.now(now_ms), prev=prev, body=body,
+                          ack=self.finality.own_ack())
 
-    def apply_own(self, entry: Entry, *, now_ms: int) -> Submitted:
-        n_fills = len(self.engine.fills)
-        result = self.receive([entry], now_ms=now_ms, trusted=True)
+    def apply_own(self, entry: Entry, *, now_ms: int, mono_ms: int | None = None) -> Submitted:
+        result = self.receive([entry], now_ms=now_ms, mono_ms=mono_ms, trusted=True)
         if not result.merge.accepted:
             raise result.merge.rejected[0].error
         body = entry.body
         target = body.order_id if isinstance(body, Cancel) else entry.hash
-        # an own entry carries the newest stamp, so its fills are the tail
-        fills = tuple(self.engine.fills[n_fills:])
-        return Submitted(entry=entry, status=self.engine.status(target), fills=fills)
+        fills, first = self.fills_of(entry.hash) if isinstance(body, Order) else ((), 0)
+        return Submitted(entry=entry, status=self.engine.status(target), fills=fills, first_fill_seq=first,
+                         received=result)
 
-    def heartbeat(self, *, now_ms: int) -> Entry:
-        return self.submit(Heartbeat(), now_ms=now_ms).entry
+    def fills_of(self, taker: bytes) -> tuple[tuple[Fill, ...], int]:
+        """The provisional fills of taker ``taker`` and the global seq of the first."""
+        fills = self.engine.fills
+        for i in range(len(fills) - 1, -1, -1):
+            if fills[i][0] == taker:
+                j = i
+                while j and fills[j - 1][0] == taker:
+                    j -= 1
+                return tuple(fills[j:i + 1]), self.engine.fills_base + j
+        return (), 0
 
-    def restore(self, entries: Iterable[Entry]) -> Received:
-        """Load entries from local storage: verified when first accepted, and
-        exempt from the clock-skew bound (the clock may have stepped back since)."""
-        return self.receive(entries, now_ms=MAX_HLC, trusted=True)
+    def submit(self, body: Body, *, now_ms: int) -> Submitted:
+        """Prepare and apply in one step (no storage in between: tests and simulations)."""
+        return self.apply_own(self.prepare(body, now_ms=now_ms), now_ms=now_ms)
 
-    def receive(self, entries: Iterable[Entry], *, now_ms: int, trusted: bool = False) -> Received:
-        merge = self.replica.receive(entries, now_ms=now_ms, trusted=trusted)
-        if not merge.accepted:
-            return Received(merge=merge, revisions=(), rebuilt=False)
-        for e in merge.accepted:
-            if e.origin == self.node_id:
-                if isinstance(e.body, Order):
-                    self.own_orders += 1
-                elif isinstance(e.body, Cancel):
-                    self.own_cancels += 1
-        self.hlc.observe(max(e.hlc for e in merge.accepted))
-        recs = sorted((record_of(e) for e in merge.accepted), key=lambda r: r[0])
+    def tick(self, *, now_ms: int, mono_ms: int | None = None) -> tuple[Received, Body | None]:
+        """Time passed: merge waiting entries whose stamps are now due, drop stale
+        early entries, and say what this node should write now (a heartbeat
+        that moves finality or shows it is alive, or a vote), if anything.
+        ``now_ms`` is the wall clock, ``mono_ms`` a monotonic one for timers
+        (default: the wall clock)."""
+        mono = now_ms if mono_ms is None else mono_ms
+        self.replica.expire(now_ms)
+        merge = self.replica.drain_due(now_ms)
+        received = self._after_merge(merge, mono, now_ms)
+        self.finality.heard(mono)
+        return received, self.finality.next_body(mono, pending_hlc=self.pending())
+
+    # ---- receiving -----------------------------------------------------------------
+
+    def receive(self, entries: Iterable[Entry], *, now_ms: int, mono_ms: int | None = None,
+                trusted: bool = False, source: str | None = None) -> Received:
+        merge = self.replica.receive(entries, now_ms=now_ms, trusted=trusted, source=source)
+        return self._after_merge(merge, now_ms if mono_ms is None else mono_ms, now_ms)
+
+    def add_evidence(self, first: Entry, second: Entry, *, now_ms: int) -> Received | None:
+        """Equivocation evidence from a peer or storage; None when it proves nothing new."""
+        known = self.replica.evidence().get(first.origin)
+        if not self.replica.restore_evidence(first, second):
+            return None
+        if known is not None and known.seq <= first.seq:
+            return None
+        self.finality.add_fork(first.origin, first.seq)
+        fx = _Effects()
+        self._resync([first.origin], fx)
+        self._settle(fx)
+        return self._received(MergeResult(accepted=(), rejected=(), gaps=(), buffered=0, duplicates=0,
+                                          evidence=(first.origin,)), fx)
+
+    def _after_merge(self, merge: MergeResult, mono_ms: int, now_ms: int | None = None) -> Received:
+        fx = _Effects()
+        accepted = merge.accepted
+        if not accepted and not merge.evidence:
+            return self._received(merge, fx)
+        if now_ms is None:
+            now_ms = mono_ms
+        self.finality.note_entries(accepted, mono_ms)
+        for origin in merge.evidence:
+            self.finality.add_fork(origin, self.replica.evidence()[origin].seq)
+        bound = now_ms + max(self.clock_offset_ms, 0) + self.params.max_clock_offset_ms
+        newest = 0
+        for e in accepted:
+            if e.hlc > newest and physical_ms(e.hlc) <= bound:
+                newest = e.hlc
+            body = e.body
+            if isinstance(body, Admit):
+                self.membership.add_admit(key=e.key, admitter=e.origin, seq=e.seq, entry_hash=e.hash,
+                                          member=body.member, after=body.after)
+        if newest:
+            self.hlc.observe(newest)
+        if self.membership.version != self._membership_version or merge.evidence:
+            self._membership_version = self.membership.version
+            self._resync(self._origins_to_resync(merge.evidence), fx)
+        else:
+            self._apply(accepted, fx)
+        self._settle(fx)
+        return self._received(merge, fx)
+
+    def _received(self, merge: MergeResult, fx: _Effects) -> Received:
+        return Received(merge=merge, added=tuple(fx.added), revoked=tuple(fx.revoked), finalized=fx.finalized,
+                        decisions=tuple(fx.decisions), voided=tuple(fx.voided))
+
+    def _is_matched(self, e: Entry) -> bool:
+        return e.seq <= self.finality.end(e.origin) and self.membership.valid(e.origin, e.seq, e.key)
+
+    def _apply(self, entries: Sequence[Entry], fx: _Effects) -> None:
+        """The fast path: newly merged entries, membership unchanged."""
+        recs: list[Record] = []
+        for e in entries:
+            body = e.body
+            if body.__class__ is Heartbeat or not self._is_matched(e):
+                continue
+            if e.hlc > self._newest_record:
+                self._newest_record = e.hlc
+            rec = record_of(e)
+            if rec is None:
+                continue
+            if self.engine.floor is not None and rec[0] <= self.engine.floor:
+                if not self._loading:
+                    self.anomalies += 1  # cannot happen for a member: completeness
+                continue
+            self._applied.setdefault(e.origin, {})[rec[0]] = rec
+            recs.append(rec)
+        if recs:
+            recs.sort(key=lambda r: r[0])
+            self._engine_change(lambda: self.engine.add_many(recs), fx)
+
+    def _origins_to_resync(self, evidence: Iterable[bytes]) -> list[bytes]:
+        out = set(self._applied) | set(self.membership.ever_members()) | set(evidence)
+        return sorted(out)
+
+    def _resync(self, origins: Iterable[bytes], fx: _Effects) -> None:
+        """Bring the engine in line with which in-memory entries are matched now
+        (after a membership change, a decision or an equivocation cut)."""
+        remove: list[bytes] = []
+        add: list[Record] = []
+        floor = self.engine.floor
+        for o in origins:
+            current = self._applied.get(o, {})
+            want: dict[bytes, Record] = {}
+            for e in self.replica.tail(o):
+                if floor is not None and e.key <= floor:
+                    continue
+                if e.body.__class__ is Heartbeat or not self._is_matched(e):
+                    continue
+                if e.hlc > self._newest_record:
+                    self._newest_record = e.hlc
+                rec = record_of(e)
+                if rec is not None:
+                    want[rec[0]] = rec
+            remove += [k for k in current if k not in want]
+            add += [r for k, r in want.items() if k not in current]
+            if want:
+                self._applied[o] = want
+            else:
+                self._applied.pop(o, None)
+        if remove or add:
+            self._engine_change(lambda: [self.engine.rewrite(remove, add)], fx)
+
+    def _engine_change(self, change: Any, fx: _Effects) -> None:
+        """Run an engine change and collect the fills it added and revoked."""
+        fills = self.engine.fills
+        n0 = len(fills)
+        revisions: list[Revision] = change()
+        if not revisions:
+            fx.added += fills[n0:]
+            return
+        for rev in revisions:
+            fx.revoked += rev.revoked
+            fx.added += rev.added
+
+    def _settle(self, fx: _Effects) -> None:
+        """Move the frontiers and decide evictions until nothing changes, then
+        make final what the frontier passed."""
+        for _ in range(16):
+            self.finality.recompute()
+            decisions = self.finality.decide()
+            for d in decisions:
+                self._decide(d, fx)
+            changed = False
+            if self.finality.forks_version != self._forks_version:
+                self._forks_version = self.finality.forks_version
+                for origin in self.finality.forks():
+                    end = self.finality.end(origin)
+                    self.membership.set_end(origin, end)
+                    self.membership.ban(origin, self.replica.point(origin, end)[1] if end else 0)
+                changed = True
+            if self.membership.version != self._membership_version:
+                self._membership_version = self.membership.version
+                changed = True
+            if changed:
+                self._resync(self._origins_to_resync(self.finality.forks()), fx)
+            elif not decisions:
+                break
+        floor = self.engine.floor
+        if floor is None or floor_key(self.finality.final) > floor:
+            self._finalize(fx)
+
+    def _decide(self, d: Decision, fx: _Effects) -> None:
+        fx.decisions.append(d)
+        self.replica.pin(d.member, d.cut)
+        void = [e for e in self.replica.tail(d.member) if e.seq > d.cut]
+        self.membership.remove_events(e.key for e in void if isinstance(e.body, Admit))
+        self.membership.add_decision(d)
+        self.finality.invalidate()
+        if d.member == self.node_id:
+            fx.voided += void
+
+    def _finalize(self, fx: _Effects) -> None:
+        f = self.finality.final
+        if not f:
+            return
+        key = floor_key(f)
+        batch = self.engine.finalize(key)
+        digest = self.final_digest
+        for taker, maker, price, qty in batch.fills:  # chained fill by fill: batches differ between nodes
+            digest = blake2b(b"%s%s%s%d:%d" % (digest, taker, maker, price, qty), digest_size=32).digest()
+        self.final_digest = digest
+        self._batches.append(batch)
+        for o in list(self._applied):
+            recs = self._applied[o]
+            for k in [k for k in recs if k <= key]:
+                del recs[k]
+            if not recs:
+                del self._applied[o]
+        self.replica.prune(f, self._prune_limits())
+        self.membership.compact(key)
+        fx.finalized = True
+
+    def _prune_limits(self) -> dict[bytes, int]:
+        """Entries that must stay in memory although they are at or below the
+        frontier: an equivocating log's end, and every cut a vote names (the
+        decision's cut is pinned, and must still be there to pin)."""
+        limits = {o: self.finality.end(o) for o in self.finality.forks()}
+        for o, seq in self.replica.pin_limits().items():
+            limits[o] = min(limits.get(o, seq), seq)
+        for x, votes in self.finality.votes().items():
+            cuts = [v.cut for v in votes if v.cut is not None]
+            if cuts:
+                limits[x] = min(limits.get(x, 1 << 62), *cuts)
+        return limits
+
+    def take_finalized(self) -> list[FinalBatch]:
+        """What became final since the last call, for the shell to persist."""
+        out, self._batches = self._batches, []
+        return out
+
+    # ---- restart -----------------------------------------------------------------
+
+    def checkpoint(self) -> Checkpoint:
+        known = self.replica.origins()
+        return Checkpoint(
+            network=self.network, final=self.finality.final, stable=self.finality.stable,
+            fills_base=self.engine.fills_base, final_digest=self.final_digest,
+            bases={o: self.replica.base(o) for o in known if self.replica.base(o)[0]},
+            membership=self.membership.snapshot(), forks=self.finality.forks(), pins=self.replica.pins(),
+        )
+
+    def load(self, checkpoint: Checkpoint | None, resting: Iterable[list[Any]], entries: Iterable[Entry],
+             *, mono_ms: int) -> Received:
+        """Restart: the final state at the checkpoint, then the entries above it
+        (committed by this node before it acknowledged them, so not re-verified,
+        and exempt from the clock bound: the clock may have stepped back since)."""
+        if checkpoint is not None:
+            if checkpoint.network is not None:
+                self.membership.network = checkpoint.network
+            for o, (seq, h, hlc) in checkpoint.bases.items():
+                self.replica.restore_base(o, seq, h, hlc)
+            for (o, seq), (h, hlc) in checkpoint.pins.items():
+                self.replica.restore_pin(o, seq, h, hlc)
+            self.membership.restore(checkpoint.membership)
+            self._membership_version = self.membership.version
+            for o, (seq, floor) in checkpoint.forks.items():
+                self.finality.restore_fork(o, seq, floor)
+            self.finality.final = self.finality.stable = self.finality.complete = 0
+            self.finality.final = checkpoint.final
+            self.finality.stable = checkpoint.stable
+            self.engine.restore(resting, floor=floor_key(checkpoint.final), fills_base=checkpoint.fills_base)
+            self.final_digest = checkpoint.final_digest
+            self.hlc.observe(checkpoint.final)
+        own = self.replica.head_info(self.node_id)[2]
+        self.hlc.observe(own)
+        self._loading = True
         try:
-            revisions = tuple(self.engine.add_many(recs))
-        except RewindTooFar:
-            self._rebuild()
-            return Received(merge=merge, revisions=(), rebuilt=True)
-        if self.engine.checkpoints() > KEEP_CHECKPOINTS * 5 // 4:
-            self.engine.compact(KEEP_CHECKPOINTS)
-        return Received(merge=merge, revisions=revisions, rebuilt=False)
+            received = self.receive(entries, now_ms=_NO_CLOCK, mono_ms=mono_ms, trusted=True)
+        finally:
+            self._loading = False
+        self.hlc.observe(self.replica.head_info(self.node_id)[2])
+        self.finality.reset_heard(mono_ms)
+        return received
 
-    def _rebuild(self) -> None:
-        self.rebuilds += 1
-        engine = Engine()
-        engine.add_many(sorted((record_of(e) for e in self.replica.entries()), key=lambda r: r[0]))
-        self.engine = engine
+    # ---- reading -----------------------------------------------------------------
 
-    # ---- reading -----------------------------------------------------
+    def frontiers(self) -> Frontiers:
+        return self.finality.frontiers()
 
     def status(self, order_id: bytes) -> OrderStatus | None:
         return self.engine.status(order_id)
 
     def owner(self, order_id: bytes) -> bytes | None:
-        return self.replica.order_origin(order_id)
+        owner = self.engine.owner(order_id)
+        return owner if isinstance(owner, bytes) else None
+
+    def order_final(self, order_id: bytes) -> bool:
+        """Is the order's state in memory final (nothing above the frontier touches it)?"""
+        key = self.engine.key_of(order_id)
+        if key is None or key > floor_key(self.finality.final):
+            return False
+        if any(f[1] == order_id or f[0] == order_id for f in self.engine.fills):
+            return False
+        return not any(r[1] == CANCEL and r[2] == order_id for recs in self._applied.values()
+                       for r in recs.values())
 
     def state_hash(self) -> bytes:
-        return self.replica.state_hash()
+        return self.replica.state_hash(self.finality.ends())
 
     def book_hash(self) -> bytes:
-        """Digest of the fills and the resting book: equal on replicas that matched alike."""
+        """Digest of the fills (final ones through their chained digest) and the
+        resting book: equal on replicas that matched alike."""
         engine = self.engine
         h = blake2b(digest_size=32)
+        h.update(self.final_digest)
+        h.update(b"%d;" % engine.fills_base)
         for taker, maker, price, qty in engine.fills:
             h.update(b"F%s%s%d:%d;" % (taker, maker, price, qty))
         for side in (BUY, SELL):
             for price, oid, remaining in engine.resting(side):
                 h.update(b"R%d:%s%d:%d;" % (side, oid, price, remaining))
         return h.digest()
+
+    def pending(self) -> int:
+        """Stamp of the newest matched record not final yet, or 0."""
+        return self._newest_record if self._newest_record > self.finality.final else 0

@@ -12,11 +12,12 @@ Rules (from DESIGN.md):
   price first, then earliest key within a price; the trade price is the
   maker's price;
 - GTC remainder rests, IOC remainder is dropped, MARKET is IOC with no limit;
-- CANCEL removes the remaining quantity of a resting order (no effect on an
-  unknown, filled, expired or already cancelled order, nor on an order whose
-  key sorts after the cancel);
+- CANCEL removes the remaining quantity of a resting order of the same owner
+  (no effect on an unknown, filled, expired or already cancelled order, on
+  another owner's order, nor on an order whose key sorts after the cancel);
 - NOOP changes nothing;
-- a fill is ``(taker oid, maker oid, maker price, qty)``.
+- a fill is ``(taker oid, maker oid, maker price, qty)``;
+- a record is ``(key, kind, oid, side, price, qty, owner)``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 
 from matching.engine import BUY, CANCEL, CANCELLED, FILLED, GTC, MARKET, NOOP, OPEN, PARTIAL, SELL
 
-Record = tuple[Any, int, Any, int, int, int]
+Record = tuple[Any, int, Any, int, int, int, Any]
 Fill = tuple[Any, Any, int, int]
 
 
@@ -39,6 +40,7 @@ class RefOrder:
     side: int
     price: int
     qty: int
+    owner: Any = None
     remaining: int = 0
     closed: int = 0
     resting: bool = False
@@ -117,18 +119,19 @@ def _better(a: RefOrder, b: RefOrder) -> bool:
 def reference(records: Iterable[Record]) -> RefResult:
     """Recompute book, fills and order states from scratch."""
     out = RefResult()
-    for key, kind, oid, side, price, qty in sorted(records, key=lambda r: r[0]):
+    for key, kind, oid, side, price, qty, owner in sorted(records, key=lambda r: r[0]):
         if kind == NOOP:
             continue
         if kind == CANCEL:
             target = out.orders.get(oid)
-            if target is not None and target.resting:
+            if target is not None and target.resting and target.owner == owner:
                 target.closed += target.remaining
                 target.remaining = 0
                 target.resting = False
                 out.book.remove(target)
             continue
-        taker = RefOrder(key=key, oid=oid, kind=kind, side=side, price=price, qty=qty, remaining=qty)
+        taker = RefOrder(key=key, oid=oid, kind=kind, side=side, price=price, qty=qty, owner=owner,
+                         remaining=qty)
         out.orders[oid] = taker
         while taker.remaining:
             best: RefOrder | None = None

@@ -1,0 +1,651 @@
+"""Finality: acknowledgements, the stable frontier, evictions and equivocation.
+
+The argument is in ``docs/FINALITY.md``; in short:
+
+- *completeness* ``c``: the lowest head stamp over the members' logs this node
+  holds.  Logs are gap-free and stamps strictly increase along a log, so this
+  node holds every member entry stamped at or below ``c``, and no member can
+  add one there.
+- *ack*: every entry a member writes carries ``(K, S, D)``: its completeness
+  ``K``, its level-1 frontier ``S`` and ``D = digest(K)``, a hash over every
+  member's log prefix up to ``K`` (origin, length, head hash: the hash chain
+  commits to the whole prefix).  An ack *matches* here when this node computes
+  the same digest at ``K``: both hold the same history up to ``K``.
+- level 1, ``S``: the minimum over members of their newest matching ``K``:
+  every member holds exactly this node's history up to ``S``.  A member never
+  changes its history at or below its own ``S``.
+- level 2, the stable frontier ``F``: the minimum over members of their newest
+  matching ``S``.  Every member has fixed the same history up to ``F``, so every
+  record at or below ``F`` is final on every honest node, and every node that
+  reaches ``F`` has the same records below it.
+
+Timers (silence, heartbeat spacing) run on a monotonic clock the caller
+passes in, never on the wall clock, which may step.
+
+A silent member stops ``c`` and so finality (never trading).  Past
+``evict_after_ms`` the members that still hear a majority vote it out with
+``Evict(X, cut)`` (``cut``: how much of X's log the voter holds; the voter's
+view of X stays frozen there); a member that hears X again withdraws its vote
+with ``Retract(X)``.  While X is contested, every member also acknowledges the
+history *without* X.  The eviction takes effect at the vote that completes a
+majority of live votes, once the votes lie below the frontier computed without
+X; the cut is the lowest cut in that majority.  Every entry of X past the cut
+is void.  A voter's view of X thaws only once its retraction lies below that
+frontier with no decision before it.  Decisions take effect in the canonical
+order of their deciding votes.
+
+Equivocation (two signed entries at one seq) ends the origin's log just before
+the forked seq on every node, except what is already fixed: a node never cuts
+below its own ``S`` or below an ``S`` another member published over the
+uncut history.  From then on that log cannot grow, so it no longer bounds
+completeness, and its writer is no longer asked to agree; it is voted out
+like a silent member and never admitted again.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from hashlib import blake2b
+
+import msgpack
+
+from crdt.entry import NO_ACK, Ack, Entry, Evict, Heartbeat, Retract
+from crdt.membership import Decision, Membership
+from crdt.replica import Replica
+
+#: Acks remembered per member, newest last (only the newest matching one counts).
+ACKS_KEPT = 48
+DEFAULT_EVICT_AFTER_MS = 10_000
+DEFAULT_HEARTBEAT_MS = 50
+DEFAULT_LIVENESS_MS = 3_000
+
+
+def hlc_of(key: bytes) -> int:
+    return int.from_bytes(key[:8], "big")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Frontiers:
+    """This node's view: completeness, level-1 stable, final (all HLC values)."""
+
+    complete: int
+    stable: int
+    final: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Vote:
+    """An ``Evict`` (``cut`` set) or a ``Retract`` (``cut`` None) against one member."""
+
+    voter: bytes
+    seq: int
+    key: bytes
+    cut: int | None
+
+
+class Finality:
+    def __init__(
+        self,
+        *,
+        node_id: bytes,
+        replica: Replica,
+        membership: Membership,
+        evict_after_ms: int = DEFAULT_EVICT_AFTER_MS,
+        heartbeat_ms: int = DEFAULT_HEARTBEAT_MS,
+        liveness_ms: int = DEFAULT_LIVENESS_MS,
+    ) -> None:
+        self.node_id = node_id
+        self.replica = replica
+        self.membership = membership
+        self.evict_after_ms = evict_after_ms
+        self.heartbeat_ms = heartbeat_ms
+        self.liveness_ms = min(liveness_ms, max(evict_after_ms // 3, 1))
+        self.complete = 0
+        self.stable = 0
+        self.final = 0
+        # per contested member: the frontiers computed without it
+        self.complete_x: dict[bytes, int] = {}
+        self.stable_x: dict[bytes, int] = {}
+        self.final_x: dict[bytes, int] = {}
+        self._acks: dict[bytes, deque[Ack]] = {}  # member -> its recent acks
+        # (member, contested member) -> its recent acks computed without the latter; kept
+        # apart so that a member that lags behind a decision about itself still finds them
+        self._sacks: dict[tuple[bytes, bytes], deque[tuple[int, int, bytes]]] = {}
+        self._votes: dict[bytes, list[Vote]] = {}  # member -> every vote and retraction against it
+        self._timelines: dict[bytes, tuple[tuple[int, int], list[Vote]]] = {}
+        self.my_votes: dict[bytes, int] = {}  # member -> cut at which this node's view of it is frozen
+        self._my_vote_mono: dict[bytes, int] = {}  # member -> when this node last voted against it
+        # decided evictions whose suspect acks this node keeps publishing until its
+        # final frontier passes the decision: a member that has not decided yet needs them
+        self.closing: dict[bytes, bytes] = {}
+        self.last_heard: dict[bytes, int] = {}
+        self._heads: dict[bytes, int] = {}  # origin -> effective length when last heard
+        self._admitted: dict[bytes, bytes | None] = {}  # origin -> start of the membership last heard
+        # equivocation: origin -> (fork seq, floor hlc nothing at or below which is cut)
+        self._forks: dict[bytes, tuple[int, int]] = {}
+        self.forks_version = 0  # bumped whenever an equivocating origin's effective end may move
+        self._digests: dict[tuple[int, bytes | None, bool], bytes | None] = {}
+        self.last_own_ms = 0  # monotonic time of this node's newest entry
+        self._mono = 0  # the latest monotonic time this node was given
+        self._settled: dict[tuple[bytes, bytes], int] = {}  # (member, last vote key) -> when settled here
+        self.decided: list[Decision] = []
+        self.refused: set[tuple[bytes, bytes]] = set()  # decisions that would have undone final history
+
+    # ---- effective logs --------------------------------------------------------
+
+    def end(self, origin: bytes, *, cut_forks: bool = True) -> int:
+        """Effective length of ``origin``'s log: what is held, ended before an equivocation."""
+        n = self.replica.length(origin)
+        fork = self._forks.get(origin) if cut_forks else None
+        if fork is not None:
+            n = min(n, self._fork_end(origin, fork))
+        return n
+
+    def ends(self) -> dict[bytes, int]:
+        return {o: self.end(o) for o in self._forks}
+
+    def _fork_end(self, origin: bytes, fork: tuple[int, int]) -> int:
+        """Just before the forked seq, but never below what is fixed (the floor),
+        and for a closed log nothing past its cut needs keeping."""
+        seq, floor = fork
+        keep = self._count_upto(origin, floor, cut_forks=False)
+        cut = self.membership.closed_cut(origin)
+        if cut is not None:
+            return max(seq - 1, min(keep if keep >= 0 else cut, cut))
+        return max(seq - 1, self.replica.base(origin)[0], keep)
+
+    def _hlc_at(self, origin: bytes, seq: int) -> int:
+        return self.replica.point(origin, seq)[1]
+
+    def _count_upto(self, origin: bytes, k: int, *, cut_forks: bool = True) -> int:
+        """How many entries of ``origin``'s effective log are stamped at or below ``k``
+        (-1 when that reaches below what is in memory)."""
+        tail = self.replica.tail(origin)
+        base_seq, _, base_hlc = self.replica.base(origin)
+        if base_hlc > k:
+            return -1
+        lo, hi = 0, len(tail)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if tail[mid].hlc <= k:
+                lo = mid + 1
+            else:
+                hi = mid
+        n = base_seq + lo
+        if cut_forks:
+            n = min(n, self.end(origin))
+        return n
+
+    # ---- inputs --------------------------------------------------------------------
+
+    def note_entries(self, entries: Iterable[Entry], mono_ms: int) -> None:
+        """Record the acks, votes and retractions of newly merged entries."""
+        me = self.node_id
+        self._mono = max(self._mono, mono_ms)
+        for e in entries:
+            o = e.origin
+            ack = e.ack
+            if ack:
+                q = self._acks.get(o)
+                if q is None:
+                    q = self._acks[o] = deque(maxlen=ACKS_KEPT)
+                q.append(ack)
+                if len(ack) == 7:
+                    sq = self._sacks.get((o, ack[3]))
+                    if sq is None:
+                        sq = self._sacks[(o, ack[3])] = deque(maxlen=8)
+                    sq.append((ack[4], ack[5], ack[6]))
+            body = e.body
+            if isinstance(body, Evict | Retract) and o != body.member:
+                cut = body.cut if isinstance(body, Evict) else None
+                self._votes.setdefault(body.member, []).append(Vote(voter=o, seq=e.seq, key=e.key, cut=cut))
+                if o == me and cut is not None:
+                    self._my_vote_mono[body.member] = mono_ms
+            if o == me:
+                self.last_own_ms = max(self.last_own_ms, mono_ms)
+
+    def heard(self, mono_ms: int) -> None:
+        """Update when each member's log last grew."""
+        self._mono = max(self._mono, mono_ms)
+        for o in self.membership.members():
+            n = self.end(o)
+            start = self.membership.admitted_at(o)
+            if self._heads.get(o) != n or self._admitted.get(o) != start:  # grew, or (re)admitted
+                self._heads[o] = n
+                self._admitted[o] = start
+                self.last_heard[o] = mono_ms
+
+    def reset_heard(self, mono_ms: int) -> None:
+        """After a restart: give every member a fresh grace period."""
+        for o in self.membership.members():
+            self.last_heard[o] = mono_ms
+
+    def add_fork(self, origin: bytes, seq: int) -> None:
+        """Evidence that ``origin`` signed two entries at ``seq`` (its effective log
+        ends before it, except what is fixed: see ``_fork_end``)."""
+        old = self._forks.get(origin)
+        if old is not None and seq >= old[0]:
+            return  # known: the floor stays (raising it now would restore what was cut)
+        floor = self.stable if old is None else max(old[1], self.stable)
+        self._forks[origin] = (seq, floor)
+        self._digests.clear()
+        self.forks_version += 1
+
+    def restore_fork(self, origin: bytes, seq: int, floor: int) -> None:
+        self._forks[origin] = (seq, floor)
+        self._digests.clear()
+        self.forks_version += 1
+
+    def forks(self) -> dict[bytes, tuple[int, int]]:
+        return dict(self._forks)
+
+    def invalidate(self) -> None:
+        """History at or below some stamp changed (a decision, a cut): drop cached digests."""
+        self._digests.clear()
+
+    # ---- digests ----------------------------------------------------------------------
+
+    def digest(self, k: int, *, without: bytes | None = None, cut_forks: bool = True) -> bytes | None:
+        """Hash over every member's effective log prefix stamped at or below ``k``
+        (``without`` one member), or None when that reaches below memory."""
+        cache_key = (k, without, cut_forks)
+        if cache_key in self._digests:
+            return self._digests[cache_key]
+        rows = []
+        for o in self.membership.ever_members():
+            if o == without:
+                continue
+            last = None
+            for iv in self.membership.intervals(o):
+                if hlc_of(iv.start) <= k:
+                    last = iv
+            if last is None:
+                continue
+            cut = last.end_seq if last.closed_at is not None else None
+            if cut is not None and cut <= self.replica.length(o) and self._hlc_at(o, cut) <= k:
+                n = min(cut, self.end(o)) if cut_forks else cut  # a closed log, wholly at or below k
+            else:
+                n = self._count_upto(o, k, cut_forks=cut_forks)
+                if n < 0:
+                    self._digests[cache_key] = None
+                    return None
+                if cut is not None:
+                    n = min(n, cut)
+            rows.append([o, n, self.replica.hash_at(o, n)])
+        d = blake2b(msgpack.packb([k, rows], use_bin_type=True), digest_size=32).digest()
+        if len(self._digests) > 4096:
+            self._digests.clear()
+        self._digests[cache_key] = d
+        return d
+
+    # ---- frontiers ---------------------------------------------------------------------
+
+    def _head_hlc(self, o: bytes, *, without: bytes | None) -> int:
+        """Stamp of ``o``'s effective head.  For the frontier of this node's acks,
+        a member it voted against counts as frozen at the vote's cut; for a
+        frontier *without* a contested member (which only decides that member's
+        eviction) no view is frozen, or two contested members would hold each
+        other up."""
+        n = self.end(o)
+        if without is None:
+            cut = self.my_votes.get(o)
+            if cut is not None:
+                n = min(n, max(cut, self.replica.base(o)[0]))  # what is final stays final
+        return self._hlc_at(o, n)
+
+    def _completeness(self, without: bytes | None = None) -> int:
+        members = self.membership.members()
+        if not members:
+            return 0
+        c = 1 << 64
+        for o in members:
+            if o != without and o not in self._forks:  # a forked log never grows again
+                c = min(c, self._head_hlc(o, without=without))
+        for o in self.membership.ever_members():
+            cut = self.membership.closed_cut(o)
+            if cut is not None and self.end(o) < cut:
+                c = min(c, self._hlc_at(o, self.end(o)))
+        return 0 if c == 1 << 64 else c
+
+    def _matched(self, m: bytes, complete: int, *, suspect: bytes | None) -> tuple[int, int]:
+        """(K, S) of ``m``'s newest ack that matches this node's history, or (0, 0)."""
+        q = self._acks.get(m) if suspect is None else self._sacks.get((m, suspect))
+        if not q:
+            return 0, 0
+        for ack in reversed(q):
+            k, s, d = ack[0], ack[1], ack[2]
+            if k > complete:
+                continue
+            if self.digest(k, without=suspect) == d:
+                return k, s
+        return 0, 0
+
+    def recompute(self) -> bool:
+        """Recompute every frontier; True when the final frontier moved."""
+        self._refresh_my_votes()
+        members = self.membership.members()
+        me = self.node_id
+        c = self._completeness()
+        self.complete = max(self.complete, c) if members else 0
+        ks, ss = [self.complete], []
+        for m in members:
+            if m == me or m in self._forks:  # an origin proven to equivocate is not asked to agree
+                continue
+            k, s = self._matched(m, self.complete, suspect=None)
+            ks.append(k)
+            ss.append(s)
+        stable = min(ks) if me in members else (min(ks[1:]) if len(ks) > 1 else 0)
+        self.stable = max(self.stable, stable)
+        if me in members:
+            ss.append(self.stable)
+        before = self.final
+        if ss:
+            self.final = max(self.final, min(ss))
+        self._recompute_contested(members)
+        self._refresh_forks(members)
+        return self.final != before
+
+    def contested(self) -> list[bytes]:
+        """Members with votes against them that are not settled: a live vote, or
+        a retraction not yet below the frontier without them; and decided
+        evictions not yet below the final frontier."""
+        out = set(self.closing)
+        for x in self._votes:
+            if not self.membership.is_member(x):
+                continue
+            fx = self.final_x.get(x, 0)
+            last: dict[bytes, Vote] = {}
+            for v in self._timeline(x):
+                last[v.voter] = v
+            if not last:
+                continue
+            if any(v.cut is not None or hlc_of(v.key) > fx for v in last.values()):
+                out.add(x)
+                continue
+            # settled here; go on acknowledging without x a while longer: a member
+            # that lags (or whose history changed since) needs fresh acks to settle it
+            since = self._settled.setdefault((x, max(v.key for v in last.values())), self._mono)
+            if self._mono - since < 2 * self.evict_after_ms:
+                out.add(x)
+        return sorted(out)
+
+    def _recompute_contested(self, members: list[bytes]) -> None:
+        me = self.node_id
+        for x, at in list(self.closing.items()):
+            if hlc_of(at) <= self.final:
+                del self.closing[x]
+        contested = self.contested()
+        for x in [x for x in self._votes if x not in contested and x not in self.closing
+                  and self.membership.is_member(x)]:
+            del self._votes[x]  # every vote against it retracted and settled, long enough ago
+            self._timelines.pop(x, None)
+        for table in (self.complete_x, self.stable_x, self.final_x):
+            for x in [x for x in table if x not in contested and x not in self._votes]:
+                del table[x]
+        for x in contested:
+            c = self._completeness(without=x)
+            self.complete_x[x] = max(self.complete_x.get(x, 0), c)
+            ks, ss = [self.complete_x[x]], []
+            for m in members:
+                if m in (me, x) or m in self._forks:
+                    continue
+                k, s = self._matched(m, self.complete_x[x], suspect=x)
+                ks.append(k)
+                ss.append(s)
+            self.stable_x[x] = max(self.stable_x.get(x, 0), min(ks))
+            ss.append(self.stable_x[x])
+            self.final_x[x] = max(self.final_x.get(x, 0), min(ss))
+
+    def _refresh_forks(self, members: list[bytes]) -> None:
+        """Raise an equivocating origin's floor to the final frontier of the
+        uncut history, as the members' published acks show it: what every
+        member published as level-1 stable over the uncut history may already
+        be final on a node that had not seen the evidence."""
+        if not self._forks or not members:
+            return
+        uncut = 1 << 64
+        for m in members:
+            best = 0
+            for ack in self._acks.get(m, ()):
+                k, s, d = ack[0], ack[1], ack[2]
+                if s > best and k <= self.complete and self.digest(k, cut_forks=False) == d:
+                    best = s
+            uncut = min(uncut, best)
+        for origin, (seq, floor) in list(self._forks.items()):
+            if uncut > floor:
+                self._forks[origin] = (seq, uncut)
+                self._digests.clear()
+                self.forks_version += 1
+
+    def frontiers(self) -> Frontiers:
+        return Frontiers(complete=self.complete, stable=self.stable, final=self.final)
+
+    # ---- evictions -------------------------------------------------------------------
+
+    def _closed(self, x: bytes) -> bool:
+        """Is ``x`` out: its eviction decided and no fresh admission since?"""
+        return x in self.closing and not self.membership.is_member(x)
+
+    def _timeline(self, x: bytes) -> list[Vote]:
+        """Votes and retractions against ``x``'s current membership by members
+        entitled to act, in key order."""
+        votes = self._votes.get(x, ())
+        stamp = (self.membership.version, len(votes))
+        cached = self._timelines.get(x)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        start = self.membership.admitted_at(x)
+        out = [] if start is None else sorted(
+            (v for v in votes if v.key > start and self.membership.acts(v.voter, v.seq, v.key)),
+            key=lambda v: v.key)
+        self._timelines[x] = (stamp, out)
+        return out
+
+    def _refresh_my_votes(self) -> None:
+        """This node's frozen views: a live vote of its own, or one retracted
+        while the retraction is not yet below the frontier without the member."""
+        mine: dict[bytes, int] = {}
+        for x in self._votes:
+            if self._closed(x):
+                continue
+            vote: Vote | None = None
+            for v in self._timeline(x):
+                if v.voter != self.node_id:
+                    continue
+                if v.cut is not None:
+                    vote = v
+                elif vote is not None and hlc_of(v.key) <= max(self.final_x.get(x, 0), self.final):
+                    vote = None  # the retraction is settled: no decision can come before it
+            if vote is not None and vote.cut is not None:
+                mine[x] = vote.cut
+        if mine != self.my_votes:
+            self.my_votes = mine
+            self._digests.clear()
+
+    def _live_vote(self, x: bytes) -> Vote | None:
+        """This node's own vote against ``x`` if it is live (not retracted)."""
+        live = None
+        for v in self._timeline(x):
+            if v.voter == self.node_id:
+                live = v if v.cut is not None else None
+        return live
+
+    def decide(self) -> list[Decision]:
+        """The next eviction, if one is decided: the live, independent votes
+        against a member reach a majority below the frontier computed without
+        it.  Decisions take effect in the canonical order of their deciding
+        votes, so one is held back while another could come earlier."""
+        members = set(self.membership.members())
+        candidates: list[Decision] = []
+        for x in list(self._votes):
+            if x not in members:
+                if x not in self.closing:
+                    del self._votes[x]
+                continue
+            d = self._decision(x, self.final_x.get(x, 0))
+            if d is not None:
+                candidates.append(d)
+        for d in sorted(candidates, key=lambda d: d.at):
+            if self._earlier_possible(d):
+                continue
+            if d.cut < self._count_upto(d.member, self.final):
+                # a voter named a cut below what is final here (it rejoined behind,
+                # or holds another branch of a forked log): never undo what is final
+                self.refused.add((d.member, d.at))
+                continue
+            self.decided.append(d)
+            del self._votes[d.member]
+            self.my_votes.pop(d.member, None)
+            self.closing[d.member] = d.at
+            self._digests.clear()
+            return [d]
+        return []
+
+    def _decision(self, x: bytes, frontier: int, *, before: bytes | None = None,
+                  assume: bytes | None = None) -> Decision | None:
+        """Walk the votes against ``x`` up to ``frontier`` (or key ``before``):
+        the first vote at which live independent votes reach a majority.
+        ``assume`` adds a vote of that member from the start (worst case)."""
+        live: dict[bytes, Vote] = {}
+        if assume is not None:
+            live[assume] = Vote(voter=assume, seq=0, key=b"", cut=1 << 62)
+        for v in self._timeline(x):
+            if hlc_of(v.key) > frontier or (before is not None and v.key >= before):
+                break
+            if v.cut is None:
+                if v.voter != assume:
+                    live.pop(v.voter, None)
+                continue
+            live[v.voter] = v
+            counted = self._independent(x, list(live.values()))
+            if len(counted) >= len(self.membership.members_at(v.key)) // 2 + 1:
+                cut = min(c.cut for c in counted if c.cut is not None)
+                # a voter that lags may name a cut below where this membership
+                # begins: nothing of it is then valid, and the log ends there
+                after = self.membership.intervals(x)[-1].after
+                return Decision(member=x, at=v.key, cut=max(cut, after))
+        return None
+
+    def _independent(self, x: bytes, votes: list[Vote]) -> list[Vote]:
+        """Drop the votes of members whose membership rests on an ``Admit`` that
+        ``x`` wrote past the cut (the eviction voids it, and with it their vote)."""
+        counted = list(votes)
+        while counted:
+            cut = min(v.cut for v in counted if v.cut is not None)
+            keep = [v for v in counted if not v.key or not self.membership.depends_on(v.voter, v.key, x, cut)]
+            if len(keep) == len(counted):
+                return keep
+            counted = keep
+        return counted
+
+    def _earlier_possible(self, d: Decision) -> bool:
+        """Could another member's eviction be decided at a vote before ``d.at``?
+        Votes by others below it are all known here (they lie below the frontier
+        without ``d.member``); ``d.member``'s own may not be, and is then
+        assumed cast."""
+        x = d.member
+        known = self.end(x) >= d.cut  # holding x's log through the cut: its counted votes are all here
+        for y in self._votes:
+            if y == x or not self.membership.is_member(y):
+                continue
+            if self._decision(y, 1 << 62, before=d.at, assume=None if known else x) is not None:
+                return True
+        return False
+
+    def votes(self) -> dict[bytes, list[Vote]]:
+        """The votes and retractions that count against each member."""
+        return {x: self._timeline(x) for x in self._votes}
+
+    # ---- what to write -------------------------------------------------------------------
+
+    def own_ack(self) -> Ack:
+        """The ack for this node's next entry.  While members are contested,
+        successive entries take turns to carry the ack without each of them."""
+        if not self.membership.is_member(self.node_id):
+            return NO_ACK
+        k = self.complete
+        d = self.digest(k)
+        if d is None:
+            return NO_ACK
+        ack: tuple[int | bytes, ...] = (k, self.stable, d)
+        contested = [x for x in self.contested() if x != self.node_id]
+        if contested:
+            x = contested[self.replica.length(self.node_id) % len(contested)]
+            kx = self.complete_x.get(x, 0)
+            dx = self.digest(kx, without=x)
+            if dx is not None:
+                ack += (x, kx, self.stable_x.get(x, 0), dx)
+        return ack
+
+    def next_body(self, mono_ms: int, *, pending_hlc: int) -> Evict | Retract | Heartbeat | None:
+        """What this member should write now, if anything: a vote or a
+        retraction, else a heartbeat that moves finality (or shows it is alive)."""
+        me = self.node_id
+        members = self.membership.members()
+        if me not in members:
+            return None
+        majority = self._hears_majority(mono_ms, members)
+        for x in self.contested():
+            if x == me or x not in members:
+                continue
+            mine = self._live_vote(x)
+            if mine is not None:
+                if self._alive(x, mono_ms) and self.last_heard.get(x, 0) > self._my_vote_mono.get(x, 0):
+                    return Retract(member=x)
+            elif majority and self._silent(x, mono_ms):
+                return self._vote(x)  # join a vote under way
+        if majority and not any(self._live_vote(x) for x in self._votes):
+            suspect = self._suspect(mono_ms, members)
+            if suspect is not None:
+                return self._vote(suspect)
+        since = mono_ms - self.last_own_ms
+        if since >= self.liveness_ms:
+            return Heartbeat()
+        if since < self.heartbeat_ms:
+            return None
+        if pending_hlc <= self.final and not self.contested():
+            return None
+        head = self.replica.head_info(me)[2]
+        if head < pending_hlc or self._published() != self._ack_view(self.own_ack()):
+            return Heartbeat()
+        return None
+
+    def _published(self) -> tuple[object, ...] | None:
+        q = self._acks.get(self.node_id)
+        return self._ack_view(q[-1]) if q else None
+
+    @staticmethod
+    def _ack_view(ack: Ack) -> tuple[object, ...]:
+        """An ack without its digests: what changes when the frontiers move."""
+        return tuple(x for i, x in enumerate(ack) if i not in (2, 6))
+
+    def _vote(self, x: bytes) -> Evict:
+        return Evict(member=x, cut=self.end(x))
+
+    def _silent(self, x: bytes, mono_ms: int) -> bool:
+        return mono_ms - self.last_heard.get(x, mono_ms) > self.evict_after_ms
+
+    def _alive(self, x: bytes, mono_ms: int) -> bool:
+        return mono_ms - self.last_heard.get(x, mono_ms) <= self.evict_after_ms // 2
+
+    def _hears_majority(self, mono_ms: int, members: list[bytes]) -> bool:
+        """Does this node hear a majority of members (itself included)?  A node
+        that does not may be the one cut off: it never starts or joins a vote."""
+        alive = sum(1 for o in members if o == self.node_id or not self._silent(o, mono_ms))
+        return alive >= len(members) // 2 + 1
+
+    def _suspect(self, mono_ms: int, members: list[bytes]) -> bytes | None:
+        silent = [o for o in members if o != self.node_id and self._silent(o, mono_ms)]
+        if not silent:
+            return None
+        return min(silent, key=lambda o: (self.last_heard.get(o, 0), o))
+
+    def holding(self, mono_ms: int) -> tuple[bytes, int] | None:
+        """The member whose log stops completeness, and for how long it has been silent."""
+        members = self.membership.members()
+        if len(members) < 2:
+            return None
+        lowest = min(members, key=lambda o: (self._head_hlc(o, without=None), o))
+        return lowest, mono_ms - self.last_heard.get(lowest, mono_ms)

@@ -1,0 +1,171 @@
+"""The simulation's checker: the guarantees of finality, asserted after every step.
+
+- every node's final fill sequence is a prefix of every other's (or extends it);
+- a node's final fills never shrink or change, across restarts too;
+- no member record ever arrives at or below a node's final frontier;
+- after healing, all live replicas converge: one state hash, one final-fill
+  digest, one book;
+- an independent replay of the final entries through the naive reference
+  matcher (``tests/reference_matcher.py``) gives the same final fills.
+
+A violation is a ``Violation`` with a short description; the simulation stops
+at the first one and prints the trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Any
+
+from crdt.entry import Admit, Cancel, Entry, Order
+from crdt.membership import Decision
+from matching.engine import CANCEL, GTC, IOC, MARKET, Fill
+from sim.node import SimNode
+from tests.reference_matcher import reference
+
+
+class Violation(AssertionError):
+    """A guarantee of finality does not hold."""
+
+
+@dataclass(slots=True)
+class Checker:
+    canon: list[Fill]
+    seen: dict[int, int]
+
+    @classmethod
+    def new(cls) -> Checker:
+        return cls(canon=[], seen={})
+
+    def step(self, nodes: Sequence[SimNode]) -> None:
+        for n in nodes:
+            fills = n.disk.final_fills
+            k = self.seen.get(n.index, 0)
+            if len(fills) < k:
+                raise Violation(f"node {n.index}: final fills shrank from {k} to {len(fills)}")
+            common = min(len(fills), len(self.canon))
+            for i in range(k, common):
+                if fills[i] != self.canon[i]:
+                    raise Violation(f"node {n.index}: final fill #{i} differs from another node's")
+            if len(fills) > len(self.canon):
+                self.canon.extend(fills[len(self.canon):])
+            self.seen[n.index] = len(fills)
+        live = sorted((n for n in nodes if n.ex is not None), key=lambda n: n.ex.finality.final if n.ex else 0)
+        for a, b in pairwise(live):
+            if len(a.disk.final_fills) > len(b.disk.final_fills) and a.ex and b.ex \
+                    and a.ex.finality.final < b.ex.finality.final:
+                raise Violation(f"node {b.index} is final further than node {a.index} but holds fewer final fills")
+        for n in nodes:
+            if n.ex is not None:
+                if n.ex.anomalies:
+                    raise Violation(f"node {n.index}: {n.ex.anomalies} member records arrived below its "
+                                    "final frontier")
+                if n.ex.engine.fills_base != len(n.disk.final_fills):
+                    raise Violation(f"node {n.index}: engine says {n.ex.engine.fills_base} final fills, "
+                                    f"the disk holds {len(n.disk.final_fills)}")
+
+    def invariants(self, nodes: Sequence[SimNode]) -> None:
+        for n in nodes:
+            if n.ex is not None:
+                try:
+                    n.ex.engine.check_invariants()
+                except AssertionError as exc:
+                    raise Violation(f"node {n.index}: engine invariant: {exc}") from None
+
+    def converged(self, nodes: Sequence[SimNode]) -> str | None:
+        """None when every live node agrees and nothing is pending; else why not."""
+        live = [n for n in nodes if n.ex is not None and not n.paused]
+        members = [n for n in live if n.ex is not None and n.ex.is_member()]
+        if not members:
+            return "no live member"
+        views = {}
+        for n in live:
+            ex = n.ex
+            assert ex is not None
+            if ex.pending():
+                return f"node {n.index} has records that are not final"
+            views[n.index] = (ex.state_hash(), ex.engine.fills_base, ex.final_digest, ex.book_hash())
+        if len(set(views.values())) > 1:
+            return "live nodes differ: " + ", ".join(f"{i}: {v[0].hex()[:8]}/{v[1]}/{v[3].hex()[:8]}"
+                                                     for i, v in views.items())
+        return None
+
+    def replay(self, node: SimNode, decisions: Sequence[Decision]) -> None:
+        """Recompute the final fills from the node's entries with naive rules."""
+        ex = node.ex
+        assert ex is not None
+        entries = [e for log in node.disk.entries.values() for e in log]
+        final = ex.finality.final
+        banned = {}
+        for o in ex.finality.forks():
+            end = ex.finality.end(o)
+            banned[o] = ex.replica.point(o, end)[1] if end else 0
+        valid = naive_validity(entries, decisions, node.disk.network, banned, ex.finality.ends())
+        records: list[tuple[Any, ...]] = []
+        for e in entries:
+            if e.hlc > final or e.seq > ex.finality.end(e.origin) or not valid(e):
+                continue
+            body = e.body
+            if isinstance(body, Order):
+                kind = MARKET if body.market else (IOC if body.tif == IOC else GTC)
+                records.append((e.key, kind, e.hash, body.side, body.price, body.qty, e.origin))
+            elif isinstance(body, Cancel):
+                records.append((e.key, CANCEL, body.order_id, 0, 0, 0, e.origin))
+        want = reference(records).fills
+        got = node.disk.final_fills
+        if want != got:
+            first = next((i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b),
+                         min(len(want), len(got)))
+            raise Violation(f"node {node.index}: replay through the reference matcher gives {len(want)} final "
+                            f"fills, the node {len(got)}; first difference at #{first}")
+
+
+def naive_validity(entries: Sequence[Entry], decisions: Sequence[Decision], network: bytes | None,
+                   banned: dict[bytes, int], ends: dict[bytes, int]) -> Any:
+    """Membership from scratch: admissions and decisions in key order, no reuse of
+    ``crdt.membership``."""
+    events: list[tuple[bytes, int, Any]] = []
+    for e in entries:
+        if isinstance(e.body, Admit):
+            events.append((e.key, 0, e))
+    for d in decisions:
+        events.append((d.at, 1, d))
+    events.sort(key=lambda ev: (ev[0], ev[1]))
+    intervals: dict[bytes, list[list[Any]]] = {}  # origin -> [start, cut, closed_at, after]
+
+    def acts(origin: bytes, seq: int, key: bytes) -> bool:
+        return any(key > s and seq > a and (c is None or seq <= c) and (at is None or key < at)
+                   for s, c, at, a in intervals.get(origin, []))
+
+    def is_open(origin: bytes, key: bytes) -> bool:
+        ivs = intervals.get(origin, [])
+        return bool(ivs) and (ivs[-1][2] is None or ivs[-1][2] > key)
+
+    def void_later(origin: bytes, seq: int, key: bytes) -> bool:
+        """Is this entry past the cut of an eviction decided after it?"""
+        return any(d.member == origin and d.at > key and seq > d.cut for d in decisions)
+
+    for key, kind, ev in events:
+        if kind == 0:
+            admit: Entry = ev
+            assert isinstance(admit.body, Admit)
+            member, by, seq = admit.body.member, admit.origin, admit.seq
+            if is_open(member, key) or void_later(by, seq, key) or seq > ends.get(by, seq):
+                continue
+            if member in banned and int.from_bytes(key[:8], "big") > banned[member]:
+                continue
+            if (admit.hash == network and seq == 1 and member == by) or acts(by, seq, key):
+                intervals.setdefault(member, []).append([key, None, None, admit.body.after])
+        else:
+            dec: Decision = ev
+            ivs = intervals.get(dec.member)
+            if ivs and ivs[-1][2] is None and ivs[-1][0] < key:
+                ivs[-1][1], ivs[-1][2] = dec.cut, key
+
+    def valid(e: Entry) -> bool:
+        return any(e.key > s and e.seq > a and (c is None or e.seq <= c)
+                   for s, c, _, a in intervals.get(e.origin, []))
+
+    return valid

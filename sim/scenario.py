@@ -1,0 +1,300 @@
+"""One simulated run from one seed: a network founded, nodes admitted, traders
+trading, a schedule of faults, then healing, quiescence and the final checks.
+
+Everything is driven by ``random.Random(seed)``: the same seed replays the
+same run, step for step.  Time is in simulated milliseconds; finality's
+timeouts are scaled down (eviction after 800 ms) so a run is short.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from hashlib import blake2b
+
+from crdt.entry import GENESIS, Heartbeat, Order, make_entry
+from crdt.errors import ExchangeError
+from crdt.keys import SigningKey
+from crdt.membership import Decision
+from matching.exchange import Params
+from sim.checker import Checker, Violation
+from sim.network import Network
+from sim.node import SimNode
+
+TICK_MS = 5
+PULL_MS = 40
+JOIN_MS = 60
+PARAMS = Params(evict_after_ms=800, heartbeat_ms=20, liveness_ms=200, max_skew_ms=5_000,
+                max_clock_offset_ms=1_000)
+FAULTS = ("delay", "partition", "crash", "crash_long", "pause", "pause_long", "skew", "step_back",
+          "equivocate", "past_stamp")
+
+
+@dataclass(slots=True, kw_only=True)
+class Fault:
+    kind: str
+    start: int
+    end: int
+    node: int
+    other: int = 0
+    groups: list[list[int]] = field(default_factory=list)
+
+
+@dataclass(slots=True, kw_only=True)
+class Result:
+    seed: int
+    nodes: int
+    steps: int
+    finals: int
+    revoked: int
+    evictions: int
+    restarts: int
+    violation: str | None
+    trace: list[str]
+
+
+def key_for(seed: int, i: int) -> SigningKey:
+    return SigningKey(blake2b(f"sim {seed} node {i}".encode(), digest_size=32).digest())
+
+
+DISRUPTIVE = ("partition", "crash", "crash_long", "pause", "pause_long", "equivocate")
+
+
+def plan(rng: random.Random, n: int, duration: int, *, storm: bool = False) -> list[Fault]:
+    """The faults of one run.  By default one failure at a time: faults that
+    cut a node off (crash, pause, partition, equivocation) do not overlap, and
+    at most one of them lasts for good (a node down for good, or one that
+    equivocates, which is then out for good); delay, loss, clock skew and
+    strangers' entries come on top at any time.  Finality must then come back
+    after healing.  A ``storm`` overlaps anything, and only safety is checked."""
+    faults: list[Fault] = []
+    t = 400
+    busy_until = 0
+    permanent = False
+    while t < duration - 300:
+        kind = rng.choice(FAULTS)
+        node = rng.randrange(n)
+        length = rng.randint(200, 1_500)
+        if kind in DISRUPTIVE and not storm and (t < busy_until or permanent or n < 3):
+            kind = rng.choice(("delay", "skew", "step_back", "past_stamp"))
+        if kind == "equivocate":
+            permanent = True
+        if kind in ("crash_long", "pause_long"):
+            length = rng.randint(1_200, 2_000)
+            if kind == "crash_long" and not permanent and rng.random() < 0.5:
+                permanent = True
+                length = 1 << 60
+        f = Fault(kind=kind, start=t, end=min(t + length, duration) if length < 1 << 59 else length, node=node)
+        if kind in DISRUPTIVE:
+            busy_until = f.end + 2 * PARAMS.evict_after_ms  # recovered: evicted or back, re-admitted
+        if kind == "partition":
+            members = list(range(n))
+            rng.shuffle(members)
+            cut = rng.randint(1, n - 1)
+            f.groups = [sorted(members[:cut]), sorted(members[cut:])]
+        if kind == "skew":
+            f.other = rng.choice((-3_000, -2_000, 2_500, 4_000))
+        if kind == "step_back":
+            f.other = -rng.randint(500, 2_500)
+        faults.append(f)
+        t += rng.randint(150, 900)
+    return faults
+
+
+def run(seed: int, *, trace: bool = False, storm: bool = False,
+        rule: Callable[[SimNode], None] | None = None) -> Result:
+    """One run; ``storm`` overlaps every kind of fault and checks safety only;
+    ``rule`` may alter each node's core (a test of the checker itself)."""
+    rng = random.Random(seed)
+    n = rng.randint(3, 5)
+    duration = rng.randint(2_500, 4_500)
+    net = Network(rng)
+    nodes = [SimNode(i, key_for(seed, i), PARAMS, net, rng) for i in range(n)]
+    for nd in nodes:
+        nd.peers = [j for j in range(n) if j != nd.index]
+        if rule is not None:
+            rule(nd)
+    faults = plan(rng, n, duration, storm=storm)
+    checker = Checker.new()
+    log: list[str] = []
+    rate = rng.choice((20, 60, 150))  # orders per simulated second, over all nodes
+    nodes[0].found(0)
+    log.append(f"seed {seed}: {n} nodes, {duration} ms, {rate} orders/s, faults: "
+               + "; ".join(f"{f.kind}@{f.start}-{f.end if f.end < 1 << 59 else 'end'} n{f.node}" for f in faults))
+    now = 0
+    steps = 0
+    active: list[Fault] = []
+    pending = sorted(faults, key=lambda f: f.start)
+    backlog: dict[int, list[tuple[int, int, tuple[object, ...]]]] = {i: [] for i in range(n)}
+    quiet_until = duration + 6_000
+    healed = False
+    converged_at = None
+    try:
+        while now <= quiet_until:
+            now += TICK_MS
+            steps += 1
+            while pending and pending[0].start <= now and not healed:
+                f = pending.pop(0)
+                _begin(f, nodes, net, now, rng, log)
+                active.append(f)
+            for f in [f for f in active if f.end <= now]:
+                active.remove(f)
+                _end(f, nodes, net, now, log)
+            if now >= duration and not healed:
+                healed = True
+                for f in active:
+                    _end(f, nodes, net, now, log)
+                active.clear()
+                pending.clear()
+                for nd in nodes:
+                    nd.skew_ms = 0
+                log.append(f"{now}: healed; quiescing")
+            for src, dst, (sent_wall, msg) in net.due(now):
+                nd = nodes[dst]
+                if nd.ex is None:
+                    continue
+                if nd.paused:
+                    backlog[dst].append((src, sent_wall, msg))
+                    continue
+                nd.on_message(now, src, sent_wall, msg)
+            for nd in nodes:
+                if nd.ex is None or nd.paused:
+                    continue
+                if backlog[nd.index]:
+                    for src, sent_wall, msg in backlog[nd.index]:
+                        nd.on_message(now, src, sent_wall, msg)
+                    backlog[nd.index] = []
+                nd.step(now, PULL_MS, JOIN_MS)
+            if not healed and rng.random() < rate * TICK_MS / 1000:
+                traders = [nd for nd in nodes if nd.ex is not None and not nd.paused]
+                if traders:
+                    rng.choice(traders).trade(now, rng)
+            checker.step(nodes)
+            if steps % 40 == 0:
+                checker.invariants(nodes)
+            if healed and now >= duration + 300 and steps % 10 == 0:
+                why = checker.converged(nodes)
+                if why is None:
+                    converged_at = now
+                    break
+        if converged_at is None and not storm:
+            raise Violation(f"no convergence {quiet_until - duration} ms after healing: "
+                            f"{checker.converged(nodes)}")
+        checker.invariants(nodes)
+        _agreed_decisions(nodes)
+        for nd in nodes:
+            if nd.ex is not None:
+                checker.replay(nd, _decisions_of(nd))
+        violation = None
+    except Violation as exc:
+        violation = str(exc)
+        log.append(f"{now}: VIOLATION {exc}")
+    for nd in nodes:
+        log.append(f"node {nd.index}: {'up' if nd.ex else 'down'}, final fills {len(nd.disk.final_fills)}, "
+                   f"restarts {nd.restarts}, revoked {nd.revoked}, voided own {len(nd.voided)}"
+                   + (f", member {nd.ex.is_member()}, F {nd.ex.finality.final >> 16}" if nd.ex else ""))
+    return Result(
+        seed=seed, nodes=n, steps=steps, finals=len(checker.canon),
+        revoked=sum(nd.revoked for nd in nodes),
+        evictions=len({(d.member, d.at) for nd in nodes for d in _decisions_of(nd)}),
+        restarts=sum(nd.restarts for nd in nodes), violation=violation,
+        trace=log if (trace or violation) else [],
+    )
+
+
+def _decisions_of(nd: SimNode) -> list[Decision]:
+    """Every eviction this node has applied, across its restarts."""
+    seen = {(d.member, d.at, d.cut) for d in nd.decisions}
+    if nd.ex is not None:
+        seen |= {(d.member, d.at, d.cut) for d in nd.ex.membership.decisions()}
+    return [Decision(member=m, at=at, cut=cut) for m, at, cut in sorted(seen)]
+
+
+def _agreed_decisions(nodes: list[SimNode]) -> None:
+    """No two nodes decided one eviction with different cuts.  (A node may know
+    a decision another has not reached yet; what is final is compared through
+    the fills.)"""
+    seen: dict[tuple[bytes, bytes], int] = {}
+    for nd in nodes:
+        for d in _decisions_of(nd):
+            if seen.setdefault((d.member, d.at), d.cut) != d.cut:
+                raise Violation(f"two nodes decided one eviction with different cuts (node {nd.index})")
+
+
+def _begin(f: Fault, nodes: list[SimNode], net: Network, now: int, rng: random.Random, log: list[str]) -> None:
+    nd = nodes[f.node]
+    log.append(f"{now}: begin {f.kind} on node {f.node}" + (f" {f.groups}" if f.groups else "")
+               + (f" {f.other:+d} ms" if f.other else ""))
+    if f.kind == "delay":
+        net.faults.delay_ms = (20, rng.randint(60, 200))
+        net.faults.loss = rng.choice((0.05, 0.1, 0.2))
+        net.faults.duplicate = rng.choice((0.0, 0.05, 0.2))
+    elif f.kind == "partition":
+        net.partition(f.groups)
+    elif f.kind in ("crash", "crash_long"):
+        if nd.ex is not None:
+            nd.crash()
+    elif f.kind in ("pause", "pause_long"):
+        nd.paused = True
+    elif f.kind in ("skew", "step_back"):
+        nd.skew_ms += f.other
+    elif f.kind == "equivocate":
+        _equivocate(nd, nodes, net, now, rng, log)
+    elif f.kind == "past_stamp":
+        _past_stamp(nd, nodes, net, now, log)
+
+
+def _end(f: Fault, nodes: list[SimNode], net: Network, now: int, log: list[str]) -> None:
+    nd = nodes[f.node]
+    if f.kind == "delay":
+        net.faults.delay_ms = (1, 8)
+        net.faults.loss = 0.0
+        net.faults.duplicate = 0.0
+    elif f.kind == "partition":
+        net.heal()
+    elif f.kind in ("crash", "crash_long"):
+        if nd.ex is None and f.end < 1 << 59:
+            nd.restart(now)
+    elif f.kind in ("pause", "pause_long"):
+        nd.paused = False
+    elif f.kind == "skew":
+        nd.skew_ms -= f.other
+    log.append(f"{now}: end {f.kind} on node {f.node}")
+
+
+def _equivocate(nd: SimNode, nodes: list[SimNode], net: Network, now: int, rng: random.Random,
+                log: list[str]) -> None:
+    """A member signs two different entries at its next seq and shows each to
+    half of its peers (it keeps the first itself)."""
+    ex = nd.ex
+    if ex is None or not ex.is_member() or nd.paused:
+        return
+    seq, prev, _ = ex.replica.head_info(nd.node_id)
+    wall = nd.wall(now)
+    try:
+        a = ex.prepare(Order(side=0, price=103, qty=2), now_ms=wall)
+    except ExchangeError:
+        return
+    b = make_entry(nd.key, seq=seq + 1, hlc=a.hlc + 1, prev=prev, body=Order(side=1, price=97, qty=2), ack=a.ack)
+    nd.disk.commit([a])
+    sub = ex.apply_own(a, now_ms=wall, mono_ms=now)
+    assert sub.received is not None
+    nd._absorb(sub.received, committed=a)
+    peers = list(nd.peers)
+    rng.shuffle(peers)
+    half = len(peers) // 2
+    for i, p in enumerate(peers):
+        net.send(now, nd.index, p, (wall, ("push", [a if i < half else b])))
+    log.append(f"{now}: node {nd.index} equivocates at seq {seq + 1}")
+
+
+def _past_stamp(nd: SimNode, nodes: list[SimNode], net: Network, now: int, log: list[str]) -> None:
+    """A fresh key, never admitted, sends an order stamped in 1970 and a heartbeat."""
+    stranger = SigningKey(blake2b(f"stranger {now}".encode(), digest_size=32).digest())
+    e1 = make_entry(stranger, seq=1, hlc=(1_000 << 16), prev=GENESIS, body=Order(side=1, price=90, qty=50))
+    e2 = make_entry(stranger, seq=2, hlc=(2_000 << 16), prev=e1.hash, body=Heartbeat())
+    for p in range(len(nodes)):
+        net.send(now, nd.index, p, (nd.wall(now), ("push", [e1, e2])))
+    log.append(f"{now}: a stranger pushes a 1970-stamped sell through node {nd.index}")
+
