@@ -138,9 +138,10 @@ class Finality:
     def end(self, origin: bytes, *, cut_forks: bool = True) -> int:
         """Effective length of ``origin``'s log: what is held, ended before an equivocation."""
         n = self.replica.length(origin)
-        fork = self._forks.get(origin) if cut_forks else None
-        if fork is not None:
-            n = min(n, self._fork_end(origin, fork))
+        if cut_forks and self._forks:
+            fork = self._forks.get(origin)
+            if fork is not None:
+                n = min(n, self._fork_end(origin, fork))
         return n
 
     def ends(self) -> dict[bytes, int]:

@@ -74,6 +74,7 @@ class Membership:
         # (key, 0, admitter, seq, entry hash, member, after) or (key, 1, member, cut)
         self._events: list[tuple[Any, ...]] = []
         self._intervals: Intervals = {}
+        self._members: list[bytes] = []
         self._banned: dict[bytes, int] = {}  # origin -> stamp after which it is never admitted
         self._ends: dict[bytes, int] = {}  # origin -> effective end of a log proven to equivocate
         self.version = 0  # bumped whenever the derived intervals change
@@ -135,8 +136,8 @@ class Membership:
         return any(iv.acts_at(seq, key) for iv in self._intervals.get(origin, ()))
 
     def members(self) -> list[bytes]:
-        """Origins whose membership is open now, sorted."""
-        return sorted(o for o, ivs in self._intervals.items() if ivs and ivs[-1].closed_at is None)
+        """Origins whose membership is open now, sorted (do not change the list)."""
+        return self._members
 
     def is_member(self, origin: bytes) -> bool:
         ivs = self._intervals.get(origin)
@@ -225,4 +226,5 @@ class Membership:
         new = self._derive_upto(None)
         if new != self._intervals:
             self._intervals = new
+            self._members = sorted(o for o, ivs in new.items() if ivs and ivs[-1].closed_at is None)
             self.version += 1

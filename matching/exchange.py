@@ -211,18 +211,30 @@ class Exchange:
         body = entry.body
         target = body.order_id if isinstance(body, Cancel) else entry.hash
         fills, first = self.fills_of(entry.hash) if isinstance(body, Order) else ((), 0)
-        return Submitted(entry=entry, status=self.engine.status(target), fills=fills, first_fill_seq=first,
+        return Submitted(entry=entry, status=self._status_now(target), fills=fills, first_fill_seq=first,
                          received=result)
 
+    def _status_now(self, oid: bytes) -> OrderStatus | None:
+        """An order's status, also when it just became final and left memory."""
+        st = self.engine.status(oid)
+        if st is None:
+            for batch in reversed(self._batches):
+                for fo in batch.orders:
+                    if fo.oid == oid:
+                        return fo.status
+        return st
+
     def fills_of(self, taker: bytes) -> tuple[tuple[Fill, ...], int]:
-        """The provisional fills of taker ``taker`` and the global seq of the first."""
-        fills = self.engine.fills
-        for i in range(len(fills) - 1, -1, -1):
-            if fills[i][0] == taker:
-                j = i
-                while j and fills[j - 1][0] == taker:
-                    j -= 1
-                return tuple(fills[j:i + 1]), self.engine.fills_base + j
+        """The fills of taker ``taker`` (provisional, or final and not yet handed
+        over) and the global seq of the first."""
+        for fills, base in ((self.engine.fills, self.engine.fills_base),
+                            *((b.fills, b.first_seq) for b in reversed(self._batches))):
+            for i in range(len(fills) - 1, -1, -1):
+                if fills[i][0] == taker:
+                    j = i
+                    while j and fills[j - 1][0] == taker:
+                        j -= 1
+                    return tuple(fills[j:i + 1]), base + j
         return (), 0
 
     def submit(self, body: Body, *, now_ms: int) -> Submitted:

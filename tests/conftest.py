@@ -18,7 +18,23 @@ import msgpack
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from crdt.entry import BUY, GENESIS, GTC, IOC, SELL, Body, Cancel, Entry, Heartbeat, Order, entry_hash, make_entry
+from crdt.entry import (
+    BUY,
+    GENESIS,
+    GTC,
+    IOC,
+    NO_ACK,
+    SELL,
+    Ack,
+    Admit,
+    Body,
+    Cancel,
+    Entry,
+    Heartbeat,
+    Order,
+    entry_hash,
+    make_entry,
+)
 from crdt.hlc import Hlc
 from crdt.keys import SigningKey
 from crdt.replica import Replica
@@ -49,11 +65,11 @@ def key_for(i: int) -> SigningKey:
     return SigningKey(blake2b(f"p2pex test key {i}".encode(), digest_size=32).digest())
 
 
-def signed_entry(key: SigningKey, *, seq: int, hlc: int, prev: bytes, body: Body) -> Entry:
+def signed_entry(key: SigningKey, *, seq: int, hlc: int, prev: bytes, body: Body, ack: Ack = NO_ACK) -> Entry:
     """A correctly hashed and signed entry, *without* the range checks of
     ``make_entry``: lets a test build an entry whose only fault is the one under test."""
-    h = entry_hash(key.public, seq, hlc, prev, body)
-    return Entry(origin=key.public, seq=seq, hlc=hlc, prev=prev, body=body, sig=key.sign(h), hash=h)
+    h = entry_hash(key.public, seq, hlc, prev, body, ack)
+    return Entry(origin=key.public, seq=seq, hlc=hlc, prev=prev, body=body, sig=key.sign(h), hash=h, ack=ack)
 
 
 class LogBuilder:
@@ -151,11 +167,16 @@ def ops(n_origins: int, *, min_size: int = 0, max_size: int = 30) -> st.SearchSt
     return st.lists(op, min_size=min_size, max_size=max_size)
 
 
-def build_logs(n_origins: int, steps: Sequence[Op], *, key_offset: int = 0) -> list[LogBuilder]:
+def build_logs(n_origins: int, steps: Sequence[Op], *, key_offset: int = 0,
+               members: bool = False) -> list[LogBuilder]:
     """Turn ops into one valid log per origin.  A shared clock advances by ``dt``;
     every origin has its own HLC, so stamps of different origins can tie (then the
-    entry hash breaks the tie)."""
+    entry hash breaks the tie).  With ``members`` the first origin founds a
+    network and admits the others first (see ``genesis_of``), so that their
+    entries are matched."""
     logs = [LogBuilder(key_for(key_offset + i)) for i in range(n_origins)]
+    if members:
+        admit_all(logs, ms=BASE_MS - 1_000)
     ms = BASE_MS
     for s in steps:
         ms += s.dt
@@ -171,6 +192,21 @@ def build_logs(n_origins: int, steps: Sequence[Op], *, key_offset: int = 0) -> l
         else:
             log.heartbeat(ms=ms)
     return logs
+
+
+def admit_all(logs: Sequence[LogBuilder], *, ms: int) -> None:
+    """The first log founds a network (its genesis ``Admit`` of itself) and admits
+    every other origin; nothing else is written yet."""
+    founder = logs[0]
+    assert not founder.entries
+    founder.append(Admit(member=founder.origin, after=1), ms=ms)
+    for other in logs[1:]:
+        founder.append(Admit(member=other.origin, after=0), ms=ms)
+
+
+def genesis_of(logs: Sequence[LogBuilder]) -> bytes:
+    """The network id of logs built with ``members=True``."""
+    return logs[0].entries[0].hash
 
 
 # ---- snapshots ----------------------------------------------------------------

@@ -19,12 +19,17 @@ from crdt.entry import (
     BUY,
     GENESIS,
     IOC,
+    NO_ACK,
     SELL,
+    Ack,
+    Admit,
     Body,
     Cancel,
     Entry,
+    Evict,
     Heartbeat,
     Order,
+    Retract,
     canonical_bytes,
     decode_entry_bytes,
     encode_entry,
@@ -46,17 +51,25 @@ def build_vectors() -> list[tuple[str, Entry]]:
     key = SigningKey(SEED)
     out: list[tuple[str, Entry]] = []
     prev = GENESIS
-    bodies: list[tuple[str, Body, int]] = [
-        ("order_gtc", Order(side=BUY, price=100, qty=10), pack(T0, 0)),
-        ("order_ioc", Order(side=SELL, price=99, qty=3, tif=IOC), pack(T0, 1)),
-        ("market_order", Order(side=BUY, price=0, qty=(1 << 40) - 1, tif=IOC, market=True), pack(T0 + 7, 0)),
-        ("cancel", Cancel(order_id=b""), pack(T0 + 8, 0)),  # order_id filled in below
-        ("heartbeat", Heartbeat(), pack(T0 + 1_000, 65_535)),
+    other = SigningKey(bytes(range(1, 33))).public
+    digest = bytes(range(32))
+    acked: Ack = (pack(T0, 0), pack(T0 - 5, 0), digest)
+    bodies: list[tuple[str, Body, int, Ack]] = [
+        ("genesis_admit", Admit(member=SigningKey(SEED).public, after=1), pack(T0 - 10, 0), NO_ACK),
+        ("order_gtc", Order(side=BUY, price=100, qty=10), pack(T0, 0), NO_ACK),
+        ("order_ioc", Order(side=SELL, price=99, qty=3, tif=IOC), pack(T0, 1), acked),
+        ("market_order", Order(side=BUY, price=0, qty=(1 << 40) - 1, tif=IOC, market=True), pack(T0 + 7, 0), acked),
+        ("cancel", Cancel(order_id=b""), pack(T0 + 8, 0), acked),  # order_id filled in below
+        ("heartbeat", Heartbeat(), pack(T0 + 1_000, 65_535), acked),
+        ("admit", Admit(member=other, after=0), pack(T0 + 1_001, 0), acked),
+        ("evict", Evict(member=other, cut=7), pack(T0 + 1_002, 0),
+         (*acked, other, pack(T0 + 1, 0), pack(T0 - 2, 0), digest[::-1])),
+        ("retract", Retract(member=other), pack(T0 + 1_003, 0), acked),
     ]
-    for seq, (name, body, hlc) in enumerate(bodies, start=1):
+    for seq, (name, body, hlc, ack) in enumerate(bodies, start=1):
         if isinstance(body, Cancel):
-            body = Cancel(order_id=out[0][1].hash)
-        entry = make_entry(key, seq=seq, hlc=hlc, prev=prev, body=body)
+            body = Cancel(order_id=out[1][1].hash)
+        entry = make_entry(key, seq=seq, hlc=hlc, prev=prev, body=body, ack=ack)
         out.append((name, entry))
         prev = entry.hash
     return out
@@ -69,8 +82,9 @@ def vector_record(name: str, e: Entry) -> dict[str, Any]:
         "seq": e.seq,
         "hlc": e.hlc,
         "prev": e.prev.hex(),
+        "ack": [x.hex() if isinstance(x, bytes) else x for x in e.ack],
         "body": [x.hex() if isinstance(x, bytes) else x for x in e.body.to_wire()],
-        "canonical": canonical_bytes(e.origin, e.seq, e.hlc, e.prev, e.body).hex(),
+        "canonical": canonical_bytes(e.origin, e.seq, e.hlc, e.prev, e.body, e.ack).hex(),
         "hash": e.hash.hex(),
         "sig": e.sig.hex(),
         "wire": encode_entry(e).hex(),
@@ -96,7 +110,8 @@ def committed() -> dict[str, Any]:
     return data
 
 
-NAMES = ["order_gtc", "order_ioc", "market_order", "cancel", "heartbeat"]
+NAMES = ["genesis_admit", "order_gtc", "order_ioc", "market_order", "cancel", "heartbeat", "admit", "evict",
+         "retract"]
 
 
 class TestVectors:
@@ -108,7 +123,7 @@ class TestVectors:
         want = committed()["entries"][index]
         name, entry = build_vectors()[index]
         got = vector_record(name, entry)
-        for field in ("origin", "seq", "hlc", "prev", "body", "canonical", "hash", "sig", "wire"):
+        for field in ("origin", "seq", "hlc", "prev", "ack", "body", "canonical", "hash", "sig", "wire"):
             assert got[field] == want[field], f"{name}: {field} drifted"
 
     @pytest.mark.parametrize("index", range(len(NAMES)), ids=NAMES)
@@ -116,10 +131,10 @@ class TestVectors:
         want = committed()["entries"][index]
         entry = decode_entry_bytes(bytes.fromhex(want["wire"]))
         assert entry.hash.hex() == want["hash"]
-        assert entry_hash(entry.origin, entry.seq, entry.hlc, entry.prev, entry.body).hex() == want["hash"]
+        assert entry_hash(entry.origin, entry.seq, entry.hlc, entry.prev, entry.body, entry.ack).hex() == want["hash"]
         assert verify(entry.origin, entry.sig, entry.hash)
         assert encode_entry(entry).hex() == want["wire"]
-        assert canonical_bytes(entry.origin, entry.seq, entry.hlc, entry.prev, entry.body).hex() == (
+        assert canonical_bytes(entry.origin, entry.seq, entry.hlc, entry.prev, entry.body, entry.ack).hex() == (
             want["canonical"]
         )
 
@@ -135,9 +150,9 @@ class TestVectors:
 
     def test_canonical_encoding_is_an_array_not_a_map(self) -> None:
         first = bytes.fromhex(committed()["entries"][0]["canonical"])
-        assert first[0] == 0x95  # fixarray of 5: origin, seq, hlc, prev, body
+        assert first[0] == 0x96  # fixarray of 6: origin, seq, hlc, prev, ack, body
         wire = bytes.fromhex(committed()["entries"][0]["wire"])
-        assert wire[0] == 0x96  # the same 5 fields plus the signature
+        assert wire[0] == 0x97  # the same 6 fields plus the signature
 
 
 if __name__ == "__main__":

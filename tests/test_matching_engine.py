@@ -64,6 +64,9 @@ STEP = st.builds(
 )
 
 
+OWNERS = ("alice", "bob")
+
+
 def to_records(steps: Sequence[Step]) -> list[Record]:
     """Records in *arrival* order.  Record i has oid ``o<i>`` and the unique key
     ``(i - delay) * 100 + i``: with delay 0 it arrives in key order, with a delay
@@ -75,13 +78,13 @@ def to_records(steps: Sequence[Step]) -> list[Record]:
     out: list[Record] = []
     for i, s in enumerate(steps):
         key = (i - s.delay) * 100 + i
-        if s.kind == CANCEL:
-            out.append((key, CANCEL, f"o{s.target % n}", 0, 0, 0))
+        if s.kind == CANCEL:  # a cancel acts only on its owner's own order: here, half of the time
+            out.append((key, CANCEL, f"o{s.target % n}", 0, 0, 0, OWNERS[(s.target + s.qty) % 2]))
         elif s.kind == NOOP:
-            out.append((key, NOOP, f"o{i}", 0, 0, 0))
+            out.append((key, NOOP, f"o{i}", 0, 0, 0, OWNERS[i % 2]))
         else:
             price = 0 if s.kind == MARKET else s.price
-            out.append((key, s.kind, f"o{i}", s.side, price, s.qty))
+            out.append((key, s.kind, f"o{i}", s.side, price, s.qty, OWNERS[i % 2]))
     return out
 
 
@@ -182,24 +185,38 @@ class TestDifferential:
         assert [a.status(r[2]) for r in recs] == [b.status(r[2]) for r in recs]
 
 
-class TestCompaction:
+class TestFinalize:
     @given(st.lists(STEP, min_size=6, max_size=40))
-    @prop(120)
-    def test_compact_keeps_exactly_the_newest_checkpoints(self, steps: list[Step]) -> None:
-        """After ``compact(k)`` a record at or below the floor raises ``RewindTooFar``
-        and changes nothing; anything above it still rewinds correctly."""
+    @prop(150)
+    def test_finalize_hands_over_exactly_what_lies_below_the_floor(self, steps: list[Step]) -> None:
+        """Finalizing at a floor hands over the fills of the records at or below it
+        and the state there of every order they touched; the engine then holds
+        only the provisional tail and the resting orders, and everything it
+        reports still equals the reference's.  A record at or below the floor
+        raises ``RewindTooFar`` and changes nothing."""
         engine = Engine()
-        applied: list[Any] = []  # keys that can still be undone, sorted
+        final_fills: list[Fill] = []
+        final_orders: dict[Any, Any] = {}
         floor: Any = None
         seen: list[Record] = []
         for step, rec in zip(steps, to_records(steps), strict=True):
-            if step.compact is not None:
-                keep = step.compact
-                engine.compact(keep)
-                if len(applied) > keep:
-                    floor = applied[len(applied) - keep - 1]
-                    applied = applied[len(applied) - keep:]
-                assert engine.checkpoints() == len(applied)
+            if step.compact is not None and seen:
+                keys = sorted(r[0] for r in seen)
+                candidate = keys[min(step.compact, len(keys) - 1)]
+                if floor is None or candidate > floor:
+                    floor = candidate
+                    batch = engine.finalize(floor)
+                    assert batch.first_seq == len(final_fills)
+                    final_fills += batch.fills
+                    ref_below = reference([r for r in seen if r[0] <= floor])
+                    assert final_fills == ref_below.fills
+                    for fo in batch.orders:
+                        want = ref_below.status(fo.oid)
+                        assert want is not None
+                        assert (fo.status.state, fo.status.filled, fo.status.remaining) == (
+                            want.state, want.filled, want.remaining)
+                        final_orders[fo.oid] = fo
+                    assert engine.fills_base == len(final_fills)
             if floor is not None and rec[0] <= floor:
                 snapshot = (list(engine.fills), engine.resting(BUY), engine.resting(SELL))
                 with pytest.raises(RewindTooFar):
@@ -208,55 +225,92 @@ class TestCompaction:
                 continue
             engine.add(rec)
             seen.append(rec)
-            applied = sorted([*applied, rec[0]])
-            assert engine.checkpoints() == len(applied)
-            assert engine.records_applied == len(seen)
-            assert_matches_reference(engine, seen)
+            ref = reference(seen)
+            assert final_fills + engine.fills == ref.fills
+            engine.check_invariants()
+            for side in (BUY, SELL):
+                assert engine.resting(side) == ref.resting(side)
+            # memory: an order still held is resting, or something above the floor touched it
+            above = {r[2] for r in seen if floor is None or r[0] > floor}
+            above |= {f[1] for f in engine.fills}
+            for oid, o in engine.orders.items():
+                resting = o.__class__ is list and o[0] > 0
+                assert resting or oid in above
 
-    def test_compact_then_late_record_raises(self) -> None:
+    def test_finalize_then_late_record_raises(self) -> None:
         e = Engine()
         for k in range(10):
-            e.add((k * 10, GTC, f"s{k}", SELL, 100 + k, 1))
-        e.compact(3)
-        assert e.checkpoints() == 3 and e.records_applied == 10
+            e.add((k * 10, GTC, f"s{k}", SELL, 100 + k, 1, "x"))
+        batch = e.finalize(60)
+        assert batch.records == 7 and batch.fills == () and e.checkpoints() == 3
+        assert {fo.oid for fo in batch.orders} == {f"s{k}" for k in range(7)}
         with pytest.raises(RewindTooFar):
-            e.add((60, GTC, "late", BUY, 200, 1))
+            e.add((60, GTC, "late", BUY, 200, 1, "x"))
         with pytest.raises(RewindTooFar):
-            e.add_many([(55, GTC, "late", BUY, 200, 1)])
-        rev = e.add((75, GTC, "b", BUY, 200, 2))  # above the floor (key 60): fine
+            e.add_many([(55, GTC, "late", BUY, 200, 1, "x")])
+        rev = e.add((75, GTC, "b", BUY, 200, 2, "x"))  # above the floor: fine
         assert rev is not None and rev.added == (("b", "s0", 100, 1), ("b", "s1", 101, 1))
-        e.compact(100)  # keeping more than there is changes nothing
-        assert e.checkpoints() == 4
+        assert e.finalize(50).records == 0  # below the floor: nothing more to hand over
 
-    def test_compact_to_zero_then_late_record_raises(self) -> None:
-        """Regression: after ``compact(0)`` the journal is empty and ``add``/``add_many``
-        took the fast path for *any* key, applying a record older than the floor in
-        place (wrong time priority, silently divergent books) instead of raising
-        ``RewindTooFar``."""
+    def test_closed_orders_leave_memory_once_final(self) -> None:
         e = Engine()
-        e.add((10, GTC, "a", SELL, 100, 3))
-        e.compact(0)
-        assert e.checkpoints() == 0 and e.frontier == 10
-        with pytest.raises(RewindTooFar):
-            e.add((5, GTC, "b", SELL, 100, 3))
-        with pytest.raises(RewindTooFar):
-            e.add_many([(5, GTC, "b", SELL, 100, 3)])
-        with pytest.raises(RewindTooFar):
-            e.add((10, NOOP, "n", 0, 0, 0))
-        assert e.resting(SELL) == [(100, "a", 3)]
-        assert e.add((11, GTC, "c", BUY, 100, 1)) is None
-        assert e.fills == [("c", "a", 100, 1)]
-        e.check_invariants()
+        e.add_many([(1, GTC, "s", SELL, 100, 2, "x"), (2, GTC, "b", BUY, 100, 2, "y"),
+                    (3, GTC, "r", SELL, 101, 5, "x"), (4, GTC, "c", SELL, 102, 1, "x"),
+                    (5, CANCEL, "c", 0, 0, 0, "x")])
+        batch = e.finalize(5)
+        assert batch.fills == (("b", "s", 100, 2),) and e.fills == []
+        states = {fo.oid: fo.status.state for fo in batch.orders}
+        assert states == {"s": FILLED, "b": FILLED, "r": OPEN, "c": CANCELLED}
+        assert set(e.orders) == {"r"}  # only the resting order is still held
+        assert e.status("s") is None and e.resting(SELL) == [(101, "r", 5)]
+
+    def test_a_final_book_restores_into_a_fresh_engine(self) -> None:
+        recs: list[Record] = [(i, GTC, f"o{i}", i % 2, 100 + (i % 5) - 2 * (i % 2), 1 + i % 4, "x")
+                              for i in range(1, 40)]
+        e = Engine()
+        e.add_many(recs)
+        batch = e.finalize(30)
+        resting = [list(o) for o in e.orders.values() if o.__class__ is list and o[0] > 0 and o[6] <= 30]
+        fresh = Engine()
+        fresh.restore(resting, floor=30, fills_base=batch.first_seq + len(batch.fills))
+        fresh.add_many([r for r in recs if r[0] > 30])
+        assert fresh.fills == e.fills and fresh.fills_base == e.fills_base
+        assert (fresh.resting(BUY), fresh.resting(SELL)) == (e.resting(BUY), e.resting(SELL))
+        fresh.check_invariants()
+
+    def test_rewrite_takes_records_out(self) -> None:
+        """Entries that become void (an evicted member's, past its cut) leave the
+        book: the engine rewinds once and replays without them."""
+        recs: list[Record] = [(1, GTC, "s", SELL, 100, 2, "x"), (2, GTC, "v", SELL, 99, 2, "void"),
+                              (3, GTC, "b", BUY, 100, 3, "y")]
+        e = Engine()
+        e.add_many(recs)
+        assert e.fills == [("b", "v", 99, 2), ("b", "s", 100, 1)]
+        rev = e.rewrite([2], [])
+        assert e.fills == [("b", "s", 100, 2)]
+        assert rev.revoked == (("b", "v", 99, 2), ("b", "s", 100, 1)) and rev.added == (("b", "s", 100, 2),)
+        assert e.status("v") is None
+        assert_matches_reference(e, [recs[0], recs[2]])
+
+
+class TestOwnership:
+    def test_a_cancel_acts_only_on_its_owners_order(self) -> None:
+        e = Engine()
+        e.add_many([(1, GTC, "s", SELL, 100, 5, "alice"), (2, CANCEL, "s", 0, 0, 0, "mallory")])
+        assert e.resting(SELL) == [(100, "s", 5)]
+        e.add((3, CANCEL, "s", 0, 0, 0, "alice"))
+        assert e.resting(SELL) == []
+        assert e.owner("s") == "alice"
 
 
 class TestScenarios:
     def test_price_then_time_priority_at_the_makers_price(self) -> None:
         e = Engine()
         e.add_many([
-            (1, GTC, "s1", SELL, 102, 2),
-            (2, GTC, "s2", SELL, 101, 2),
-            (3, GTC, "s3", SELL, 101, 2),
-            (4, GTC, "b", BUY, 102, 5),
+            (1, GTC, "s1", SELL, 102, 2, "x"),
+            (2, GTC, "s2", SELL, 101, 2, "x"),
+            (3, GTC, "s3", SELL, 101, 2, "x"),
+            (4, GTC, "b", BUY, 102, 5, "x"),
         ])
         assert e.fills == [("b", "s2", 101, 2), ("b", "s3", 101, 2), ("b", "s1", 102, 1)]
         assert e.resting(SELL) == [(102, "s1", 1)]
@@ -265,10 +319,10 @@ class TestScenarios:
 
     def test_ioc_remainder_expires_and_gtc_remainder_rests(self) -> None:
         e = Engine()
-        e.add((1, GTC, "s", SELL, 100, 2))
-        e.add((2, IOC, "i", BUY, 100, 5))
-        e.add((3, GTC, "g", SELL, 99, 4))
-        e.add((4, GTC, "b", BUY, 99, 1))
+        e.add((1, GTC, "s", SELL, 100, 2, "x"))
+        e.add((2, IOC, "i", BUY, 100, 5, "x"))
+        e.add((3, GTC, "g", SELL, 99, 4, "x"))
+        e.add((4, GTC, "b", BUY, 99, 1, "x"))
         assert e.fills == [("i", "s", 100, 2), ("b", "g", 99, 1)]
         st_i = e.status("i")
         assert st_i is not None and (st_i.state, st_i.filled, st_i.remaining) == (CANCELLED, 2, 0)
@@ -279,37 +333,37 @@ class TestScenarios:
         also ``_INF``, so ``while best_ask <= price`` looked up ``asks[_INF]`` and
         raised ``KeyError`` (empty book, or a book the order swept clean)."""
         e = Engine()
-        assert e.add((1, MARKET, "m", BUY, 0, 5)) is None
+        assert e.add((1, MARKET, "m", BUY, 0, 5, "x")) is None
         s = e.status("m")
         assert s is not None and (s.state, s.filled, s.remaining) == (CANCELLED, 0, 0)
-        e.add((2, GTC, "a", SELL, 100, 3))
-        e.add((3, GTC, "a2", SELL, 1 << 40, 1))
-        e.add((4, MARKET, "m2", BUY, 0, 9))
+        e.add((2, GTC, "a", SELL, 100, 3, "x"))
+        e.add((3, GTC, "a2", SELL, 1 << 40, 1, "x"))
+        e.add((4, MARKET, "m2", BUY, 0, 9, "x"))
         assert e.fills == [("m2", "a", 100, 3), ("m2", "a2", 1 << 40, 1)]
         s = e.status("m2")
         assert s is not None and (s.state, s.filled, s.price) == (CANCELLED, 4, 0)
-        e.add((5, MARKET, "m3", SELL, 0, 1))  # the mirror case always worked
+        e.add((5, MARKET, "m3", SELL, 0, 1, "x"))  # the mirror case always worked
         # and via the late path: a market buy that arrives late sweeps again
-        e.add((0, MARKET, "m0", BUY, 0, 1))
+        e.add((0, MARKET, "m0", BUY, 0, 1, "x"))
         assert e.fills[0] == ("m2", "a", 100, 3)
         e.check_invariants()
 
     def test_market_sell_takes_every_bid_level(self) -> None:
         e = Engine()
-        e.add_many([(1, GTC, "b1", BUY, 1, 1), (2, GTC, "b2", BUY, 50, 1), (3, MARKET, "m", SELL, 0, 3)])
+        e.add_many([(1, GTC, "b1", BUY, 1, 1, "x"), (2, GTC, "b2", BUY, 50, 1, "x"), (3, MARKET, "m", SELL, 0, 3, "x")])
         assert e.fills == [("m", "b2", 50, 1), ("m", "b1", 1, 1)]
         assert e.resting(BUY) == []
 
     def test_cancel_removes_only_the_remaining_quantity(self) -> None:
         e = Engine()
-        e.add_many([(1, GTC, "s", SELL, 100, 5), (2, GTC, "b", BUY, 100, 2), (3, CANCEL, "s", 0, 0, 0)])
+        e.add_many([(1, GTC, "s", SELL, 100, 5, "x"), (2, GTC, "b", BUY, 100, 2, "x"), (3, CANCEL, "s", 0, 0, 0, "x")])
         s = e.status("s")
         assert s is not None and (s.state, s.filled, s.remaining) == (CANCELLED, 2, 0)
         assert e.resting(SELL) == []
-        e.add((4, CANCEL, "s", 0, 0, 0))  # twice: no effect
-        e.add((5, CANCEL, "nobody", 0, 0, 0))
+        e.add((4, CANCEL, "s", 0, 0, 0, "x"))  # twice: no effect
+        e.add((5, CANCEL, "nobody", 0, 0, 0, "x"))
         # a late order that would have taken the rest before the cancel
-        rev = e.add((2.5, GTC, "b2", BUY, 100, 9))
+        rev = e.add((2.5, GTC, "b2", BUY, 100, 9, "x"))
         assert rev is not None and rev.added == (("b2", "s", 100, 3),) and rev.revoked == ()
         s = e.status("s")
         assert s is not None and (s.state, s.filled) == (FILLED, 5)
@@ -318,9 +372,9 @@ class TestScenarios:
 
     def test_late_order_revises_fills(self) -> None:
         e = Engine()
-        e.add_many([(10, GTC, "s", SELL, 100, 1), (30, GTC, "b_late", BUY, 100, 1)])
+        e.add_many([(10, GTC, "s", SELL, 100, 1, "x"), (30, GTC, "b_late", BUY, 100, 1, "x")])
         assert e.fills == [("b_late", "s", 100, 1)]
-        rev = e.add((20, GTC, "b_early", BUY, 101, 1))
+        rev = e.add((20, GTC, "b_early", BUY, 101, 1, "x"))
         assert rev == Revision(revoked=(("b_late", "s", 100, 1),), added=(("b_early", "s", 100, 1),))
         assert e.resting(BUY) == [(100, "b_late", 1)]
         b = e.status("b_late")
@@ -331,10 +385,10 @@ class TestScenarios:
         records, replayed them and raised ``ValueError``, but left the undone fills in
         place, so every fill after that key appeared twice."""
         e = Engine()
-        e.add_many([(1, GTC, "a", SELL, 100, 3), (2, GTC, "b", BUY, 100, 2), (3, GTC, "c", BUY, 100, 1),
-                    (4, CANCEL, "a", 0, 0, 0)])
+        e.add_many([(1, GTC, "a", SELL, 100, 3, "x"), (2, GTC, "b", BUY, 100, 2, "x"), (3, GTC, "c", BUY, 100, 1, "x"),
+                    (4, CANCEL, "a", 0, 0, 0, "x")])
         fills, book = list(e.fills), (e.resting(BUY), e.resting(SELL))
-        for dup in ((1, GTC, "a", SELL, 100, 3), (3, GTC, "c", BUY, 100, 1), (4, CANCEL, "a", 0, 0, 0)):
+        for dup in ((1, GTC, "a", SELL, 100, 3, "x"), (3, GTC, "c", BUY, 100, 1, "x"), (4, CANCEL, "a", 0, 0, 0, "x")):
             with pytest.raises(ValueError):
                 e.add(dup)
             assert e.fills == fills and (e.resting(BUY), e.resting(SELL)) == book
@@ -343,8 +397,8 @@ class TestScenarios:
 
     def test_depth_is_limited_and_aggregated(self) -> None:
         e = Engine()
-        e.add_many([(1, GTC, "a", SELL, 105, 1), (2, GTC, "b", SELL, 103, 2), (3, GTC, "c", SELL, 103, 4),
-                    (4, GTC, "d", BUY, 99, 7), (5, GTC, "e", BUY, 98, 1)])
+        e.add_many([(1, GTC, "a", SELL, 105, 1, "x"), (2, GTC, "b", SELL, 103, 2, "x"), (3, GTC, "c", SELL, 103, 4, "x"),
+                    (4, GTC, "d", BUY, 99, 7, "x"), (5, GTC, "e", BUY, 98, 1, "x")])
         bids, asks = e.depth(1)
         assert [(x.price, x.qty, x.orders) for x in bids] == [(99, 7, 1)]
         assert [(x.price, x.qty, x.orders) for x in asks] == [(103, 6, 2)]
@@ -361,7 +415,7 @@ class TestScenarios:
 class TestInvariantsCanFail:
     def test_crossed_book_is_detected(self) -> None:
         e = Engine()
-        e.add_many([(1, GTC, "a", SELL, 100, 1), (2, GTC, "b", BUY, 99, 1)])
+        e.add_many([(1, GTC, "a", SELL, 100, 1, "x"), (2, GTC, "b", BUY, 99, 1, "x")])
         e.check_invariants()
         e.bids[99][0][5] = 101  # an order claiming another price
         with pytest.raises(AssertionError):
@@ -369,12 +423,12 @@ class TestInvariantsCanFail:
 
     def test_empty_level_and_overfill_are_detected(self) -> None:
         e = Engine()
-        e.add((1, GTC, "a", SELL, 100, 1))
+        e.add((1, GTC, "a", SELL, 100, 1, "x"))
         e.asks[100][0][0] = 0
         with pytest.raises(AssertionError):
             e.check_invariants()
         e = Engine()
-        e.add((1, GTC, "a", SELL, 100, 1))
+        e.add((1, GTC, "a", SELL, 100, 1, "x"))
         e.orders["a"][3] = 5  # closed beyond the order's quantity
         with pytest.raises(AssertionError):
             e.check_invariants()
@@ -382,7 +436,7 @@ class TestInvariantsCanFail:
     def test_reference_disagrees_with_a_wrong_engine(self) -> None:
         """The differential check is not vacuous: a plausible wrong rule (trade at the
         taker's price) is caught."""
-        recs: list[Record] = [(1, GTC, "s", SELL, 100, 1), (2, GTC, "b", BUY, 101, 1)]
+        recs: list[Record] = [(1, GTC, "s", SELL, 100, 1, "x"), (2, GTC, "b", BUY, 101, 1, "x")]
         e = Engine()
         e.add_many(recs)
         e.fills[0] = ("b", "s", 101, 1)
@@ -398,8 +452,8 @@ class TestCatchUpPage:
         for i in range(300):
             side = BUY if i % 2 else SELL
             price = 100 + (i % 7) - (3 if side == BUY else 0)
-            recs.append((i * 2, GTC, f"o{i}", side, price, 1 + i % 5))
-        frontier = (10_000, GTC, "late-frontier", BUY, 101, 3)
+            recs.append((i * 2, GTC, f"o{i}", side, price, 1 + i % 5, "x"))
+        frontier = (10_000, GTC, "late-frontier", BUY, 101, 3, "x")
         engine = Engine()
         engine.add(frontier)
         before = list(engine.fills)
