@@ -17,10 +17,28 @@ from crdt.errors import ExchangeError, ForeignCancel, ValidationError
 from crdt.keys import short_id
 from matching.engine import OrderStatus
 from matching.exchange import NotCancellable, UnknownOrder, fill_id
-from net.errors import ApiError, BadRequest, Conflict, NotFound, TooLarge, Unauthorized, Unprocessable
+from net.errors import (
+    ApiError,
+    BadRequest,
+    Conflict,
+    NotFound,
+    TooLarge,
+    Unauthorized,
+    Unprocessable,
+    UnsupportedMediaType,
+)
 from net.peers import is_loopback_host
 from net.ports import percentile
-from net.wire import CLIENT_BODY_CAP, PEER_BODY_CAP, error_reply, pack, read_client_body, read_peer_body, reply
+from net.wire import (
+    CLIENT_BODY_CAP,
+    MSGPACK,
+    PEER_BODY_CAP,
+    error_reply,
+    pack,
+    read_client_body,
+    read_peer_body,
+    reply,
+)
 
 if TYPE_CHECKING:
     from net.node import Node
@@ -54,6 +72,18 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 @web.middleware
+async def peer_content_type_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Peer routes take msgpack only.  A web page can POST ``text/plain`` to any
+    address without a CORS preflight, so a browser on the node's machine could
+    otherwise be made to push to a node on 127.0.0.1; ``application/msgpack``
+    needs a preflight, which the node never grants."""
+    if (request.path.startswith("/peer/") and request.match_info.http_exception is None
+            and request.content_type != MSGPACK):
+        raise UnsupportedMediaType(f"peer routes take Content-Type: {MSGPACK}, not {request.content_type!r}")
+    return await handler(request)
+
+
+@web.middleware
 async def body_cap_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Refuse a declared body over the cap on every route, also on routes that
     never read a body (a DELETE with 1 MiB attached used to go through)."""
@@ -70,7 +100,10 @@ def _node(request: web.Request) -> Node:
 def _require_token(request: web.Request) -> None:
     header = request.headers.get("Authorization", "")
     token = header[7:] if header.startswith("Bearer ") else ""
-    if not token or not hmac.compare_digest(token.encode(), _node(request).token.encode()):
+    # Header bytes that are not UTF-8 arrive as surrogate escapes, which str.encode()
+    # refuses: compare the raw bytes instead, so such a token is wrong, not a crash.
+    given = token.encode("utf-8", "surrogateescape")
+    if not token or not hmac.compare_digest(given, _node(request).token.encode()):
         raise Unauthorized("missing or wrong API token (see the .cookie file in the node's data dir)")
 
 
@@ -338,7 +371,8 @@ async def peer_peers(request: web.Request) -> web.Response:
 
 
 def build_app(node: Node) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware, body_cap_middleware], client_max_size=PEER_BODY_CAP)
+    app = web.Application(middlewares=[errors_middleware, body_cap_middleware, peer_content_type_middleware],
+                          client_max_size=PEER_BODY_CAP)
     app[NODE] = node
     app.router.add_post("/v1/orders", post_order)
     app.router.add_delete("/v1/orders/{order_id}", delete_order)

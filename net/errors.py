@@ -45,6 +45,11 @@ class TooLarge(ApiError):
     code = "too_large"
 
 
+class UnsupportedMediaType(ApiError):
+    status = 415
+    code = "unsupported_media_type"
+
+
 class Unprocessable(ApiError):
     status = 422
     code = "unprocessable"
