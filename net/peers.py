@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import msgpack
 from tenacity import RetryCallState, wait_exponential_jitter
 
-from crdt.keys import PUBLIC_LEN, SIGNATURE_LEN, SigningKey, short_id, verify
+from crdt.keys import PUBLIC_LEN, SIGNATURE_LEN, SigningKey, is_weak_key, short_id, verify
 
 RECORD_TAG = b"p2pex-peer-v1"
 MAX_URL_LEN = 200
@@ -67,7 +67,7 @@ class PeerRecord:
             or type(sig) is not bytes or len(sig) != SIGNATURE_LEN
         ):
             return None
-        if not url_ok(url):
+        if not url_ok(url) or is_weak_key(node_id):
             return None
         if not verify(node_id, sig, cls.signing_bytes(node_id, url, last_seen)):
             return None

@@ -437,6 +437,18 @@ class TestForgedEntries:
         forged = [a_id, head.seq + 1, hlc, head.hash, body.to_wire(), MALLORY.sign(h)]
         self.check_rejected(world, c, forged, "bad_signature")
 
+    def test_identity_key_forges_nothing(self, world: World) -> None:
+        """Regression: an entry of the identity-point "origin" with the signature
+        (identity, 0) verified whatever it said, so it was accepted and merged."""
+        identity = (1).to_bytes(32, "little")
+        body = Order(side=BUY, price=10, qty=5)
+        hlc = now_hlc()
+        forged = [identity, 1, hlc, GENESIS, body.to_wire(), identity + bytes(32)]
+        assert entry_hash(identity, 1, hlc, GENESIS, body)  # well formed; only the key is weak
+        self.check_rejected(world, world.nodes[1], forged, "bad_signature")
+        for n in world.nodes:
+            assert identity.hex() not in n.status()["version_vector"]
+
     def test_stamped_too_far_ahead(self, world: World) -> None:
         e = make_entry(MALLORY, seq=1, hlc=now_hlc(3_600_000), prev=GENESIS,
                        body=Order(side=BUY, price=10, qty=5))
