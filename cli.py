@@ -46,6 +46,15 @@ def positive_float(text: str) -> float:
     return value
 
 
+def peer_networks(text: str) -> tuple[str, ...] | None:
+    from net.addresses import parse_networks
+
+    try:
+        return parse_networks(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 # ---- node ---------------------------------------------------------------------
 
 
@@ -68,6 +77,10 @@ def add_node_parser(sub: Any) -> None:
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[P2PEX_LOG_LEVEL]")
     p.add_argument("--pull-interval", type=positive_float, default=env("PULL_INTERVAL", "0.5"),
                    help="seconds between anti-entropy pulls [P2PEX_PULL_INTERVAL]")
+    p.add_argument("--peer-networks", type=peer_networks, default=env("PEER_NETWORKS", "auto"),
+                   help="kinds of address this node dials peers on: auto (public, plus the kind of its own "
+                        "address) or a comma-separated list of public, private, loopback, link-local "
+                        "[P2PEX_PEER_NETWORKS]")
 
 
 def run_node(args: argparse.Namespace) -> int:
@@ -91,7 +104,7 @@ def run_node(args: argparse.Namespace) -> int:
     config = NodeConfig(
         host=args.host, port=args.port, dht_port=args.dht_port, data_dir=Path(args.data_dir),
         bootstrap=bootstrap, advertise=args.advertise, name=args.name, trading=not args.seed,
-        pull_interval=args.pull_interval,
+        pull_interval=args.pull_interval, peer_networks=args.peer_networks,
     )
 
     async def main() -> None:

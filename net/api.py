@@ -27,7 +27,7 @@ from net.errors import (
     Unprocessable,
     UnsupportedMediaType,
 )
-from net.peers import is_loopback_host
+from net.peers import NONCE_LEN, is_loopback_host, prove
 from net.ports import percentile
 from net.wire import (
     CLIENT_BODY_CAP,
@@ -265,6 +265,7 @@ def status_data(node: Node) -> dict[str, Any]:
         "url": node.url, "trading": node.config.trading, "ready": node.ready,
         "dht_joined": node.discovery.joined.is_set(),
         "peers": node.peer_views(),
+        "peer_candidates": len(node.candidates),
         "version_vector": {o.hex(): s for o, s in sorted(vv.items())},
         "state_hash": ex.state_hash().hex(),
         "counts": {
@@ -362,11 +363,17 @@ async def peer_push(request: web.Request) -> web.Response:
 
 
 async def peer_peers(request: web.Request) -> web.Response:
+    """Peer exchange.  A caller's ``nonce`` (32 bytes) is a challenge: the reply's
+    ``proof`` signs it with our key, together with our URL (``net.peers.prove``)."""
     node = _node(request)
     body = await read_peer_body(request)
     addr, _ = _peer_label(request, body)
     node.offer_records(body.get("records", []), source=addr)
-    data = pack({"records": node.records_for(is_loopback_host(addr)), "observed": addr})
+    out: dict[str, Any] = {"records": node.records_for(is_loopback_host(addr)), "observed": addr}
+    nonce = body.get("nonce")
+    if type(nonce) is bytes and len(nonce) == NONCE_LEN and node.url is not None:
+        out["proof"] = prove(node.key, nonce, node.url)
+    data = pack(out)
     return web.Response(body=data, content_type="application/msgpack")
 
 

@@ -22,6 +22,7 @@ class NodeConfig:
     peer_ttl_ms: int = 10 * 60 * 1000
     publish_interval: float = 2.0
     max_skew_ms: int = 5_000
+    peer_networks: tuple[str, ...] | None = None  # kinds of address peers may have; None: auto
 
     @property
     def udp_port(self) -> int:

@@ -61,5 +61,17 @@ class PeerError(ExchangeError):
     code = "peer_error"
 
 
+class PeerRefused(PeerError):
+    """The node will not dial that peer URL (its address policy refuses it)."""
+
+    code = "peer_refused"
+
+
+class BadReply(PeerError):
+    """A peer's reply that does not decode."""
+
+    code = "bad_reply"
+
+
 class StorageError(ExchangeError):
     code = "storage_error"

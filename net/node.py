@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import secrets
 import socket
 import time
 from collections import deque
@@ -29,10 +30,27 @@ from crdt.hlc import physical_ms
 from crdt.keys import short_id
 from crdt.replica import MergeResult
 from matching.exchange import Exchange, Submitted
+from net.addresses import (
+    AddressGuard,
+    AddressPolicy,
+    IPAddress,
+    PeerResolver,
+    literal,
+    parse_peer_url,
+    resolve,
+)
 from net.config import NodeConfig, split_host_port
 from net.discovery import Discovery
-from net.errors import PeerError, TooLarge
-from net.peers import Peer, PeerRecord, PeerTable, is_loopback_url
+from net.errors import BadReply, BadRequest, PeerError, PeerRefused, TooLarge
+from net.peers import (
+    NONCE_LEN,
+    Candidates,
+    Peer,
+    PeerRecord,
+    PeerTable,
+    check_proof,
+    is_loopback_url,
+)
 from net.store import Store, load_or_create_key, write_cookie
 from net.wire import MSGPACK, PEER_BODY_CAP, pack, read_capped, unpack
 
@@ -43,7 +61,11 @@ MAX_PAGES_PER_PULL = 25
 PUSH_QUEUE_CAP = 20_000
 LATENCY_SAMPLES = 20_000
 MAX_RECORDS_PER_CALL = 300  # peer records read from one request or reply
-MAX_GREETINGS = 8  # greetings of new peers under way at once
+MAX_GREETINGS = 8  # proofs of new peers under way at once
+PROVE_EVERY_S = 0.2  # how often waiting candidates are looked at
+COOL_FAILED_PROOF_S = 60.0  # a record whose node did not prove its key is not tried again for this long
+COOL_UNREACHABLE_S = 5.0
+COOL_REFUSED_S = 300.0  # a URL the address policy refuses
 EXCHANGE_MIN_S = 0.2  # peer-exchange period while membership changes
 EXCHANGE_MAX_S = 5.0
 ENDPOINT_FILE = "endpoint"  # the local URL of the node, for the CLI
@@ -83,7 +105,9 @@ class Node:
         self.store = Store(data_dir)
         self.exchange = Exchange(self.key, max_skew_ms=config.max_skew_ms)
         self.token = write_cookie(data_dir)
-        self.peers = PeerTable(self.node_id, ttl_ms=config.peer_ttl_ms)
+        self.peers = PeerTable(self.node_id, ttl_ms=config.peer_ttl_ms)  # proven peers only
+        self.candidates = Candidates()  # records waiting for their proof
+        self.guard = AddressGuard(AddressPolicy.listed(config.peer_networks or ("public",)))
         self.discovery = Discovery(
             public_key=self.node_id, host=config.host, port=config.udp_port,
             bootstrap=config.bootstrap,
@@ -97,10 +121,10 @@ class Node:
         self._push_queues: dict[bytes, list[Entry]] = {}
         self._pushing: set[bytes] = set()
         self._probing: set[bytes] = set()
-        self._greeting: set[bytes] = set()
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
+        self._policy_settled = False
         # acceptance-to-visibility delays (ms) of entries from other origins
         self.latencies: deque[int] = deque(maxlen=LATENCY_SAMPLES)
         self._evidence_saved = 0
@@ -120,14 +144,15 @@ class Node:
         loaded = self.store.load_entries()
         if loaded:
             self.exchange.restore(loaded)
-        for raw in self.store.load_peers():
+        stored = 0
+        for raw in self.store.load_peers():  # known before, but each proves its key again
             rec = PeerRecord.decode(raw)
-            if rec is not None:
-                self.peers.offer(rec, now)
-        log.info("%s: loaded %d entries, %d peers", self.config.name, len(loaded), len(self.peers.peers))
+            if rec is not None and self.peers.fresh(rec, now) and self.candidates.offer(rec, self.monotonic()):
+                stored += 1
+        log.info("%s: loaded %d entries, %d peers to prove", self.config.name, len(loaded), stored)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.config.peer_timeout),
-            connector=aiohttp.TCPConnector(limit=64, limit_per_host=4),
+            connector=aiohttp.TCPConnector(limit=64, limit_per_host=4, resolver=PeerResolver(self.guard)),
         )
         app = build_app(self)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
@@ -137,6 +162,7 @@ class Node:
         await self.discovery.listen()
         self.url = await self._advertised_url()
         self._refresh_record()
+        self._policy_settled = await self._set_address_policy()
         local_host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
         (Path(self.config.data_dir) / ENDPOINT_FILE).write_text(f"http://{local_host}:{self.config.port}\n")
         self.ready = True
@@ -146,6 +172,7 @@ class Node:
         self._spawn(self._discovery_loop(), "dht-publish")
         self._spawn(self._pull_loop(), "pull")
         self._spawn(self._exchange_loop(), "peer-exchange")
+        self._spawn(self._prove_loop(), "prove")
 
     async def run_until_stopped(self) -> None:
         await self._stopping.wait()
@@ -191,6 +218,34 @@ class Node:
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{port}"
+
+    async def _set_address_policy(self) -> bool:
+        """``--peer-networks auto``: public addresses plus the kinds of our own
+        (from our URL; until that resolves, from the bind address).  False when
+        our URL did not resolve yet (called again later)."""
+        if self.config.peer_networks is not None:
+            self.guard.policy = AddressPolicy.listed(self.config.peer_networks)
+            return True
+        assert self.url is not None
+        own = parse_peer_url(self.url)
+        ips: list[IPAddress] = []
+        settled = True
+        if own is not None:
+            ip = literal(own.host)
+            try:
+                ips = [ip] if ip is not None else await asyncio.get_running_loop().run_in_executor(
+                    None, resolve, own.host, own.port)
+            except OSError as exc:
+                settled = False
+                bound = literal(self.config.host)
+                ips = [bound] if bound is not None else []
+                log.info("our URL %s does not resolve yet (%s)", self.url, exc)
+        policy = AddressPolicy.own_network(ips)
+        if policy != self.guard.policy:
+            self.guard.policy = policy
+            log.info("dialing peers on %s addresses",
+                     ", ".join(sorted(k.replace("_", "-") for k in policy.allowed)))
+        return settled
 
     def _refresh_record(self) -> None:
         assert self.url is not None
@@ -278,28 +333,49 @@ class Node:
         finally:
             self._pushing.discard(nid)
 
-    async def _call(self, peer: Peer, path: str, body: dict[str, Any]) -> Any:
-        """One peer request under the peer timeout; updates the peer's health."""
+    async def _request(self, url: str, path: str, body: dict[str, Any]) -> Any:
+        """One POST to a peer URL under the peer timeout; its decoded reply.
+
+        Raises PeerRefused when the address policy forbids the URL (nothing is
+        sent), PeerError when the peer is unreachable or answers badly."""
         assert self._session is not None
+        try:
+            refusal = await self.guard.refusal(url)
+        except OSError as exc:
+            raise PeerError(f"{url} does not resolve: {exc}") from None
+        if refusal is not None:
+            raise PeerRefused(f"{url}: {refusal}")
+        async with self._session.post(
+            url + path, data=pack(body), headers={"Content-Type": MSGPACK, "Accept": MSGPACK},
+        ) as resp:
+            try:
+                data = await read_capped(resp.content, PEER_BODY_CAP, resp.content_length)
+            except TooLarge as exc:
+                raise PeerError(f"reply over the peer body cap: {exc}") from None
+            if resp.status != 200:
+                raise PeerError(f"HTTP {resp.status}: {data[:200]!r}")
+            try:
+                return unpack(data)
+            except BadRequest as exc:
+                raise BadReply(str(exc)) from None
+
+    async def _call(self, peer: Peer, path: str, body: dict[str, Any]) -> Any:
+        """One request to a table peer; updates the peer's health."""
         start = self.monotonic()
         try:
-            async with self._session.post(
-                peer.record.url + path, data=pack(body),
-                headers={"Content-Type": MSGPACK, "Accept": MSGPACK},
-            ) as resp:
-                try:
-                    data = await read_capped(resp.content, PEER_BODY_CAP, resp.content_length)
-                except TooLarge as exc:
-                    raise PeerError(f"reply over the peer body cap: {exc}") from None
-                if resp.status != 200:
-                    raise PeerError(f"HTTP {resp.status}: {data[:200]!r}")
-                result = unpack(data)
+            result = await self._request(peer.record.url, path, body)
+        except BadReply as exc:  # a reply we cannot decode
+            self.peers.failed(peer, self.monotonic(), f"bad reply: {exc}")
+            log.warning("peer %s (%s) sent a bad reply to %s: %s", peer.short, peer.record.url, path, exc)
+            raise PeerError(str(exc)) from exc
+        except PeerRefused:
+            raise
         except (aiohttp.ClientError, TimeoutError, OSError, PeerError) as exc:
             self.peers.failed(peer, self.monotonic(), f"{type(exc).__name__}: {exc}")
             if peer.failures == 1:
                 log.info("peer %s (%s) unreachable: %s", peer.short, peer.record.url, exc)
             raise PeerError(str(exc)) from exc
-        except Exception as exc:  # a reply we cannot decode
+        except Exception as exc:  # anything else about a reply we cannot use
             self.peers.failed(peer, self.monotonic(), f"bad reply: {exc}")
             log.warning("peer %s (%s) sent a bad reply to %s: %s", peer.short, peer.record.url, path, exc)
             raise PeerError(str(exc)) from exc
@@ -372,6 +448,8 @@ class Node:
     # ---- membership -------------------------------------------------------------
 
     def offer_records(self, raws: Any, *, source: str) -> int:
+        """Records relayed by a peer or read from the DHT: refresh known peers,
+        queue the others as candidates for a proof; how many were queued or refreshed."""
         if not isinstance(raws, list):
             return 0
         now = self.clock_ms()
@@ -386,33 +464,87 @@ class Node:
         return added
 
     def _offer(self, rec: PeerRecord, now: int) -> bool:
-        """Take a verified record; greet a peer we did not know at once."""
-        new = rec.node_id not in self.peers.peers
-        if not self.peers.offer(rec, now):
+        """Take a verified record: a newer record of a proven peer at the URL it
+        proved refreshes it; any other waits among the candidates until its node
+        proves its key at that URL."""
+        if rec.node_id == self.node_id or not self.peers.fresh(rec, now):
             return False
-        self.store.save_peer(rec.node_id, rec.encode())
-        if new and self.ready and len(self._greeting) < MAX_GREETINGS:
-            peer = self.peers.peers[rec.node_id]
-            self._greeting.add(rec.node_id)
-            self._spawn(self._greet(peer), f"greet-{peer.short}")
-        return True
+        if self.peers.refresh(rec, now):
+            self.store.save_peer(rec.node_id, rec.encode())
+            return True
+        known = self.peers.peers.get(rec.node_id)
+        if known is not None and known.record.url == rec.url:
+            return False  # not newer
+        holder = self.peers.by_url(rec.url)
+        if holder is not None and holder.failures == 0:
+            return False  # a live peer proved this URL; it is re-proved at every peer exchange
+        if self.guard.refusal_now(rec.url) is not None:
+            return False
+        return self.candidates.offer(rec, self.monotonic())
 
-    async def _greet(self, peer: Peer) -> None:
-        """Introduce ourselves to a new peer and sync with it, instead of waiting
-        for the random choice of the periodic loops to land on it."""
+    async def _prove_loop(self) -> None:
+        rounds = 0
+        while True:
+            await asyncio.sleep(PROVE_EVERY_S)
+            rounds += 1
+            try:
+                if not self._policy_settled and rounds % 10 == 0:
+                    self._policy_settled = await self._set_address_policy()
+                free = MAX_GREETINGS - len(self.candidates.trying)
+                for rec in self.candidates.take(free) if free > 0 else []:
+                    self._spawn(self._prove(rec), f"prove-{short_id(rec.node_id)}")
+            except Exception:  # a loop that dies would admit no new peer
+                log.exception("proof round failed")
+
+    async def _prove(self, rec: PeerRecord) -> None:
+        """Greet a candidate with a challenge: admit it once it signs our nonce
+        with the key of its record, then take its records and sync with it."""
+        mono = self.monotonic()
+        nonce = secrets.token_bytes(NONCE_LEN)
+        start = self.monotonic()
         try:
-            reply = await self._call(peer, "/peer/v1/peers", {
-                "from": self.node_id, "records": self.records_for(is_loopback_url(peer.record.url))})
-            if isinstance(reply, dict):
-                self.offer_records(reply.get("records"), source=peer.record.url)
+            reply = await self._request(rec.url, "/peer/v1/peers", {
+                "from": self.node_id, "nonce": nonce,
+                "records": self.records_for(is_loopback_url(rec.url))})
+        except PeerRefused as exc:
+            self.candidates.done(rec, mono, cool_s=COOL_REFUSED_S)
+            log.warning("not dialing peer %s: %s", short_id(rec.node_id), exc)
+            return
+        except (aiohttp.ClientError, TimeoutError, OSError, PeerError) as exc:
+            self.candidates.done(rec, mono, cool_s=COOL_UNREACHABLE_S)
+            log.debug("candidate %s at %s unreachable: %s", short_id(rec.node_id), rec.url, exc)
+            return
+        proof = reply.get("proof") if isinstance(reply, dict) else None
+        if not check_proof(rec.node_id, rec.url, nonce, proof):
+            self.candidates.done(rec, mono, cool_s=COOL_FAILED_PROOF_S)
+            log.warning("the node at %s did not prove key %s; record dropped", rec.url, short_id(rec.node_id))
+            return
+        self.candidates.done(rec, mono)
+        admitted, displaced = self.peers.admit(rec, self.clock_ms())
+        for nid in displaced:
+            self._forget(nid, f"displaced at {rec.url} by {short_id(rec.node_id)}")
+        if not admitted:
+            return
+        self.store.save_peer(rec.node_id, rec.encode())
+        peer = self.peers.peers[rec.node_id]
+        self.peers.ok(peer, self.monotonic(), (self.monotonic() - start) * 1000)
+        log.info("peer %s proved its key at %s", peer.short, rec.url)
+        assert isinstance(reply, dict)
+        self.offer_records(reply.get("records"), source=rec.url)
+        try:
             await asyncio.wait_for(self.sync_with(peer), self.config.peer_timeout * 3)
         except (PeerError, TimeoutError):
             pass
-        finally:
-            self._greeting.discard(peer.record.node_id)
+
+    def _forget(self, node_id: bytes, why: str) -> None:
+        if self.peers.remove(node_id):
+            log.info("forgot peer %s: %s", short_id(node_id), why)
+        self.store.delete_peer(node_id)
+        self._push_queues.pop(node_id, None)
 
     def records_for(self, caller_loopback: bool) -> list[list[Any]]:
-        """Records to hand a caller; never a loopback URL to a non-loopback caller."""
+        """Records to hand a caller: proven peers and our own, never a loopback
+        URL to a non-loopback caller."""
         recs = self.peers.records()
         if self.record is not None:
             recs.append(self.record)
@@ -441,13 +573,22 @@ class Node:
         if not ready:
             return
         peer = self.rng.choice(ready)
+        nonce = secrets.token_bytes(NONCE_LEN)
         try:
             reply = await self._call(peer, "/peer/v1/peers", {
-                "from": self.node_id, "records": self.records_for(is_loopback_url(peer.record.url))})
+                "from": self.node_id, "nonce": nonce,
+                "records": self.records_for(is_loopback_url(peer.record.url))})
+        except PeerRefused as exc:  # the URL resolves elsewhere now
+            self._forget(peer.record.node_id, str(exc))
+            return
         except PeerError:
             return
-        if isinstance(reply, dict):
-            self.offer_records(reply.get("records"), source=peer.record.url)
+        if not isinstance(reply, dict) or not check_proof(peer.record.node_id, peer.record.url, nonce,
+                                                           reply.get("proof")):
+            log.warning("peer %s no longer proves its key at %s", peer.short, peer.record.url)
+            self._forget(peer.record.node_id, "failed its proof")
+            return
+        self.offer_records(reply.get("records"), source=peer.record.url)
 
     async def _discovery_loop(self) -> None:
         await self.discovery.joined.wait()
