@@ -10,9 +10,12 @@ import logging
 import os
 import random
 import re
+import secrets
 import signal
 import sys
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -160,7 +163,41 @@ def token(args: argparse.Namespace) -> str:
         raise CliError(f"no API token: {cookie} not found (pass --token or --data-dir of the node)") from None
 
 
-def call(args: argparse.Namespace, method: str, path: str, body: Any = None, *, auth: bool = False) -> Any:
+#: Attempts of a write that carries a client id (``cid``): a retry cannot place it twice.
+WRITE_ATTEMPTS = 4
+RETRY_PAUSES_S = (0.25, 0.5, 1.0)
+RETRY_AFTER_MAX_S = 2.0
+
+
+class Retryable(CliError):
+    """A failure after which the same request may be sent again: a timeout, a
+    refused or reset connection, or 429/503 with Retry-After."""
+
+    def __init__(self, message: str, pause: float | None = None) -> None:
+        super().__init__(message)
+        self.pause = pause
+
+
+def new_cid() -> str:
+    """A fresh client id: 16 characters of [A-Za-z0-9_-]."""
+    return secrets.token_urlsafe(12)
+
+
+def call(args: argparse.Namespace, method: str, path: str, body: Any = None, *, auth: bool = False,
+         retry: bool = False) -> Any:
+    """One request; with ``retry`` (a write that carries a cid) up to WRITE_ATTEMPTS."""
+    attempts = WRITE_ATTEMPTS if retry else 1
+    for attempt in range(attempts):
+        try:
+            return call_once(args, method, path, body, auth=auth)
+        except Retryable as exc:
+            if attempt == attempts - 1:
+                raise CliError(str(exc)) from None
+            time.sleep(exc.pause if exc.pause is not None else RETRY_PAUSES_S[min(attempt, len(RETRY_PAUSES_S) - 1)])
+    raise AssertionError("unreachable")
+
+
+def call_once(args: argparse.Namespace, method: str, path: str, body: Any = None, *, auth: bool = False) -> Any:
     url = node_url(args) + path
     headers = {"Accept": "application/json"}
     data = None
@@ -179,12 +216,17 @@ def call(args: argparse.Namespace, method: str, path: str, body: Any = None, *, 
     except urllib.error.HTTPError as exc:
         try:
             err = json.loads(exc.read())
-            raise CliError(f"{err.get('error')}: {err.get('detail')} (HTTP {exc.code})") from None
+            message = f"{err.get('error')}: {err.get('detail')} (HTTP {exc.code})"
         except (ValueError, AttributeError):
-            raise CliError(f"HTTP {exc.code} from {url}") from None
+            message = f"HTTP {exc.code} from {url}"
+        if exc.code in (429, 503):
+            after = exc.headers.get("Retry-After", "")
+            pause = min(float(after), RETRY_AFTER_MAX_S) if after.isdigit() else None
+            raise Retryable(message, pause) from None
+        raise CliError(message) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise CliError(
+        raise Retryable(
             f"cannot reach a node at {node_url(args)} ({reason}); start one with `python cli.py node`"
         ) from None
     try:
@@ -214,13 +256,13 @@ def fmt_order(o: dict[str, Any]) -> str:
 
 def cmd_order(args: argparse.Namespace) -> Any:
     qty, price = parse_qty_price(args.amount, args.market)
-    body: dict[str, Any] = {"side": args.side, "qty": qty}
+    body: dict[str, Any] = {"side": args.side, "qty": qty, "cid": args.cid or new_cid()}
     if args.market:
         body["market"] = True
     else:
         body["price"] = price
         body["tif"] = "IOC" if args.ioc else "GTC"
-    out = call(args, "POST", "/v1/orders", body, auth=True)
+    out = call(args, "POST", "/v1/orders", body, auth=True, retry=True)
     if not args.json:
         print(fmt_order(out))
         print(f"id {out['id']}")
@@ -230,7 +272,9 @@ def cmd_order(args: argparse.Namespace) -> Any:
 
 
 def cmd_cancel(args: argparse.Namespace) -> Any:
-    out = call(args, "DELETE", f"/v1/orders/{args.id}", auth=True)
+    cid = args.cid or new_cid()
+    out = call(args, "DELETE", f"/v1/orders/{urllib.parse.quote(args.id)}?cid={urllib.parse.quote(cid)}",
+               auth=True, retry=True)
     if not args.json:
         print(fmt_order(out))
     return out
@@ -381,10 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("amount", help="QTY@PRICE in integer lots and ticks, or QTY with --market")
     p.add_argument("--ioc", action="store_true", help="immediate or cancel (default GTC)")
     p.add_argument("--market", action="store_true", help="market order (IOC, no price limit)")
+    p.add_argument("--cid", help="client id of the order (default: a fresh one); a repeat places nothing")
     add_client_options(p)
     p.set_defaults(func=cmd_order)
     p = sub.add_parser("cancel", help="cancel one of this node's resting orders")
     p.add_argument("id")
+    p.add_argument("--cid", help="client id of the cancel (default: a fresh one)")
     add_client_options(p)
     p.set_defaults(func=cmd_cancel)
     p = sub.add_parser("show", help="status of one order")

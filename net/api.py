@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import statistics
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,7 @@ from net.errors import (
 )
 from net.peers import NONCE_LEN, is_loopback_host, prove
 from net.ports import percentile
+from net.store import CID_CANCEL, CID_ORDER
 from net.wire import (
     CLIENT_BODY_CAP,
     MSGPACK,
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("p2pex.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 NODE: web.AppKey[Node] = web.AppKey("node")
+FIRST_REPLIES: web.AppKey[OrderedDict[str, dict[str, Any]]] = web.AppKey("first_replies")
 SIDES = {"buy": BUY, "sell": SELL}
 SIDE_NAMES = {BUY: "buy", SELL: "sell"}
 
@@ -149,15 +153,31 @@ def fill_view(node: Node, index: int, fill: tuple[Any, Any, int, int]) -> dict[s
 # ---- client API ----------------------------------------------------------------
 
 
+CID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+#: First replies to orders placed with a client id, for a repeat (a restart forgets them).
+REPLIES_KEPT = 10_000
+
+
+def _cid(value: Any) -> str | None:
+    if value is None:
+        return None
+    if type(value) is not str or not CID.fullmatch(value):
+        raise Unprocessable("cid must be 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'", code="bad_cid")
+    return value
+
+
 async def post_order(request: web.Request) -> web.Response:
+    """Place an order.  With ``cid`` (the client's id for it) a repeat places
+    nothing and answers 200 with the order the first request placed."""
     _require_token(request)
     node = _node(request)
     if not node.config.trading:
         raise Conflict("this is a seed node; it does not take orders", code="seed_node")
     body = await read_client_body(request)
-    unknown = set(body) - {"side", "qty", "price", "tif", "market"}
+    unknown = set(body) - {"side", "qty", "price", "tif", "market", "cid"}
     if unknown:
         raise Unprocessable(f"unknown fields: {sorted(unknown, key=repr)}", code="unknown_field")
+    cid = _cid(body.get("cid"))
     raw_side = body.get("side")
     side = SIDES.get(raw_side) if isinstance(raw_side, str) else None  # a list or map is unhashable
     if side is None:
@@ -178,7 +198,12 @@ async def post_order(request: web.Request) -> web.Response:
     else:
         price = _int_field(body, "price", 1, MAX_PRICE)
         order = Order(side=side, price=price, qty=qty, tif=GTC if tif_text == "GTC" else IOC)
-    result = node.submit(order)
+    if cid is not None:
+        prior = node.client_request(CID_ORDER, cid)
+        if prior is not None:
+            first = request.app[FIRST_REPLIES].get(cid)
+            return reply(request, _repeat_order(node, prior.order_id, cid, order, tif_text, first))
+    result = node.submit(order, cid=cid)
     st = result.status
     assert st is not None
     view = status_view(node, result.entry.hash, st)
@@ -186,17 +211,56 @@ async def post_order(request: web.Request) -> web.Response:
     view["market"] = market
     start = len(node.exchange.engine.fills) - len(result.fills)
     view["fills"] = [fill_view(node, start + i, f) for i, f in enumerate(result.fills)]
+    if cid is not None:
+        view["cid"] = cid
+        kept = request.app[FIRST_REPLIES]
+        kept[cid] = view
+        if len(kept) > REPLIES_KEPT:
+            kept.popitem(last=False)
     return reply(request, view, status=201)
 
 
+def _repeat_order(node: Node, oid: bytes, cid: str, order: Order, tif_text: str,
+                  first: dict[str, Any] | None) -> dict[str, Any]:
+    """The answer to a repeated client id: the order the first request placed,
+    as it stands now, with the fills of the first reply."""
+    st = node.exchange.status(oid)
+    assert st is not None  # committed with the entry, so the order is known
+    if (st.side, st.qty, st.price) != (order.side, order.qty, order.price):
+        raise Conflict(f"cid {cid} already placed order {oid.hex()}, which is a different order",
+                       code="cid_reused")
+    view = status_view(node, oid, st)
+    view["tif"] = first["tif"] if first else tif_text
+    view["market"] = order.market
+    if first is not None:
+        view["fills"] = first["fills"]
+    else:  # a restart forgot the first reply: its fills are those with this order as taker
+        fills = node.exchange.engine.fills
+        view["fills"] = [fill_view(node, i, f) for i, f in enumerate(fills) if f[0] == oid]
+    view["cid"] = cid
+    view["repeat"] = True
+    return view
+
+
 async def delete_order(request: web.Request) -> web.Response:
+    """Cancel an order.  With ``?cid=`` (the client's id for this cancel) a
+    repeat changes nothing and answers 200 with the order as it stands."""
     _require_token(request)
     node = _node(request)
     if not node.config.trading:
         raise Conflict("this is a seed node; it holds no orders of its own", code="seed_node")
     oid = _order_id(request)
+    cid = _cid(request.query.get("cid"))
+    if cid is not None:
+        prior = node.client_request(CID_CANCEL, cid)
+        if prior is not None:
+            if prior.order_id != oid:
+                raise Conflict(f"cid {cid} already cancelled order {prior.order_id.hex()}", code="cid_reused")
+            st = node.exchange.status(oid)
+            assert st is not None
+            return reply(request, {**status_view(node, oid, st), "cid": cid, "repeat": True})
     try:
-        result = node.submit(Cancel(order_id=oid))
+        result = node.submit(Cancel(order_id=oid), cid=cid)
     except UnknownOrder as exc:
         raise NotFound(str(exc), code="unknown_order") from None
     except ForeignCancel as exc:
@@ -205,7 +269,10 @@ async def delete_order(request: web.Request) -> web.Response:
         raise Conflict(str(exc), code="not_cancellable") from None
     st = result.status
     assert st is not None
-    return reply(request, status_view(node, oid, st))
+    view = status_view(node, oid, st)
+    if cid is not None:
+        view["cid"] = cid
+    return reply(request, view)
 
 
 async def get_order(request: web.Request) -> web.Response:
@@ -381,6 +448,7 @@ def build_app(node: Node) -> web.Application:
     app = web.Application(middlewares=[errors_middleware, body_cap_middleware, peer_content_type_middleware],
                           client_max_size=PEER_BODY_CAP)
     app[NODE] = node
+    app[FIRST_REPLIES] = OrderedDict()
     app.router.add_post("/v1/orders", post_order)
     app.router.add_delete("/v1/orders/{order_id}", delete_order)
     app.router.add_get("/v1/orders/{order_id}", get_order)

@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from crdt.entry import BadWireEntry, Body, Entry, decode_entries, encode_entry
+from crdt.entry import BadWireEntry, Body, Cancel, Entry, decode_entries, encode_entry
 from crdt.errors import ValidationError
 from crdt.hlc import physical_ms
 from crdt.keys import short_id
@@ -51,7 +51,7 @@ from net.peers import (
     check_proof,
     is_loopback_url,
 )
-from net.store import Store, load_or_create_key, write_cookie
+from net.store import CID_CANCEL, CID_ORDER, ClientId, Store, load_or_create_key, write_cookie
 from net.wire import MSGPACK, PEER_BODY_CAP, pack, read_capped, unpack
 
 log = logging.getLogger("p2pex.node")
@@ -253,14 +253,25 @@ class Node:
 
     # ---- the core, from clients and peers ------------------------------------
 
-    def submit(self, body: Body) -> Submitted:
-        """Append to our own log, commit, then push; raises the core's typed errors."""
+    def submit(self, body: Body, *, cid: str | None = None) -> Submitted:
+        """Append to our own log, commit, then push; raises the core's typed errors.
+
+        ``cid``, a client's id for the request, is committed with the entry in
+        one transaction (see ``client_request``)."""
         now = self.clock_ms()
         entry = self.exchange.prepare(body, now_ms=now)
-        self.store.save_entries([entry])  # committed before any state or peer sees it
+        client_id = None
+        if cid is not None:
+            kind, oid = (CID_CANCEL, body.order_id) if isinstance(body, Cancel) else (CID_ORDER, entry.hash)
+            client_id = ClientId(kind=kind, cid=cid, entry=entry.hash, order_id=oid)
+        self.store.save_entries([entry], client_id=client_id)  # committed before any state or peer sees it
         result = self.exchange.apply_own(entry, now_ms=now)
         self._push_new([entry], exclude=None)
         return result
+
+    def client_request(self, kind: int, cid: str) -> ClientId | None:
+        """What an earlier request with this client id wrote, if any."""
+        return self.store.find_client_id(kind, cid)
 
     def ingest(self, raw_entries: Any, *, peer: str, peer_id: bytes | None = None) -> Ingested:
         entries, malformed = decode_entries(raw_entries, max_entries=SYNC_PAGE * 2)
