@@ -80,6 +80,9 @@ def add_node_parser(sub: Any) -> None:
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[P2PEX_LOG_LEVEL]")
     p.add_argument("--pull-interval", type=positive_float, default=env("PULL_INTERVAL", "0.5"),
                    help="seconds between anti-entropy pulls [P2PEX_PULL_INTERVAL]")
+    p.add_argument("--ready-timeout", type=positive_float, default=env("READY_TIMEOUT", "3"),
+                   help="seconds to find a live peer to sync with before /readyz says ready alone "
+                        "[P2PEX_READY_TIMEOUT]")
     p.add_argument("--peer-networks", type=peer_networks, default=env("PEER_NETWORKS", "auto"),
                    help="kinds of address this node dials peers on: auto (public, plus the kind of its own "
                         "address) or a comma-separated list of public, private, loopback, link-local "
@@ -107,7 +110,7 @@ def run_node(args: argparse.Namespace) -> int:
     config = NodeConfig(
         host=args.host, port=args.port, dht_port=args.dht_port, data_dir=Path(args.data_dir),
         bootstrap=bootstrap, advertise=args.advertise, name=args.name, trading=not args.seed,
-        pull_interval=args.pull_interval, peer_networks=args.peer_networks,
+        pull_interval=args.pull_interval, peer_networks=args.peer_networks, ready_timeout=args.ready_timeout,
     )
 
     async def main() -> None:

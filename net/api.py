@@ -173,6 +173,7 @@ async def post_order(request: web.Request) -> web.Response:
     node = _node(request)
     if not node.config.trading:
         raise Conflict("this is a seed node; it does not take orders", code="seed_node")
+    _require_ready(node)
     body = await read_client_body(request)
     unknown = set(body) - {"side", "qty", "price", "tif", "market", "cid"}
     if unknown:
@@ -249,6 +250,7 @@ async def delete_order(request: web.Request) -> web.Response:
     node = _node(request)
     if not node.config.trading:
         raise Conflict("this is a seed node; it holds no orders of its own", code="seed_node")
+    _require_ready(node)
     oid = _order_id(request)
     cid = _cid(request.query.get("cid"))
     if cid is not None:
@@ -373,10 +375,31 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready once the node synced with a live peer (``synced_with``: its short
+    id) or found none within the bound (``alone``); 503 ``not_ready`` before."""
     node = _node(request)
     if not node.ready:
-        return reply(request, {"error": "not_ready", "detail": "node is starting or stopping"}, status=503)
-    return reply(request, {"ready": True, "peers": len(node.peers.peers)})
+        detail = node.readiness.detail if node.serving else "the node is stopping"
+        return _not_ready(request, detail)
+    r = node.readiness
+    out: dict[str, Any] = {"ready": True, "peers": len(node.peers.peers), "detail": r.detail}
+    if r.synced_with is not None:
+        out["synced_with"] = r.synced_with
+    if r.alone:
+        out["alone"] = True
+    return reply(request, out)
+
+
+def _not_ready(request: web.Request, detail: str) -> web.Response:
+    return error_reply(request, ApiError(detail, code="not_ready", status=503, retry_after=1))
+
+
+def _require_ready(node: Node) -> None:
+    """Orders wait for readiness: one placed before the node caught up would
+    match against a stale book and be revised moments later."""
+    if not node.ready:
+        raise ApiError(f"not ready to take orders yet: {node.readiness.detail}", code="not_ready", status=503,
+                       retry_after=1)
 
 
 # ---- peer API --------------------------------------------------------------------

@@ -23,6 +23,7 @@ class NodeConfig:
     publish_interval: float = 2.0
     max_skew_ms: int = 5_000
     peer_networks: tuple[str, ...] | None = None  # kinds of address peers may have; None: auto
+    ready_timeout: float = 3.0  # seconds to find a live peer to sync with before declaring "alone"
 
     @property
     def udp_port(self) -> int:

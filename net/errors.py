@@ -11,9 +11,11 @@ class ApiError(ExchangeError):
     status = 400
     code = "bad_request"
 
-    def __init__(self, detail: str, *, code: str | None = None, status: int | None = None) -> None:
+    def __init__(self, detail: str, *, code: str | None = None, status: int | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.retry_after = retry_after  # seconds, sent as a Retry-After header
         if code is not None:
             self.code = code
         if status is not None:

@@ -76,6 +76,19 @@ def wall_ms() -> int:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Readiness:
+    """Whether the node's state can be trusted for new orders, and why.
+
+    Ready once it has synced with a live peer (``synced_with``, the peer's
+    short id), or once it found none within the bound (``alone``)."""
+
+    ready: bool
+    synced_with: str | None = None
+    alone: bool = False
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Ingested:
     """What became of a batch from a peer: the core's merge result, plus the
     entries that were refused before it (so a reply can list every refusal)."""
@@ -115,7 +128,8 @@ class Node:
         )
         self.url: str | None = None
         self.record: PeerRecord | None = None
-        self.ready = False
+        self.serving = False
+        self.readiness = Readiness(ready=False, detail="starting")
         self.started_ms = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._push_queues: dict[bytes, list[Entry]] = {}
@@ -165,9 +179,15 @@ class Node:
         self._policy_settled = await self._set_address_policy()
         local_host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
         (Path(self.config.data_dir) / ENDPOINT_FILE).write_text(f"http://{local_host}:{self.config.port}\n")
-        self.ready = True
+        self.serving = True
         log.info("%s: node %s serving %s (dht udp %d)", self.config.name, self.short, self.url,
                  self.config.udp_port)
+        if not self.discovery.bootstrap_addrs and not stored:
+            self._become_ready(Readiness(ready=True, alone=True,
+                                         detail="no bootstrap node and no known peers: the first node of its network"))
+        else:
+            self.readiness = Readiness(ready=False, detail="catching up: no live peer synced yet")
+            self._spawn(self._ready_deadline(), "ready-deadline")
         self._spawn(self.discovery.join(), "dht-join")
         self._spawn(self._discovery_loop(), "dht-publish")
         self._spawn(self._pull_loop(), "pull")
@@ -180,8 +200,24 @@ class Node:
     def request_stop(self) -> None:
         self._stopping.set()
 
+    @property
+    def ready(self) -> bool:
+        return self.serving and self.readiness.ready
+
+    def _become_ready(self, readiness: Readiness) -> None:
+        if self.readiness.ready:
+            return
+        self.readiness = readiness
+        log.info("%s: ready (%s)", self.config.name,
+                 f"synced with {readiness.synced_with}" if readiness.synced_with else readiness.detail)
+
+    async def _ready_deadline(self) -> None:
+        await asyncio.sleep(self.config.ready_timeout)
+        self._become_ready(Readiness(ready=True, alone=True,
+                                     detail=f"no live peer synced within {self.config.ready_timeout:g} s"))
+
     async def stop(self) -> None:
-        self.ready = False
+        self.serving = False
         self._stopping.set()
         if self._runner is not None:  # first stop taking requests, which may spawn pushes
             await self._runner.cleanup()
@@ -396,8 +432,10 @@ class Node:
         return result
 
     async def sync_with(self, peer: Peer) -> None:
-        """Pull what the peer has and we lack, in pages; push back what it lacks."""
+        """Pull what the peer has and we lack, in pages; push back what it lacks.
+        The first sync that reaches the end of a peer's pages makes the node ready."""
         theirs: dict[bytes, int] = {}
+        complete = False
         for _ in range(MAX_PAGES_PER_PULL):
             reply = await self._call(peer, "/peer/v1/sync", {
                 "from": self.node_id, "vv": self.exchange.replica.digest_for_sync(), "max": SYNC_PAGE})
@@ -418,7 +456,10 @@ class Node:
                 if not result.merge.accepted:
                     break
             if not reply.get("more"):
+                complete = True
                 break
+        if complete and not self.readiness.ready:
+            self._become_ready(Readiness(ready=True, synced_with=peer.short, detail=f"synced with {peer.record.url}"))
         missing, _ = self.exchange.replica.delta(theirs, max_entries=SYNC_PAGE)
         if missing:
             await self._call(peer, "/peer/v1/push", {

@@ -4,6 +4,7 @@ msgpack for peers; one error shape ``{"error": code, "detail": text}``."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import msgpack
@@ -29,8 +30,12 @@ def reply(request: web.Request, data: Any, *, status: int = 200) -> web.Response
 def error_reply(request: web.Request, exc: ApiError) -> web.Response:
     body = {"error": exc.code, "detail": exc.detail}
     if request.path.startswith("/peer/"):
-        return web.Response(body=pack(body), status=exc.status, content_type=MSGPACK)
-    return reply(request, body, status=exc.status)
+        resp = web.Response(body=pack(body), status=exc.status, content_type=MSGPACK)
+    else:
+        resp = reply(request, body, status=exc.status)
+    if exc.retry_after is not None:
+        resp.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    return resp
 
 
 def pack(data: Any) -> bytes:
