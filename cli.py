@@ -91,16 +91,15 @@ def add_node_parser(sub: Any) -> None:
 
 def run_node(args: argparse.Namespace) -> int:
     from net.config import NodeConfig, split_host_port
+    from net.logs import setup_logging
     from net.node import Node
 
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if args.log_file:
         Path(args.log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers = [logging.FileHandler(args.log_file)]
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format=f"%(asctime)s {args.name} %(levelname)s %(name)s: %(message)s", handlers=handlers,
-    )
+    setup_logging(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                  fmt=f"%(asctime)s {args.name} %(levelname)s %(name)s: %(message)s", handlers=handlers)
     try:
         bootstrap = tuple(split_host_port(b) for b in args.bootstrap)
         if args.advertise and split_host_port(args.advertise, args.port)[0] in ("0.0.0.0", "::", "[::]"):

@@ -30,6 +30,7 @@ from crdt.hlc import physical_ms
 from crdt.keys import short_id
 from crdt.replica import MergeResult
 from matching.exchange import Exchange, Submitted
+from net import logs
 from net.addresses import (
     AddressGuard,
     AddressPolicy,
@@ -193,6 +194,7 @@ class Node:
         self._spawn(self._pull_loop(), "pull")
         self._spawn(self._exchange_loop(), "peer-exchange")
         self._spawn(self._prove_loop(), "prove")
+        self._spawn(self._log_summary_loop(), "log-summaries")
 
     async def run_until_stopped(self) -> None:
         await self._stopping.wait()
@@ -228,6 +230,7 @@ class Node:
             await self._session.close()
         self.discovery.stop()
         self.store.close()
+        logs.flush(force=True)
         log.info("%s: stopped", self.config.name)
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
@@ -240,6 +243,12 @@ class Node:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def _log_summary_loop(self) -> None:
+        """Summaries of repeated warnings ("N more like this") once their window ends."""
+        while True:
+            await asyncio.sleep(5.0)
+            logs.flush()
 
     async def _advertised_url(self) -> str:
         cfg = self.config
@@ -311,18 +320,14 @@ class Node:
 
     def ingest(self, raw_entries: Any, *, peer: str, peer_id: bytes | None = None) -> Ingested:
         entries, malformed = decode_entries(raw_entries, max_entries=SYNC_PAGE * 2)
-        for m in malformed:
-            self.counters["rejected"] += 1
-            log.warning("peer %s (%s) sent a malformed entry %s#%s: %s: %s",
-                        short_id(peer_id) if peer_id else "?", peer,
-                        short_id(m.origin) if m.origin else "?", m.seq, m.error.code, m.error)
+        self.counters["rejected"] += len(malformed)
+        self._warn_refused("malformed", peer, peer_id,
+                           [(m.origin, m.seq, m.error.code, str(m.error)) for m in malformed])
         now = self.clock_ms()
         result = self.exchange.receive(entries, now_ms=now)
-        for rej in result.merge.rejected:
-            self.counters["rejected"] += 1
-            log.warning("peer %s (%s) sent a rejected entry %s#%d: %s: %s",
-                        short_id(peer_id) if peer_id else "?", peer, short_id(rej.origin), rej.seq,
-                        rej.error.code, rej.error)
+        self.counters["rejected"] += len(result.merge.rejected)
+        self._warn_refused("rejected", peer, peer_id,
+                           [(r.origin, r.seq, r.error.code, str(r.error)) for r in result.merge.rejected])
         if len(self.exchange.replica.evidence()) != self._evidence_saved:
             self._save_evidence()
         accepted = result.merge.accepted
@@ -333,6 +338,23 @@ class Node:
                     self.latencies.append(now - physical_ms(e.hlc))
             self._push_new(accepted, exclude=peer_id)
         return Ingested(merge=result.merge, malformed=tuple(malformed))
+
+    @staticmethod
+    def _warn_refused(what: str, peer: str, peer_id: bytes | None,
+                      refused: list[tuple[bytes | None, int | None, str, str]]) -> None:
+        """One warning per error code in a batch (not one per entry: 8,000 bad
+        entries used to write as many log bytes as they carried), limited per
+        (peer, code) by the log's repeat filter."""
+        by_code: dict[str, list[tuple[bytes | None, int | None, str]]] = {}
+        for origin, seq, code, error in refused:
+            by_code.setdefault(code, []).append((origin, seq, error))
+        sender = short_id(peer_id) if peer_id else "?"
+        for code, group in by_code.items():
+            origin, seq, error = group[0]
+            more = f" (and {len(group) - 1} more like it in this batch)" if len(group) > 1 else ""
+            log.warning("peer %s (%s) sent a %s entry %s#%s: %s: %s%s", sender, peer, what,
+                        short_id(origin) if origin else "?", seq, code, error[:200], more,
+                        extra={"repeat_key": (what, sender, peer, code)})
 
     def _save_evidence(self) -> None:
         evidence = self.exchange.replica.evidence()
@@ -509,7 +531,8 @@ class Node:
         for raw in raws[:MAX_RECORDS_PER_CALL]:
             rec = PeerRecord.from_wire(raw)
             if rec is None:
-                log.warning("peer %s sent an invalid peer record", source)
+                log.warning("peer %s sent an invalid peer record", source,
+                            extra={"repeat_key": ("invalid record", source)})
                 continue
             if self._offer(rec, now):
                 added += 1
