@@ -39,6 +39,12 @@ def port_number(text: str) -> int:
     return int(text)
 
 
+def positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
+    return int(text)
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -80,6 +86,17 @@ def add_node_parser(sub: Any) -> None:
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[P2PEX_LOG_LEVEL]")
     p.add_argument("--pull-interval", type=positive_float, default=env("PULL_INTERVAL", "0.5"),
                    help="seconds between anti-entropy pulls [P2PEX_PULL_INTERVAL]")
+    p.add_argument("--max-connections", type=positive_int, default=env("MAX_CONNECTIONS", "1000"),
+                   help="HTTP connections at once; at the cap a new one displaces the oldest idle one "
+                        "[P2PEX_MAX_CONNECTIONS]")
+    p.add_argument("--header-timeout", type=positive_float, default=env("HEADER_TIMEOUT", "10"),
+                   help="seconds for a request head to arrive, from its first byte [P2PEX_HEADER_TIMEOUT]")
+    p.add_argument("--body-timeout", type=positive_float, default=env("BODY_TIMEOUT", "30"),
+                   help="seconds for a request body to arrive [P2PEX_BODY_TIMEOUT]")
+    p.add_argument("--keepalive-timeout", type=positive_float, default=env("KEEPALIVE_TIMEOUT", "30"),
+                   help="seconds an idle connection is kept open [P2PEX_KEEPALIVE_TIMEOUT]")
+    p.add_argument("--max-receiving-mb", type=positive_float, default=env("MAX_RECEIVING_MB", "64"),
+                   help="MiB of request bodies being received at once, across requests [P2PEX_MAX_RECEIVING_MB]")
     p.add_argument("--ready-timeout", type=positive_float, default=env("READY_TIMEOUT", "3"),
                    help="seconds to find a live peer to sync with before /readyz says ready alone "
                         "[P2PEX_READY_TIMEOUT]")
@@ -110,6 +127,8 @@ def run_node(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, dht_port=args.dht_port, data_dir=Path(args.data_dir),
         bootstrap=bootstrap, advertise=args.advertise, name=args.name, trading=not args.seed,
         pull_interval=args.pull_interval, peer_networks=args.peer_networks, ready_timeout=args.ready_timeout,
+        max_connections=args.max_connections, header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+        keepalive_timeout=args.keepalive_timeout, max_receiving=int(args.max_receiving_mb * 1024 * 1024),
     )
 
     async def main() -> None:

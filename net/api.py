@@ -31,6 +31,7 @@ from net.errors import (
 )
 from net.peers import NONCE_LEN, is_loopback_host, prove
 from net.ports import percentile
+from net.server import GUARD, guard_middleware
 from net.store import CID_CANCEL, CID_ORDER
 from net.wire import (
     CLIENT_BODY_CAP,
@@ -335,6 +336,7 @@ def status_data(node: Node) -> dict[str, Any]:
         "dht_joined": node.discovery.joined.is_set(),
         "peers": node.peer_views(),
         "peer_candidates": len(node.candidates),
+        "http": node.http_guard.view(),
         "version_vector": {o.hex(): s for o, s in sorted(vv.items())},
         "state_hash": ex.state_hash().hex(),
         "counts": {
@@ -468,9 +470,10 @@ async def peer_peers(request: web.Request) -> web.Response:
 
 
 def build_app(node: Node) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware, body_cap_middleware, peer_content_type_middleware],
-                          client_max_size=PEER_BODY_CAP)
+    app = web.Application(middlewares=[guard_middleware, errors_middleware, body_cap_middleware,
+                                       peer_content_type_middleware], client_max_size=PEER_BODY_CAP)
     app[NODE] = node
+    app[GUARD] = node.http_guard
     app[FIRST_REPLIES] = OrderedDict()
     app.router.add_post("/v1/orders", post_order)
     app.router.add_delete("/v1/orders/{order_id}", delete_order)

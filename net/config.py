@@ -23,6 +23,11 @@ class NodeConfig:
     publish_interval: float = 2.0
     max_skew_ms: int = 5_000
     peer_networks: tuple[str, ...] | None = None  # kinds of address peers may have; None: auto
+    max_connections: int = 1000
+    header_timeout: float = 10.0  # seconds for a request head, from its first byte
+    body_timeout: float = 30.0  # seconds for a request body
+    keepalive_timeout: float = 30.0  # seconds an idle connection is kept
+    max_receiving: int = 64 * 1024 * 1024  # bytes of request bodies being received at once
     ready_timeout: float = 3.0  # seconds to find a live peer to sync with before declaring "alone"
 
     @property

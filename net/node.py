@@ -52,6 +52,7 @@ from net.peers import (
     check_proof,
     is_loopback_url,
 )
+from net.server import ConnectionLimits, Guard, GuardedSite, handler_args
 from net.store import CID_CANCEL, CID_ORDER, ClientId, Store, load_or_create_key, write_cookie
 from net.wire import MSGPACK, PEER_BODY_CAP, pack, read_capped, unpack
 
@@ -119,6 +120,10 @@ class Node:
         self.store = Store(data_dir)
         self.exchange = Exchange(self.key, max_skew_ms=config.max_skew_ms)
         self.token = write_cookie(data_dir)
+        self.http_guard = Guard(ConnectionLimits(
+            max_connections=config.max_connections, header_timeout=config.header_timeout,
+            body_timeout=config.body_timeout, keepalive_timeout=config.keepalive_timeout,
+            max_receiving=config.max_receiving))
         self.peers = PeerTable(self.node_id, ttl_ms=config.peer_ttl_ms)  # proven peers only
         self.candidates = Candidates()  # records waiting for their proof
         self.guard = AddressGuard(AddressPolicy.listed(config.peer_networks or ("public",)))
@@ -170,10 +175,11 @@ class Node:
             connector=aiohttp.TCPConnector(limit=64, limit_per_host=4, resolver=PeerResolver(self.guard)),
         )
         app = build_app(self)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0,
+                                     **handler_args(self.http_guard.limits))
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
-        await site.start()
+        await GuardedSite(self._runner, self.config.host, self.config.port, self.http_guard).start()
+        self._spawn(self.http_guard.sweep_loop(), "http-sweep")
         await self.discovery.listen()
         self.url = await self._advertised_url()
         self._refresh_record()
