@@ -55,6 +55,15 @@ def positive_float(text: str) -> float:
     return value
 
 
+def rate_limit(text: str) -> Any:
+    from net.ratelimit import parse_rate
+
+    try:
+        return parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def peer_networks(text: str) -> tuple[str, ...] | None:
     from net.addresses import parse_networks
 
@@ -97,6 +106,13 @@ def add_node_parser(sub: Any) -> None:
                    help="seconds an idle connection is kept open [P2PEX_KEEPALIVE_TIMEOUT]")
     p.add_argument("--max-receiving-mb", type=positive_float, default=env("MAX_RECEIVING_MB", "64"),
                    help="MiB of request bodies being received at once, across requests [P2PEX_MAX_RECEIVING_MB]")
+    p.add_argument("--write-limit", type=rate_limit, default=env("WRITE_LIMIT", "5000/10000"),
+                   help="orders and cancels per second per client token, RATE[/BURST]; 0: none [P2PEX_WRITE_LIMIT]")
+    p.add_argument("--read-limit", type=rate_limit, default=env("READ_LIMIT", "5000/10000"),
+                   help="client reads per second per address (a page of N rows costs 1 + N/100), "
+                        "RATE[/BURST]; 0: none [P2PEX_READ_LIMIT]")
+    p.add_argument("--peer-limit", type=rate_limit, default=env("PEER_LIMIT", "5000/10000"),
+                   help="peer calls per second per address, RATE[/BURST]; 0: none [P2PEX_PEER_LIMIT]")
     p.add_argument("--ready-timeout", type=positive_float, default=env("READY_TIMEOUT", "3"),
                    help="seconds to find a live peer to sync with before /readyz says ready alone "
                         "[P2PEX_READY_TIMEOUT]")
@@ -129,6 +145,7 @@ def run_node(args: argparse.Namespace) -> int:
         pull_interval=args.pull_interval, peer_networks=args.peer_networks, ready_timeout=args.ready_timeout,
         max_connections=args.max_connections, header_timeout=args.header_timeout, body_timeout=args.body_timeout,
         keepalive_timeout=args.keepalive_timeout, max_receiving=int(args.max_receiving_mb * 1024 * 1024),
+        write_limit=args.write_limit, read_limit=args.read_limit, peer_limit=args.peer_limit,
     )
 
     async def main() -> None:

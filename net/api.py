@@ -5,11 +5,13 @@ every refusal is ``{"error": code, "detail": text}`` with its status."""
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import re
 import statistics
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -31,6 +33,7 @@ from net.errors import (
 )
 from net.peers import NONCE_LEN, is_loopback_host, prove
 from net.ports import percentile
+from net.ratelimit import Buckets
 from net.server import GUARD, guard_middleware
 from net.store import CID_CANCEL, CID_ORDER
 from net.wire import (
@@ -42,6 +45,7 @@ from net.wire import (
     read_client_body,
     read_peer_body,
     reply,
+    wants_msgpack,
 )
 
 if TYPE_CHECKING:
@@ -50,9 +54,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("p2pex.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 NODE: web.AppKey[Node] = web.AppKey("node")
+FILL_ROWS: web.AppKey[dict[int, tuple[Any, bytes]]] = web.AppKey("fill_rows")
+FILL_ROWS_KEPT = 50_000  # encoded /v1/fills rows kept (about 13 MB)
 FIRST_REPLIES: web.AppKey[OrderedDict[str, dict[str, Any]]] = web.AppKey("first_replies")
 SIDES = {"buy": BUY, "sell": SELL}
 SIDE_NAMES = {BUY: "buy", SELL: "sell"}
+MAX_FILLS_PAGE = 1000  # fills per /v1/fills page (was 10,000: 2.6 MB replies that stalled the loop)
 
 
 @web.middleware
@@ -102,14 +109,62 @@ def _node(request: web.Request) -> Node:
     return request.app[NODE]
 
 
-def _require_token(request: web.Request) -> None:
+def _token_ok(request: web.Request) -> bool:
     header = request.headers.get("Authorization", "")
     token = header[7:] if header.startswith("Bearer ") else ""
     # Header bytes that are not UTF-8 arrive as surrogate escapes, which str.encode()
     # refuses: compare the raw bytes instead, so such a token is wrong, not a crash.
     given = token.encode("utf-8", "surrogateescape")
-    if not token or not hmac.compare_digest(given, _node(request).token.encode()):
+    return bool(token) and hmac.compare_digest(given, _node(request).token.encode())
+
+
+def _require_token(request: web.Request) -> None:
+    if not _token_ok(request):
         raise Unauthorized("missing or wrong API token (see the .cookie file in the node's data dir)")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limiters:
+    write: Buckets | None  # per client token
+    read: Buckets | None  # per client address, weighted by cost
+    peer: Buckets | None  # per peer address
+
+
+LIMITERS: web.AppKey[Limiters] = web.AppKey("limiters")
+UNLIMITED = frozenset({"/healthz", "/readyz"})
+
+
+def _read_cost(request: web.Request) -> float:
+    """What a read costs in tokens: its page size in hundreds of rows."""
+    for name, path in (("limit", "/v1/fills"), ("depth", "/v1/book")):
+        if request.path == path:
+            text = request.query.get(name, "")
+            return 1.0 + (int(text) / 100 if text.isdigit() and len(text) < 8 else 0.0)
+    return 20.0 if request.path == "/v1/latency" else 1.0
+
+
+@web.middleware
+async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """429 with Retry-After past a token bucket: writes per client token, reads
+    per client address, peer routes per peer address (see ``net.ratelimit``)."""
+    if request.path in UNLIMITED:
+        return await handler(request)
+    lim = request.app[LIMITERS]
+    remote = request.remote or "?"
+    cost = 1.0
+    if request.path.startswith("/peer/"):
+        buckets, key, what = lim.peer, ("peer", remote), "peer calls from this address"
+    elif request.method in ("POST", "DELETE") and request.path.startswith("/v1/orders") and _token_ok(request):
+        buckets, key, what = lim.write, ("token", ""), "writes with this token"  # one token per node
+    else:
+        buckets, key, what = lim.read, ("read", remote), "reads from this address"
+        cost = _read_cost(request)
+    if buckets is not None:
+        wait = buckets.take(key, cost)
+        if wait > 0:
+            raise ApiError(f"too many {what}: {buckets.rate.per_s:g}/s, bursts of {buckets.rate.burst:g}",
+                           code="rate_limited", status=429, retry_after=wait)
+    return await handler(request)
 
 
 def _int_field(body: dict[str, Any], name: str, lo: int, hi: int) -> int:
@@ -315,12 +370,26 @@ async def get_fills(request: web.Request) -> web.Response:
     node = _node(request)
     fills = node.exchange.engine.fills
     since = _query_int(request, "since", 0, 0, 1 << 62)
-    limit = _query_int(request, "limit", 1000, 1, 10_000)
+    limit = _query_int(request, "limit", 100, 1, MAX_FILLS_PAGE)
     chunk = fills[since: since + limit]
-    return reply(request, {
-        "fills": [fill_view(node, since + i, f) for i, f in enumerate(chunk)],
-        "next": since + len(chunk), "total": len(fills),
-    })
+    if wants_msgpack(request):
+        return reply(request, {
+            "fills": [fill_view(node, since + i, f) for i, f in enumerate(chunk)],
+            "next": since + len(chunk), "total": len(fills),
+        })
+    # JSON rows are encoded once and kept: a page is mostly a join of cached bytes
+    cache = request.app[FILL_ROWS]
+    rows = []
+    for i, f in enumerate(chunk, start=since):
+        hit = cache.get(i)
+        if hit is None or hit[0] != f:  # new, or a revised fill at that position
+            hit = (f, json.dumps(fill_view(node, i, f), separators=(",", ":")).encode())
+            cache[i] = hit
+            if len(cache) > FILL_ROWS_KEPT:
+                del cache[next(iter(cache))]
+        rows.append(hit[1])
+    body = b'{"fills":[' + b",".join(rows) + b'],"next":%d,"total":%d}' % (since + len(chunk), len(fills))
+    return web.Response(body=body, content_type="application/json")
 
 
 def status_data(node: Node) -> dict[str, Any]:
@@ -470,11 +539,18 @@ async def peer_peers(request: web.Request) -> web.Response:
 
 
 def build_app(node: Node) -> web.Application:
-    app = web.Application(middlewares=[guard_middleware, errors_middleware, body_cap_middleware,
-                                       peer_content_type_middleware], client_max_size=PEER_BODY_CAP)
+    app = web.Application(middlewares=[guard_middleware, errors_middleware, rate_limit_middleware,
+                                       body_cap_middleware, peer_content_type_middleware],
+                          client_max_size=PEER_BODY_CAP)
     app[NODE] = node
+    cfg = node.config
+    app[LIMITERS] = Limiters(
+        write=None if cfg.write_limit is None else Buckets(cfg.write_limit),
+        read=None if cfg.read_limit is None else Buckets(cfg.read_limit),
+        peer=None if cfg.peer_limit is None else Buckets(cfg.peer_limit))
     app[GUARD] = node.http_guard
     app[FIRST_REPLIES] = OrderedDict()
+    app[FILL_ROWS] = {}
     app.router.add_post("/v1/orders", post_order)
     app.router.add_delete("/v1/orders/{order_id}", delete_order)
     app.router.add_get("/v1/orders/{order_id}", get_order)

@@ -6,6 +6,10 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from net.ratelimit import Rate
+
+DEFAULT_RATE = Rate(per_s=5000, burst=10000)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NodeConfig:
@@ -28,6 +32,9 @@ class NodeConfig:
     body_timeout: float = 30.0  # seconds for a request body
     keepalive_timeout: float = 30.0  # seconds an idle connection is kept
     max_receiving: int = 64 * 1024 * 1024  # bytes of request bodies being received at once
+    write_limit: Rate | None = DEFAULT_RATE  # per client token; None: no limit
+    read_limit: Rate | None = DEFAULT_RATE  # per client address
+    peer_limit: Rate | None = DEFAULT_RATE  # per peer address
     ready_timeout: float = 3.0  # seconds to find a live peer to sync with before declaring "alone"
 
     @property
