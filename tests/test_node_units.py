@@ -58,7 +58,7 @@ class TestCommitBeforeApply:
         try:
             node.submit(Order(side=BUY, price=100, qty=1))
 
-            def failing(entries: object) -> None:
+            def failing(entries: object, **_: object) -> None:
                 raise sqlite3.OperationalError("disk I/O error")
 
             monkeypatch.setattr(node.store, "save_entries", failing)
