@@ -10,9 +10,12 @@ import logging
 import os
 import random
 import re
+import secrets
 import signal
 import sys
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,12 @@ def port_number(text: str) -> int:
     return int(text)
 
 
+def positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
+    return int(text)
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -44,6 +53,24 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
     return value
+
+
+def rate_limit(text: str) -> Any:
+    from net.ratelimit import parse_rate
+
+    try:
+        return parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def peer_networks(text: str) -> tuple[str, ...] | None:
+    from net.addresses import parse_networks
+
+    try:
+        return parse_networks(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # ---- node ---------------------------------------------------------------------
@@ -68,20 +95,44 @@ def add_node_parser(sub: Any) -> None:
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[P2PEX_LOG_LEVEL]")
     p.add_argument("--pull-interval", type=positive_float, default=env("PULL_INTERVAL", "0.5"),
                    help="seconds between anti-entropy pulls [P2PEX_PULL_INTERVAL]")
+    p.add_argument("--max-connections", type=positive_int, default=env("MAX_CONNECTIONS", "1000"),
+                   help="HTTP connections at once; at the cap a new one displaces the oldest idle one "
+                        "[P2PEX_MAX_CONNECTIONS]")
+    p.add_argument("--header-timeout", type=positive_float, default=env("HEADER_TIMEOUT", "10"),
+                   help="seconds for a request head to arrive, from its first byte [P2PEX_HEADER_TIMEOUT]")
+    p.add_argument("--body-timeout", type=positive_float, default=env("BODY_TIMEOUT", "30"),
+                   help="seconds for a request body to arrive [P2PEX_BODY_TIMEOUT]")
+    p.add_argument("--keepalive-timeout", type=positive_float, default=env("KEEPALIVE_TIMEOUT", "30"),
+                   help="seconds an idle connection is kept open [P2PEX_KEEPALIVE_TIMEOUT]")
+    p.add_argument("--max-receiving-mb", type=positive_float, default=env("MAX_RECEIVING_MB", "64"),
+                   help="MiB of request bodies being received at once, across requests [P2PEX_MAX_RECEIVING_MB]")
+    p.add_argument("--write-limit", type=rate_limit, default=env("WRITE_LIMIT", "5000/10000"),
+                   help="orders and cancels per second per client token, RATE[/BURST]; 0: none [P2PEX_WRITE_LIMIT]")
+    p.add_argument("--read-limit", type=rate_limit, default=env("READ_LIMIT", "5000/10000"),
+                   help="client reads per second per address (a page of N rows costs 1 + N/100), "
+                        "RATE[/BURST]; 0: none [P2PEX_READ_LIMIT]")
+    p.add_argument("--peer-limit", type=rate_limit, default=env("PEER_LIMIT", "5000/10000"),
+                   help="peer calls per second per address, RATE[/BURST]; 0: none [P2PEX_PEER_LIMIT]")
+    p.add_argument("--ready-timeout", type=positive_float, default=env("READY_TIMEOUT", "3"),
+                   help="seconds to find a live peer to sync with before /readyz says ready alone "
+                        "[P2PEX_READY_TIMEOUT]")
+    p.add_argument("--peer-networks", type=peer_networks, default=env("PEER_NETWORKS", "auto"),
+                   help="kinds of address this node dials peers on: auto (public, plus the kind of its own "
+                        "address) or a comma-separated list of public, private, loopback, link-local "
+                        "[P2PEX_PEER_NETWORKS]")
 
 
 def run_node(args: argparse.Namespace) -> int:
     from net.config import NodeConfig, split_host_port
+    from net.logs import setup_logging
     from net.node import Node
 
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if args.log_file:
         Path(args.log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers = [logging.FileHandler(args.log_file)]
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format=f"%(asctime)s {args.name} %(levelname)s %(name)s: %(message)s", handlers=handlers,
-    )
+    setup_logging(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                  fmt=f"%(asctime)s {args.name} %(levelname)s %(name)s: %(message)s", handlers=handlers)
     try:
         bootstrap = tuple(split_host_port(b) for b in args.bootstrap)
         if args.advertise and split_host_port(args.advertise, args.port)[0] in ("0.0.0.0", "::", "[::]"):
@@ -91,7 +142,10 @@ def run_node(args: argparse.Namespace) -> int:
     config = NodeConfig(
         host=args.host, port=args.port, dht_port=args.dht_port, data_dir=Path(args.data_dir),
         bootstrap=bootstrap, advertise=args.advertise, name=args.name, trading=not args.seed,
-        pull_interval=args.pull_interval,
+        pull_interval=args.pull_interval, peer_networks=args.peer_networks, ready_timeout=args.ready_timeout,
+        max_connections=args.max_connections, header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+        keepalive_timeout=args.keepalive_timeout, max_receiving=int(args.max_receiving_mb * 1024 * 1024),
+        write_limit=args.write_limit, read_limit=args.read_limit, peer_limit=args.peer_limit,
     )
 
     async def main() -> None:
@@ -147,7 +201,41 @@ def token(args: argparse.Namespace) -> str:
         raise CliError(f"no API token: {cookie} not found (pass --token or --data-dir of the node)") from None
 
 
-def call(args: argparse.Namespace, method: str, path: str, body: Any = None, *, auth: bool = False) -> Any:
+#: Attempts of a write that carries a client id (``cid``): a retry cannot place it twice.
+WRITE_ATTEMPTS = 4
+RETRY_PAUSES_S = (0.25, 0.5, 1.0)
+RETRY_AFTER_MAX_S = 2.0
+
+
+class Retryable(CliError):
+    """A failure after which the same request may be sent again: a timeout, a
+    refused or reset connection, or 429/503 with Retry-After."""
+
+    def __init__(self, message: str, pause: float | None = None) -> None:
+        super().__init__(message)
+        self.pause = pause
+
+
+def new_cid() -> str:
+    """A fresh client id: 16 characters of [A-Za-z0-9_-]."""
+    return secrets.token_urlsafe(12)
+
+
+def call(args: argparse.Namespace, method: str, path: str, body: Any = None, *, auth: bool = False,
+         retry: bool = False) -> Any:
+    """One request; with ``retry`` (a write that carries a cid) up to WRITE_ATTEMPTS."""
+    attempts = WRITE_ATTEMPTS if retry else 1
+    for attempt in range(attempts):
+        try:
+            return call_once(args, method, path, body, auth=auth)
+        except Retryable as exc:
+            if attempt == attempts - 1:
+                raise CliError(str(exc)) from None
+            time.sleep(exc.pause if exc.pause is not None else RETRY_PAUSES_S[min(attempt, len(RETRY_PAUSES_S) - 1)])
+    raise AssertionError("unreachable")
+
+
+def call_once(args: argparse.Namespace, method: str, path: str, body: Any = None, *, auth: bool = False) -> Any:
     url = node_url(args) + path
     headers = {"Accept": "application/json"}
     data = None
@@ -166,12 +254,17 @@ def call(args: argparse.Namespace, method: str, path: str, body: Any = None, *, 
     except urllib.error.HTTPError as exc:
         try:
             err = json.loads(exc.read())
-            raise CliError(f"{err.get('error')}: {err.get('detail')} (HTTP {exc.code})") from None
+            message = f"{err.get('error')}: {err.get('detail')} (HTTP {exc.code})"
         except (ValueError, AttributeError):
-            raise CliError(f"HTTP {exc.code} from {url}") from None
+            message = f"HTTP {exc.code} from {url}"
+        if exc.code in (429, 503):
+            after = exc.headers.get("Retry-After", "")
+            pause = min(float(after), RETRY_AFTER_MAX_S) if after.isdigit() else None
+            raise Retryable(message, pause) from None
+        raise CliError(message) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise CliError(
+        raise Retryable(
             f"cannot reach a node at {node_url(args)} ({reason}); start one with `python cli.py node`"
         ) from None
     try:
@@ -201,13 +294,13 @@ def fmt_order(o: dict[str, Any]) -> str:
 
 def cmd_order(args: argparse.Namespace) -> Any:
     qty, price = parse_qty_price(args.amount, args.market)
-    body: dict[str, Any] = {"side": args.side, "qty": qty}
+    body: dict[str, Any] = {"side": args.side, "qty": qty, "cid": args.cid or new_cid()}
     if args.market:
         body["market"] = True
     else:
         body["price"] = price
         body["tif"] = "IOC" if args.ioc else "GTC"
-    out = call(args, "POST", "/v1/orders", body, auth=True)
+    out = call(args, "POST", "/v1/orders", body, auth=True, retry=True)
     if not args.json:
         print(fmt_order(out))
         print(f"id {out['id']}")
@@ -217,7 +310,9 @@ def cmd_order(args: argparse.Namespace) -> Any:
 
 
 def cmd_cancel(args: argparse.Namespace) -> Any:
-    out = call(args, "DELETE", f"/v1/orders/{args.id}", auth=True)
+    cid = args.cid or new_cid()
+    out = call(args, "DELETE", f"/v1/orders/{urllib.parse.quote(args.id)}?cid={urllib.parse.quote(cid)}",
+               auth=True, retry=True)
     if not args.json:
         print(fmt_order(out))
     return out
@@ -368,10 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("amount", help="QTY@PRICE in integer lots and ticks, or QTY with --market")
     p.add_argument("--ioc", action="store_true", help="immediate or cancel (default GTC)")
     p.add_argument("--market", action="store_true", help="market order (IOC, no price limit)")
+    p.add_argument("--cid", help="client id of the order (default: a fresh one); a repeat places nothing")
     add_client_options(p)
     p.set_defaults(func=cmd_order)
     p = sub.add_parser("cancel", help="cancel one of this node's resting orders")
     p.add_argument("id")
+    p.add_argument("--cid", help="client id of the cancel (default: a fresh one)")
     add_client_options(p)
     p.set_defaults(func=cmd_cancel)
     p = sub.add_parser("show", help="status of one order")

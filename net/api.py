@@ -5,9 +5,13 @@ every refusal is ``{"error": code, "detail": text}`` with its status."""
 from __future__ import annotations
 
 import hmac
+import json
 import logging
+import re
 import statistics
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -17,10 +21,32 @@ from crdt.errors import ExchangeError, ForeignCancel, ValidationError
 from crdt.keys import short_id
 from matching.engine import OrderStatus
 from matching.exchange import NotCancellable, UnknownOrder, fill_id
-from net.errors import ApiError, BadRequest, Conflict, NotFound, TooLarge, Unauthorized, Unprocessable
-from net.peers import is_loopback_host
+from net.errors import (
+    ApiError,
+    BadRequest,
+    Conflict,
+    NotFound,
+    TooLarge,
+    Unauthorized,
+    Unprocessable,
+    UnsupportedMediaType,
+)
+from net.peers import NONCE_LEN, is_loopback_host, prove
 from net.ports import percentile
-from net.wire import CLIENT_BODY_CAP, PEER_BODY_CAP, error_reply, pack, read_client_body, read_peer_body, reply
+from net.ratelimit import Buckets
+from net.server import GUARD, guard_middleware
+from net.store import CID_CANCEL, CID_ORDER
+from net.wire import (
+    CLIENT_BODY_CAP,
+    MSGPACK,
+    PEER_BODY_CAP,
+    error_reply,
+    pack,
+    read_client_body,
+    read_peer_body,
+    reply,
+    wants_msgpack,
+)
 
 if TYPE_CHECKING:
     from net.node import Node
@@ -28,8 +54,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("p2pex.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 NODE: web.AppKey[Node] = web.AppKey("node")
+FILL_ROWS: web.AppKey[dict[int, tuple[Any, bytes]]] = web.AppKey("fill_rows")
+FILL_ROWS_KEPT = 50_000  # encoded /v1/fills rows kept (about 13 MB)
+FIRST_REPLIES: web.AppKey[OrderedDict[str, dict[str, Any]]] = web.AppKey("first_replies")
 SIDES = {"buy": BUY, "sell": SELL}
 SIDE_NAMES = {BUY: "buy", SELL: "sell"}
+MAX_FILLS_PAGE = 1000  # fills per /v1/fills page (was 10,000: 2.6 MB replies that stalled the loop)
 
 
 @web.middleware
@@ -54,6 +84,18 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 @web.middleware
+async def peer_content_type_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Peer routes take msgpack only.  A web page can POST ``text/plain`` to any
+    address without a CORS preflight, so a browser on the node's machine could
+    otherwise be made to push to a node on 127.0.0.1; ``application/msgpack``
+    needs a preflight, which the node never grants."""
+    if (request.path.startswith("/peer/") and request.match_info.http_exception is None
+            and request.content_type != MSGPACK):
+        raise UnsupportedMediaType(f"peer routes take Content-Type: {MSGPACK}, not {request.content_type!r}")
+    return await handler(request)
+
+
+@web.middleware
 async def body_cap_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Refuse a declared body over the cap on every route, also on routes that
     never read a body (a DELETE with 1 MiB attached used to go through)."""
@@ -67,11 +109,62 @@ def _node(request: web.Request) -> Node:
     return request.app[NODE]
 
 
-def _require_token(request: web.Request) -> None:
+def _token_ok(request: web.Request) -> bool:
     header = request.headers.get("Authorization", "")
     token = header[7:] if header.startswith("Bearer ") else ""
-    if not token or not hmac.compare_digest(token.encode(), _node(request).token.encode()):
+    # Header bytes that are not UTF-8 arrive as surrogate escapes, which str.encode()
+    # refuses: compare the raw bytes instead, so such a token is wrong, not a crash.
+    given = token.encode("utf-8", "surrogateescape")
+    return bool(token) and hmac.compare_digest(given, _node(request).token.encode())
+
+
+def _require_token(request: web.Request) -> None:
+    if not _token_ok(request):
         raise Unauthorized("missing or wrong API token (see the .cookie file in the node's data dir)")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limiters:
+    write: Buckets | None  # per client token
+    read: Buckets | None  # per client address, weighted by cost
+    peer: Buckets | None  # per peer address
+
+
+LIMITERS: web.AppKey[Limiters] = web.AppKey("limiters")
+UNLIMITED = frozenset({"/healthz", "/readyz"})
+
+
+def _read_cost(request: web.Request) -> float:
+    """What a read costs in tokens: its page size in hundreds of rows."""
+    for name, path in (("limit", "/v1/fills"), ("depth", "/v1/book")):
+        if request.path == path:
+            text = request.query.get(name, "")
+            return 1.0 + (int(text) / 100 if text.isdigit() and len(text) < 8 else 0.0)
+    return 20.0 if request.path == "/v1/latency" else 1.0
+
+
+@web.middleware
+async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """429 with Retry-After past a token bucket: writes per client token, reads
+    per client address, peer routes per peer address (see ``net.ratelimit``)."""
+    if request.path in UNLIMITED:
+        return await handler(request)
+    lim = request.app[LIMITERS]
+    remote = request.remote or "?"
+    cost = 1.0
+    if request.path.startswith("/peer/"):
+        buckets, key, what = lim.peer, ("peer", remote), "peer calls from this address"
+    elif request.method in ("POST", "DELETE") and request.path.startswith("/v1/orders") and _token_ok(request):
+        buckets, key, what = lim.write, ("token", ""), "writes with this token"  # one token per node
+    else:
+        buckets, key, what = lim.read, ("read", remote), "reads from this address"
+        cost = _read_cost(request)
+    if buckets is not None:
+        wait = buckets.take(key, cost)
+        if wait > 0:
+            raise ApiError(f"too many {what}: {buckets.rate.per_s:g}/s, bursts of {buckets.rate.burst:g}",
+                           code="rate_limited", status=429, retry_after=wait)
+    return await handler(request)
 
 
 def _int_field(body: dict[str, Any], name: str, lo: int, hi: int) -> int:
@@ -116,15 +209,32 @@ def fill_view(node: Node, index: int, fill: tuple[Any, Any, int, int]) -> dict[s
 # ---- client API ----------------------------------------------------------------
 
 
+CID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+#: First replies to orders placed with a client id, for a repeat (a restart forgets them).
+REPLIES_KEPT = 10_000
+
+
+def _cid(value: Any) -> str | None:
+    if value is None:
+        return None
+    if type(value) is not str or not CID.fullmatch(value):
+        raise Unprocessable("cid must be 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'", code="bad_cid")
+    return value
+
+
 async def post_order(request: web.Request) -> web.Response:
+    """Place an order.  With ``cid`` (the client's id for it) a repeat places
+    nothing and answers 200 with the order the first request placed."""
     _require_token(request)
     node = _node(request)
     if not node.config.trading:
         raise Conflict("this is a seed node; it does not take orders", code="seed_node")
+    _require_ready(node)
     body = await read_client_body(request)
-    unknown = set(body) - {"side", "qty", "price", "tif", "market"}
+    unknown = set(body) - {"side", "qty", "price", "tif", "market", "cid"}
     if unknown:
         raise Unprocessable(f"unknown fields: {sorted(unknown, key=repr)}", code="unknown_field")
+    cid = _cid(body.get("cid"))
     raw_side = body.get("side")
     side = SIDES.get(raw_side) if isinstance(raw_side, str) else None  # a list or map is unhashable
     if side is None:
@@ -145,7 +255,12 @@ async def post_order(request: web.Request) -> web.Response:
     else:
         price = _int_field(body, "price", 1, MAX_PRICE)
         order = Order(side=side, price=price, qty=qty, tif=GTC if tif_text == "GTC" else IOC)
-    result = node.submit(order)
+    if cid is not None:
+        prior = node.client_request(CID_ORDER, cid)
+        if prior is not None:
+            first = request.app[FIRST_REPLIES].get(cid)
+            return reply(request, _repeat_order(node, prior.order_id, cid, order, tif_text, first))
+    result = node.submit(order, cid=cid)
     st = result.status
     assert st is not None
     view = status_view(node, result.entry.hash, st)
@@ -153,17 +268,57 @@ async def post_order(request: web.Request) -> web.Response:
     view["market"] = market
     start = len(node.exchange.engine.fills) - len(result.fills)
     view["fills"] = [fill_view(node, start + i, f) for i, f in enumerate(result.fills)]
+    if cid is not None:
+        view["cid"] = cid
+        kept = request.app[FIRST_REPLIES]
+        kept[cid] = view
+        if len(kept) > REPLIES_KEPT:
+            kept.popitem(last=False)
     return reply(request, view, status=201)
 
 
+def _repeat_order(node: Node, oid: bytes, cid: str, order: Order, tif_text: str,
+                  first: dict[str, Any] | None) -> dict[str, Any]:
+    """The answer to a repeated client id: the order the first request placed,
+    as it stands now, with the fills of the first reply."""
+    st = node.exchange.status(oid)
+    assert st is not None  # committed with the entry, so the order is known
+    if (st.side, st.qty, st.price) != (order.side, order.qty, order.price):
+        raise Conflict(f"cid {cid} already placed order {oid.hex()}, which is a different order",
+                       code="cid_reused")
+    view = status_view(node, oid, st)
+    view["tif"] = first["tif"] if first else tif_text
+    view["market"] = order.market
+    if first is not None:
+        view["fills"] = first["fills"]
+    else:  # a restart forgot the first reply: its fills are those with this order as taker
+        fills = node.exchange.engine.fills
+        view["fills"] = [fill_view(node, i, f) for i, f in enumerate(fills) if f[0] == oid]
+    view["cid"] = cid
+    view["repeat"] = True
+    return view
+
+
 async def delete_order(request: web.Request) -> web.Response:
+    """Cancel an order.  With ``?cid=`` (the client's id for this cancel) a
+    repeat changes nothing and answers 200 with the order as it stands."""
     _require_token(request)
     node = _node(request)
     if not node.config.trading:
         raise Conflict("this is a seed node; it holds no orders of its own", code="seed_node")
+    _require_ready(node)
     oid = _order_id(request)
+    cid = _cid(request.query.get("cid"))
+    if cid is not None:
+        prior = node.client_request(CID_CANCEL, cid)
+        if prior is not None:
+            if prior.order_id != oid:
+                raise Conflict(f"cid {cid} already cancelled order {prior.order_id.hex()}", code="cid_reused")
+            st = node.exchange.status(oid)
+            assert st is not None
+            return reply(request, {**status_view(node, oid, st), "cid": cid, "repeat": True})
     try:
-        result = node.submit(Cancel(order_id=oid))
+        result = node.submit(Cancel(order_id=oid), cid=cid)
     except UnknownOrder as exc:
         raise NotFound(str(exc), code="unknown_order") from None
     except ForeignCancel as exc:
@@ -172,7 +327,10 @@ async def delete_order(request: web.Request) -> web.Response:
         raise Conflict(str(exc), code="not_cancellable") from None
     st = result.status
     assert st is not None
-    return reply(request, status_view(node, oid, st))
+    view = status_view(node, oid, st)
+    if cid is not None:
+        view["cid"] = cid
+    return reply(request, view)
 
 
 async def get_order(request: web.Request) -> web.Response:
@@ -212,12 +370,26 @@ async def get_fills(request: web.Request) -> web.Response:
     node = _node(request)
     fills = node.exchange.engine.fills
     since = _query_int(request, "since", 0, 0, 1 << 62)
-    limit = _query_int(request, "limit", 1000, 1, 10_000)
+    limit = _query_int(request, "limit", 100, 1, MAX_FILLS_PAGE)
     chunk = fills[since: since + limit]
-    return reply(request, {
-        "fills": [fill_view(node, since + i, f) for i, f in enumerate(chunk)],
-        "next": since + len(chunk), "total": len(fills),
-    })
+    if wants_msgpack(request):
+        return reply(request, {
+            "fills": [fill_view(node, since + i, f) for i, f in enumerate(chunk)],
+            "next": since + len(chunk), "total": len(fills),
+        })
+    # JSON rows are encoded once and kept: a page is mostly a join of cached bytes
+    cache = request.app[FILL_ROWS]
+    rows = []
+    for i, f in enumerate(chunk, start=since):
+        hit = cache.get(i)
+        if hit is None or hit[0] != f:  # new, or a revised fill at that position
+            hit = (f, json.dumps(fill_view(node, i, f), separators=(",", ":")).encode())
+            cache[i] = hit
+            if len(cache) > FILL_ROWS_KEPT:
+                del cache[next(iter(cache))]
+        rows.append(hit[1])
+    body = b'{"fills":[' + b",".join(rows) + b'],"next":%d,"total":%d}' % (since + len(chunk), len(fills))
+    return web.Response(body=body, content_type="application/json")
 
 
 def status_data(node: Node) -> dict[str, Any]:
@@ -232,6 +404,8 @@ def status_data(node: Node) -> dict[str, Any]:
         "url": node.url, "trading": node.config.trading, "ready": node.ready,
         "dht_joined": node.discovery.joined.is_set(),
         "peers": node.peer_views(),
+        "peer_candidates": len(node.candidates),
+        "http": node.http_guard.view(),
         "version_vector": {o.hex(): s for o, s in sorted(vv.items())},
         "state_hash": ex.state_hash().hex(),
         "counts": {
@@ -272,10 +446,31 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready once the node synced with a live peer (``synced_with``: its short
+    id) or found none within the bound (``alone``); 503 ``not_ready`` before."""
     node = _node(request)
     if not node.ready:
-        return reply(request, {"error": "not_ready", "detail": "node is starting or stopping"}, status=503)
-    return reply(request, {"ready": True, "peers": len(node.peers.peers)})
+        detail = node.readiness.detail if node.serving else "the node is stopping"
+        return _not_ready(request, detail)
+    r = node.readiness
+    out: dict[str, Any] = {"ready": True, "peers": len(node.peers.peers), "detail": r.detail}
+    if r.synced_with is not None:
+        out["synced_with"] = r.synced_with
+    if r.alone:
+        out["alone"] = True
+    return reply(request, out)
+
+
+def _not_ready(request: web.Request, detail: str) -> web.Response:
+    return error_reply(request, ApiError(detail, code="not_ready", status=503, retry_after=1))
+
+
+def _require_ready(node: Node) -> None:
+    """Orders wait for readiness: one placed before the node caught up would
+    match against a stale book and be revised moments later."""
+    if not node.ready:
+        raise ApiError(f"not ready to take orders yet: {node.readiness.detail}", code="not_ready", status=503,
+                       retry_after=1)
 
 
 # ---- peer API --------------------------------------------------------------------
@@ -329,17 +524,33 @@ async def peer_push(request: web.Request) -> web.Response:
 
 
 async def peer_peers(request: web.Request) -> web.Response:
+    """Peer exchange.  A caller's ``nonce`` (32 bytes) is a challenge: the reply's
+    ``proof`` signs it with our key, together with our URL (``net.peers.prove``)."""
     node = _node(request)
     body = await read_peer_body(request)
     addr, _ = _peer_label(request, body)
     node.offer_records(body.get("records", []), source=addr)
-    data = pack({"records": node.records_for(is_loopback_host(addr)), "observed": addr})
+    out: dict[str, Any] = {"records": node.records_for(is_loopback_host(addr)), "observed": addr}
+    nonce = body.get("nonce")
+    if type(nonce) is bytes and len(nonce) == NONCE_LEN and node.url is not None:
+        out["proof"] = prove(node.key, nonce, node.url)
+    data = pack(out)
     return web.Response(body=data, content_type="application/msgpack")
 
 
 def build_app(node: Node) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware, body_cap_middleware], client_max_size=PEER_BODY_CAP)
+    app = web.Application(middlewares=[guard_middleware, errors_middleware, rate_limit_middleware,
+                                       body_cap_middleware, peer_content_type_middleware],
+                          client_max_size=PEER_BODY_CAP)
     app[NODE] = node
+    cfg = node.config
+    app[LIMITERS] = Limiters(
+        write=None if cfg.write_limit is None else Buckets(cfg.write_limit),
+        read=None if cfg.read_limit is None else Buckets(cfg.read_limit),
+        peer=None if cfg.peer_limit is None else Buckets(cfg.peer_limit))
+    app[GUARD] = node.http_guard
+    app[FIRST_REPLIES] = OrderedDict()
+    app[FILL_ROWS] = {}
     app.router.add_post("/v1/orders", post_order)
     app.router.add_delete("/v1/orders/{order_id}", delete_order)
     app.router.add_get("/v1/orders/{order_id}", get_order)

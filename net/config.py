@@ -6,6 +6,10 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from net.ratelimit import Rate
+
+DEFAULT_RATE = Rate(per_s=5000, burst=10000)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NodeConfig:
@@ -22,6 +26,16 @@ class NodeConfig:
     peer_ttl_ms: int = 10 * 60 * 1000
     publish_interval: float = 2.0
     max_skew_ms: int = 5_000
+    peer_networks: tuple[str, ...] | None = None  # kinds of address peers may have; None: auto
+    max_connections: int = 1000
+    header_timeout: float = 10.0  # seconds for a request head, from its first byte
+    body_timeout: float = 30.0  # seconds for a request body
+    keepalive_timeout: float = 30.0  # seconds an idle connection is kept
+    max_receiving: int = 64 * 1024 * 1024  # bytes of request bodies being received at once
+    write_limit: Rate | None = DEFAULT_RATE  # per client token; None: no limit
+    read_limit: Rate | None = DEFAULT_RATE  # per client address
+    peer_limit: Rate | None = DEFAULT_RATE  # per peer address
+    ready_timeout: float = 3.0  # seconds to find a live peer to sync with before declaring "alone"
 
     @property
     def udp_port(self) -> int:

@@ -193,8 +193,8 @@ class Demo:
         async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as session:
             self._session = session
             n = len(self.procs)
-            t_ready = await self.wait_until("every node to answer /v1/status", READY_TIMEOUT_S,
-                                            lambda: all(p.status for p in self.procs))
+            t_ready = await self.wait_until("every node to be ready (/v1/status)", READY_TIMEOUT_S,
+                                            lambda: all(p.status.get("ready") for p in self.procs))
             t_mesh = await self.wait_until(
                 "every node to know every other", MESH_TIMEOUT_S,
                 lambda: all(sum(1 for q in p.status["peers"] if q["state"] == "up") >= n - 1

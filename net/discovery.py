@@ -36,9 +36,33 @@ _RPC_TIMEOUT = 2  # seconds; the library's 5 s default slows every join attempt
 
 
 class _Protocol(KademliaProtocol):  # type: ignore[misc]
+    """The library's protocol, minus its tracebacks: a datagram that does not
+    decode, or a request the library chokes on, raised out of a task and was
+    logged with a traceback by asyncio (about 190 bytes of log per junk
+    datagram).  Now it is counted and noted at DEBUG, limited per sender."""
+
     def __init__(self, *args: object) -> None:
         super().__init__(*args)
         self._wait_timeout = _RPC_TIMEOUT
+        self.junk = 0  # datagrams and requests dropped as malformed
+
+    async def _solve_datagram(self, datagram: bytes, address: tuple[str, int]) -> None:
+        try:
+            await super()._solve_datagram(datagram, address)
+        except Exception as exc:
+            self._dropped(address, exc)
+
+    async def _accept_request(self, msg_id: bytes, data: object, address: tuple[str, int]) -> None:
+        try:
+            await super()._accept_request(msg_id, data, address)
+        except Exception as exc:
+            self._dropped(address, exc)
+
+    def _dropped(self, address: tuple[str, int], exc: Exception) -> None:
+        self.junk += 1
+        host = address[0] if isinstance(address, tuple) and address else "?"
+        log.debug("dropped a malformed DHT datagram from %s: %s: %s", host, type(exc).__name__,
+                  str(exc)[:120], extra={"repeat_key": ("dht junk", host)})
 
 
 class _Server(Server):  # type: ignore[misc]

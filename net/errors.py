@@ -11,9 +11,11 @@ class ApiError(ExchangeError):
     status = 400
     code = "bad_request"
 
-    def __init__(self, detail: str, *, code: str | None = None, status: int | None = None) -> None:
+    def __init__(self, detail: str, *, code: str | None = None, status: int | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.retry_after = retry_after  # seconds, sent as a Retry-After header
         if code is not None:
             self.code = code
         if status is not None:
@@ -45,6 +47,11 @@ class TooLarge(ApiError):
     code = "too_large"
 
 
+class UnsupportedMediaType(ApiError):
+    status = 415
+    code = "unsupported_media_type"
+
+
 class Unprocessable(ApiError):
     status = 422
     code = "unprocessable"
@@ -54,6 +61,18 @@ class PeerError(ExchangeError):
     """A peer call failed: unreachable, timed out or answered badly."""
 
     code = "peer_error"
+
+
+class PeerRefused(PeerError):
+    """The node will not dial that peer URL (its address policy refuses it)."""
+
+    code = "peer_refused"
+
+
+class BadReply(PeerError):
+    """A peer's reply that does not decode."""
+
+    code = "bad_reply"
 
 
 class StorageError(ExchangeError):

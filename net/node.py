@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import secrets
 import socket
 import time
 from collections import deque
@@ -23,17 +24,36 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from crdt.entry import BadWireEntry, Body, Entry, decode_entries, encode_entry
+from crdt.entry import BadWireEntry, Body, Cancel, Entry, decode_entries, encode_entry
 from crdt.errors import ValidationError
 from crdt.hlc import physical_ms
 from crdt.keys import short_id
 from crdt.replica import MergeResult
 from matching.exchange import Exchange, Submitted
+from net import logs
+from net.addresses import (
+    AddressGuard,
+    AddressPolicy,
+    IPAddress,
+    PeerResolver,
+    literal,
+    parse_peer_url,
+    resolve,
+)
 from net.config import NodeConfig, split_host_port
 from net.discovery import Discovery
-from net.errors import PeerError, TooLarge
-from net.peers import Peer, PeerRecord, PeerTable, is_loopback_url
-from net.store import Store, load_or_create_key, write_cookie
+from net.errors import BadReply, BadRequest, PeerError, PeerRefused, TooLarge
+from net.peers import (
+    NONCE_LEN,
+    Candidates,
+    Peer,
+    PeerRecord,
+    PeerTable,
+    check_proof,
+    is_loopback_url,
+)
+from net.server import ConnectionLimits, Guard, GuardedSite, handler_args
+from net.store import CID_CANCEL, CID_ORDER, ClientId, Store, load_or_create_key, write_cookie
 from net.wire import MSGPACK, PEER_BODY_CAP, pack, read_capped, unpack
 
 log = logging.getLogger("p2pex.node")
@@ -43,7 +63,11 @@ MAX_PAGES_PER_PULL = 25
 PUSH_QUEUE_CAP = 20_000
 LATENCY_SAMPLES = 20_000
 MAX_RECORDS_PER_CALL = 300  # peer records read from one request or reply
-MAX_GREETINGS = 8  # greetings of new peers under way at once
+MAX_GREETINGS = 8  # proofs of new peers under way at once
+PROVE_EVERY_S = 0.2  # how often waiting candidates are looked at
+COOL_FAILED_PROOF_S = 60.0  # a record whose node did not prove its key is not tried again for this long
+COOL_UNREACHABLE_S = 5.0
+COOL_REFUSED_S = 300.0  # a URL the address policy refuses
 EXCHANGE_MIN_S = 0.2  # peer-exchange period while membership changes
 EXCHANGE_MAX_S = 5.0
 ENDPOINT_FILE = "endpoint"  # the local URL of the node, for the CLI
@@ -51,6 +75,19 @@ ENDPOINT_FILE = "endpoint"  # the local URL of the node, for the CLI
 
 def wall_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Readiness:
+    """Whether the node's state can be trusted for new orders, and why.
+
+    Ready once it has synced with a live peer (``synced_with``, the peer's
+    short id), or once it found none within the bound (``alone``)."""
+
+    ready: bool
+    synced_with: str | None = None
+    alone: bool = False
+    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,7 +120,13 @@ class Node:
         self.store = Store(data_dir)
         self.exchange = Exchange(self.key, max_skew_ms=config.max_skew_ms)
         self.token = write_cookie(data_dir)
-        self.peers = PeerTable(self.node_id, ttl_ms=config.peer_ttl_ms)
+        self.http_guard = Guard(ConnectionLimits(
+            max_connections=config.max_connections, header_timeout=config.header_timeout,
+            body_timeout=config.body_timeout, keepalive_timeout=config.keepalive_timeout,
+            max_receiving=config.max_receiving))
+        self.peers = PeerTable(self.node_id, ttl_ms=config.peer_ttl_ms)  # proven peers only
+        self.candidates = Candidates()  # records waiting for their proof
+        self.guard = AddressGuard(AddressPolicy.listed(config.peer_networks or ("public",)))
         self.discovery = Discovery(
             public_key=self.node_id, host=config.host, port=config.udp_port,
             bootstrap=config.bootstrap,
@@ -91,16 +134,17 @@ class Node:
         )
         self.url: str | None = None
         self.record: PeerRecord | None = None
-        self.ready = False
+        self.serving = False
+        self.readiness = Readiness(ready=False, detail="starting")
         self.started_ms = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._push_queues: dict[bytes, list[Entry]] = {}
         self._pushing: set[bytes] = set()
         self._probing: set[bytes] = set()
-        self._greeting: set[bytes] = set()
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
+        self._policy_settled = False
         # acceptance-to-visibility delays (ms) of entries from other origins
         self.latencies: deque[int] = deque(maxlen=LATENCY_SAMPLES)
         self._evidence_saved = 0
@@ -120,32 +164,43 @@ class Node:
         loaded = self.store.load_entries()
         if loaded:
             self.exchange.restore(loaded)
-        for raw in self.store.load_peers():
+        stored = 0
+        for raw in self.store.load_peers():  # known before, but each proves its key again
             rec = PeerRecord.decode(raw)
-            if rec is not None:
-                self.peers.offer(rec, now)
-        log.info("%s: loaded %d entries, %d peers", self.config.name, len(loaded), len(self.peers.peers))
+            if rec is not None and self.peers.fresh(rec, now) and self.candidates.offer(rec, self.monotonic()):
+                stored += 1
+        log.info("%s: loaded %d entries, %d peers to prove", self.config.name, len(loaded), stored)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.config.peer_timeout),
-            connector=aiohttp.TCPConnector(limit=64, limit_per_host=4),
+            connector=aiohttp.TCPConnector(limit=64, limit_per_host=4, resolver=PeerResolver(self.guard)),
         )
         app = build_app(self)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0,
+                                     **handler_args(self.http_guard.limits))
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
-        await site.start()
+        await GuardedSite(self._runner, self.config.host, self.config.port, self.http_guard).start()
+        self._spawn(self.http_guard.sweep_loop(), "http-sweep")
         await self.discovery.listen()
         self.url = await self._advertised_url()
         self._refresh_record()
+        self._policy_settled = await self._set_address_policy()
         local_host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
         (Path(self.config.data_dir) / ENDPOINT_FILE).write_text(f"http://{local_host}:{self.config.port}\n")
-        self.ready = True
+        self.serving = True
         log.info("%s: node %s serving %s (dht udp %d)", self.config.name, self.short, self.url,
                  self.config.udp_port)
+        if not self.discovery.bootstrap_addrs and not stored:
+            self._become_ready(Readiness(ready=True, alone=True,
+                                         detail="no bootstrap node and no known peers: the first node of its network"))
+        else:
+            self.readiness = Readiness(ready=False, detail="catching up: no live peer synced yet")
+            self._spawn(self._ready_deadline(), "ready-deadline")
         self._spawn(self.discovery.join(), "dht-join")
         self._spawn(self._discovery_loop(), "dht-publish")
         self._spawn(self._pull_loop(), "pull")
         self._spawn(self._exchange_loop(), "peer-exchange")
+        self._spawn(self._prove_loop(), "prove")
+        self._spawn(self._log_summary_loop(), "log-summaries")
 
     async def run_until_stopped(self) -> None:
         await self._stopping.wait()
@@ -153,8 +208,24 @@ class Node:
     def request_stop(self) -> None:
         self._stopping.set()
 
+    @property
+    def ready(self) -> bool:
+        return self.serving and self.readiness.ready
+
+    def _become_ready(self, readiness: Readiness) -> None:
+        if self.readiness.ready:
+            return
+        self.readiness = readiness
+        log.info("%s: ready (%s)", self.config.name,
+                 f"synced with {readiness.synced_with}" if readiness.synced_with else readiness.detail)
+
+    async def _ready_deadline(self) -> None:
+        await asyncio.sleep(self.config.ready_timeout)
+        self._become_ready(Readiness(ready=True, alone=True,
+                                     detail=f"no live peer synced within {self.config.ready_timeout:g} s"))
+
     async def stop(self) -> None:
-        self.ready = False
+        self.serving = False
         self._stopping.set()
         if self._runner is not None:  # first stop taking requests, which may spawn pushes
             await self._runner.cleanup()
@@ -165,6 +236,7 @@ class Node:
             await self._session.close()
         self.discovery.stop()
         self.store.close()
+        logs.flush(force=True)
         log.info("%s: stopped", self.config.name)
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
@@ -177,6 +249,12 @@ class Node:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def _log_summary_loop(self) -> None:
+        """Summaries of repeated warnings ("N more like this") once their window ends."""
+        while True:
+            await asyncio.sleep(5.0)
+            logs.flush()
 
     async def _advertised_url(self) -> str:
         cfg = self.config
@@ -192,35 +270,70 @@ class Node:
             host = f"[{host}]"
         return f"http://{host}:{port}"
 
+    async def _set_address_policy(self) -> bool:
+        """``--peer-networks auto``: public addresses plus the kinds of our own
+        (from our URL; until that resolves, from the bind address).  False when
+        our URL did not resolve yet (called again later)."""
+        if self.config.peer_networks is not None:
+            self.guard.policy = AddressPolicy.listed(self.config.peer_networks)
+            return True
+        assert self.url is not None
+        own = parse_peer_url(self.url)
+        ips: list[IPAddress] = []
+        settled = True
+        if own is not None:
+            ip = literal(own.host)
+            try:
+                ips = [ip] if ip is not None else await asyncio.get_running_loop().run_in_executor(
+                    None, resolve, own.host, own.port)
+            except OSError as exc:
+                settled = False
+                bound = literal(self.config.host)
+                ips = [bound] if bound is not None else []
+                log.info("our URL %s does not resolve yet (%s)", self.url, exc)
+        policy = AddressPolicy.own_network(ips)
+        if policy != self.guard.policy:
+            self.guard.policy = policy
+            log.info("dialing peers on %s addresses",
+                     ", ".join(sorted(k.replace("_", "-") for k in policy.allowed)))
+        return settled
+
     def _refresh_record(self) -> None:
         assert self.url is not None
         self.record = PeerRecord.create(self.key, self.url, self.clock_ms())
 
     # ---- the core, from clients and peers ------------------------------------
 
-    def submit(self, body: Body) -> Submitted:
-        """Append to our own log, commit, then push; raises the core's typed errors."""
+    def submit(self, body: Body, *, cid: str | None = None) -> Submitted:
+        """Append to our own log, commit, then push; raises the core's typed errors.
+
+        ``cid``, a client's id for the request, is committed with the entry in
+        one transaction (see ``client_request``)."""
         now = self.clock_ms()
         entry = self.exchange.prepare(body, now_ms=now)
-        self.store.save_entries([entry])  # committed before any state or peer sees it
+        client_id = None
+        if cid is not None:
+            kind, oid = (CID_CANCEL, body.order_id) if isinstance(body, Cancel) else (CID_ORDER, entry.hash)
+            client_id = ClientId(kind=kind, cid=cid, entry=entry.hash, order_id=oid)
+        self.store.save_entries([entry], client_id=client_id)  # committed before any state or peer sees it
         result = self.exchange.apply_own(entry, now_ms=now)
         self._push_new([entry], exclude=None)
         return result
 
+    def client_request(self, kind: int, cid: str) -> ClientId | None:
+        """What an earlier request with this client id wrote, if any."""
+        return self.store.find_client_id(kind, cid)
+
     def ingest(self, raw_entries: Any, *, peer: str, peer_id: bytes | None = None) -> Ingested:
         entries, malformed = decode_entries(raw_entries, max_entries=SYNC_PAGE * 2)
-        for m in malformed:
-            self.counters["rejected"] += 1
-            log.warning("peer %s (%s) sent a malformed entry %s#%s: %s: %s",
-                        short_id(peer_id) if peer_id else "?", peer,
-                        short_id(m.origin) if m.origin else "?", m.seq, m.error.code, m.error)
+        self.counters["rejected"] += len(malformed)
+        self._warn_refused("malformed", peer, peer_id,
+                           [(m.origin, m.seq, m.error.code, str(m.error)) for m in malformed])
         now = self.clock_ms()
         result = self.exchange.receive(entries, now_ms=now)
-        for rej in result.merge.rejected:
-            self.counters["rejected"] += 1
-            log.warning("peer %s (%s) sent a rejected entry %s#%d: %s: %s",
-                        short_id(peer_id) if peer_id else "?", peer, short_id(rej.origin), rej.seq,
-                        rej.error.code, rej.error)
+        self.counters["rejected"] += len(result.merge.rejected)
+        self._warn_refused("rejected", peer, peer_id,
+                           [(r.origin, r.seq, r.error.code, str(r.error)) for r in result.merge.rejected])
         if len(self.exchange.replica.evidence()) != self._evidence_saved:
             self._save_evidence()
         accepted = result.merge.accepted
@@ -231,6 +344,23 @@ class Node:
                     self.latencies.append(now - physical_ms(e.hlc))
             self._push_new(accepted, exclude=peer_id)
         return Ingested(merge=result.merge, malformed=tuple(malformed))
+
+    @staticmethod
+    def _warn_refused(what: str, peer: str, peer_id: bytes | None,
+                      refused: list[tuple[bytes | None, int | None, str, str]]) -> None:
+        """One warning per error code in a batch (not one per entry: 8,000 bad
+        entries used to write as many log bytes as they carried), limited per
+        (peer, code) by the log's repeat filter."""
+        by_code: dict[str, list[tuple[bytes | None, int | None, str]]] = {}
+        for origin, seq, code, error in refused:
+            by_code.setdefault(code, []).append((origin, seq, error))
+        sender = short_id(peer_id) if peer_id else "?"
+        for code, group in by_code.items():
+            origin, seq, error = group[0]
+            more = f" (and {len(group) - 1} more like it in this batch)" if len(group) > 1 else ""
+            log.warning("peer %s (%s) sent a %s entry %s#%s: %s: %s%s", sender, peer, what,
+                        short_id(origin) if origin else "?", seq, code, error[:200], more,
+                        extra={"repeat_key": (what, sender, peer, code)})
 
     def _save_evidence(self) -> None:
         evidence = self.exchange.replica.evidence()
@@ -278,28 +408,49 @@ class Node:
         finally:
             self._pushing.discard(nid)
 
-    async def _call(self, peer: Peer, path: str, body: dict[str, Any]) -> Any:
-        """One peer request under the peer timeout; updates the peer's health."""
+    async def _request(self, url: str, path: str, body: dict[str, Any]) -> Any:
+        """One POST to a peer URL under the peer timeout; its decoded reply.
+
+        Raises PeerRefused when the address policy forbids the URL (nothing is
+        sent), PeerError when the peer is unreachable or answers badly."""
         assert self._session is not None
+        try:
+            refusal = await self.guard.refusal(url)
+        except OSError as exc:
+            raise PeerError(f"{url} does not resolve: {exc}") from None
+        if refusal is not None:
+            raise PeerRefused(f"{url}: {refusal}")
+        async with self._session.post(
+            url + path, data=pack(body), headers={"Content-Type": MSGPACK, "Accept": MSGPACK},
+        ) as resp:
+            try:
+                data = await read_capped(resp.content, PEER_BODY_CAP, resp.content_length)
+            except TooLarge as exc:
+                raise PeerError(f"reply over the peer body cap: {exc}") from None
+            if resp.status != 200:
+                raise PeerError(f"HTTP {resp.status}: {data[:200]!r}")
+            try:
+                return unpack(data)
+            except BadRequest as exc:
+                raise BadReply(str(exc)) from None
+
+    async def _call(self, peer: Peer, path: str, body: dict[str, Any]) -> Any:
+        """One request to a table peer; updates the peer's health."""
         start = self.monotonic()
         try:
-            async with self._session.post(
-                peer.record.url + path, data=pack(body),
-                headers={"Content-Type": MSGPACK, "Accept": MSGPACK},
-            ) as resp:
-                try:
-                    data = await read_capped(resp.content, PEER_BODY_CAP, resp.content_length)
-                except TooLarge as exc:
-                    raise PeerError(f"reply over the peer body cap: {exc}") from None
-                if resp.status != 200:
-                    raise PeerError(f"HTTP {resp.status}: {data[:200]!r}")
-                result = unpack(data)
+            result = await self._request(peer.record.url, path, body)
+        except BadReply as exc:  # a reply we cannot decode
+            self.peers.failed(peer, self.monotonic(), f"bad reply: {exc}")
+            log.warning("peer %s (%s) sent a bad reply to %s: %s", peer.short, peer.record.url, path, exc)
+            raise PeerError(str(exc)) from exc
+        except PeerRefused:
+            raise
         except (aiohttp.ClientError, TimeoutError, OSError, PeerError) as exc:
             self.peers.failed(peer, self.monotonic(), f"{type(exc).__name__}: {exc}")
             if peer.failures == 1:
                 log.info("peer %s (%s) unreachable: %s", peer.short, peer.record.url, exc)
             raise PeerError(str(exc)) from exc
-        except Exception as exc:  # a reply we cannot decode
+        except Exception as exc:  # anything else about a reply we cannot use
             self.peers.failed(peer, self.monotonic(), f"bad reply: {exc}")
             log.warning("peer %s (%s) sent a bad reply to %s: %s", peer.short, peer.record.url, path, exc)
             raise PeerError(str(exc)) from exc
@@ -309,8 +460,10 @@ class Node:
         return result
 
     async def sync_with(self, peer: Peer) -> None:
-        """Pull what the peer has and we lack, in pages; push back what it lacks."""
+        """Pull what the peer has and we lack, in pages; push back what it lacks.
+        The first sync that reaches the end of a peer's pages makes the node ready."""
         theirs: dict[bytes, int] = {}
+        complete = False
         for _ in range(MAX_PAGES_PER_PULL):
             reply = await self._call(peer, "/peer/v1/sync", {
                 "from": self.node_id, "vv": self.exchange.replica.digest_for_sync(), "max": SYNC_PAGE})
@@ -331,7 +484,10 @@ class Node:
                 if not result.merge.accepted:
                     break
             if not reply.get("more"):
+                complete = True
                 break
+        if complete and not self.readiness.ready:
+            self._become_ready(Readiness(ready=True, synced_with=peer.short, detail=f"synced with {peer.record.url}"))
         missing, _ = self.exchange.replica.delta(theirs, max_entries=SYNC_PAGE)
         if missing:
             await self._call(peer, "/peer/v1/push", {
@@ -372,6 +528,8 @@ class Node:
     # ---- membership -------------------------------------------------------------
 
     def offer_records(self, raws: Any, *, source: str) -> int:
+        """Records relayed by a peer or read from the DHT: refresh known peers,
+        queue the others as candidates for a proof; how many were queued or refreshed."""
         if not isinstance(raws, list):
             return 0
         now = self.clock_ms()
@@ -379,40 +537,95 @@ class Node:
         for raw in raws[:MAX_RECORDS_PER_CALL]:
             rec = PeerRecord.from_wire(raw)
             if rec is None:
-                log.warning("peer %s sent an invalid peer record", source)
+                log.warning("peer %s sent an invalid peer record", source,
+                            extra={"repeat_key": ("invalid record", source)})
                 continue
             if self._offer(rec, now):
                 added += 1
         return added
 
     def _offer(self, rec: PeerRecord, now: int) -> bool:
-        """Take a verified record; greet a peer we did not know at once."""
-        new = rec.node_id not in self.peers.peers
-        if not self.peers.offer(rec, now):
+        """Take a verified record: a newer record of a proven peer at the URL it
+        proved refreshes it; any other waits among the candidates until its node
+        proves its key at that URL."""
+        if rec.node_id == self.node_id or not self.peers.fresh(rec, now):
             return False
-        self.store.save_peer(rec.node_id, rec.encode())
-        if new and self.ready and len(self._greeting) < MAX_GREETINGS:
-            peer = self.peers.peers[rec.node_id]
-            self._greeting.add(rec.node_id)
-            self._spawn(self._greet(peer), f"greet-{peer.short}")
-        return True
+        if self.peers.refresh(rec, now):
+            self.store.save_peer(rec.node_id, rec.encode())
+            return True
+        known = self.peers.peers.get(rec.node_id)
+        if known is not None and known.record.url == rec.url:
+            return False  # not newer
+        holder = self.peers.by_url(rec.url)
+        if holder is not None and holder.failures == 0:
+            return False  # a live peer proved this URL; it is re-proved at every peer exchange
+        if self.guard.refusal_now(rec.url) is not None:
+            return False
+        return self.candidates.offer(rec, self.monotonic())
 
-    async def _greet(self, peer: Peer) -> None:
-        """Introduce ourselves to a new peer and sync with it, instead of waiting
-        for the random choice of the periodic loops to land on it."""
+    async def _prove_loop(self) -> None:
+        rounds = 0
+        while True:
+            await asyncio.sleep(PROVE_EVERY_S)
+            rounds += 1
+            try:
+                if not self._policy_settled and rounds % 10 == 0:
+                    self._policy_settled = await self._set_address_policy()
+                free = MAX_GREETINGS - len(self.candidates.trying)
+                for rec in self.candidates.take(free) if free > 0 else []:
+                    self._spawn(self._prove(rec), f"prove-{short_id(rec.node_id)}")
+            except Exception:  # a loop that dies would admit no new peer
+                log.exception("proof round failed")
+
+    async def _prove(self, rec: PeerRecord) -> None:
+        """Greet a candidate with a challenge: admit it once it signs our nonce
+        with the key of its record, then take its records and sync with it."""
+        mono = self.monotonic()
+        nonce = secrets.token_bytes(NONCE_LEN)
+        start = self.monotonic()
         try:
-            reply = await self._call(peer, "/peer/v1/peers", {
-                "from": self.node_id, "records": self.records_for(is_loopback_url(peer.record.url))})
-            if isinstance(reply, dict):
-                self.offer_records(reply.get("records"), source=peer.record.url)
+            reply = await self._request(rec.url, "/peer/v1/peers", {
+                "from": self.node_id, "nonce": nonce,
+                "records": self.records_for(is_loopback_url(rec.url))})
+        except PeerRefused as exc:
+            self.candidates.done(rec, mono, cool_s=COOL_REFUSED_S)
+            log.warning("not dialing peer %s: %s", short_id(rec.node_id), exc)
+            return
+        except (aiohttp.ClientError, TimeoutError, OSError, PeerError) as exc:
+            self.candidates.done(rec, mono, cool_s=COOL_UNREACHABLE_S)
+            log.debug("candidate %s at %s unreachable: %s", short_id(rec.node_id), rec.url, exc)
+            return
+        proof = reply.get("proof") if isinstance(reply, dict) else None
+        if not check_proof(rec.node_id, rec.url, nonce, proof):
+            self.candidates.done(rec, mono, cool_s=COOL_FAILED_PROOF_S)
+            log.warning("the node at %s did not prove key %s; record dropped", rec.url, short_id(rec.node_id))
+            return
+        self.candidates.done(rec, mono)
+        admitted, displaced = self.peers.admit(rec, self.clock_ms())
+        for nid in displaced:
+            self._forget(nid, f"displaced at {rec.url} by {short_id(rec.node_id)}")
+        if not admitted:
+            return
+        self.store.save_peer(rec.node_id, rec.encode())
+        peer = self.peers.peers[rec.node_id]
+        self.peers.ok(peer, self.monotonic(), (self.monotonic() - start) * 1000)
+        log.info("peer %s proved its key at %s", peer.short, rec.url)
+        assert isinstance(reply, dict)
+        self.offer_records(reply.get("records"), source=rec.url)
+        try:
             await asyncio.wait_for(self.sync_with(peer), self.config.peer_timeout * 3)
         except (PeerError, TimeoutError):
             pass
-        finally:
-            self._greeting.discard(peer.record.node_id)
+
+    def _forget(self, node_id: bytes, why: str) -> None:
+        if self.peers.remove(node_id):
+            log.info("forgot peer %s: %s", short_id(node_id), why)
+        self.store.delete_peer(node_id)
+        self._push_queues.pop(node_id, None)
 
     def records_for(self, caller_loopback: bool) -> list[list[Any]]:
-        """Records to hand a caller; never a loopback URL to a non-loopback caller."""
+        """Records to hand a caller: proven peers and our own, never a loopback
+        URL to a non-loopback caller."""
         recs = self.peers.records()
         if self.record is not None:
             recs.append(self.record)
@@ -441,13 +654,22 @@ class Node:
         if not ready:
             return
         peer = self.rng.choice(ready)
+        nonce = secrets.token_bytes(NONCE_LEN)
         try:
             reply = await self._call(peer, "/peer/v1/peers", {
-                "from": self.node_id, "records": self.records_for(is_loopback_url(peer.record.url))})
+                "from": self.node_id, "nonce": nonce,
+                "records": self.records_for(is_loopback_url(peer.record.url))})
+        except PeerRefused as exc:  # the URL resolves elsewhere now
+            self._forget(peer.record.node_id, str(exc))
+            return
         except PeerError:
             return
-        if isinstance(reply, dict):
-            self.offer_records(reply.get("records"), source=peer.record.url)
+        if not isinstance(reply, dict) or not check_proof(peer.record.node_id, peer.record.url, nonce,
+                                                           reply.get("proof")):
+            log.warning("peer %s no longer proves its key at %s", peer.short, peer.record.url)
+            self._forget(peer.record.node_id, "failed its proof")
+            return
+        self.offer_records(reply.get("records"), source=peer.record.url)
 
     async def _discovery_loop(self) -> None:
         await self.discovery.joined.wait()

@@ -1,5 +1,5 @@
 """Persistence in the data dir: identity key, API cookie, SQLite (WAL) for
-entries and peer records.
+entries, peer records and client order ids.
 
 An entry is committed here before the node acknowledges it.  Nothing read from
 disk is unpickled: entries are msgpack wire bytes decoded by ``crdt.entry``.
@@ -11,6 +11,7 @@ import os
 import secrets
 import sqlite3
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from crdt.entry import Entry, decode_entry_bytes, encode_entry
@@ -18,6 +19,19 @@ from crdt.keys import SEED_LEN, SigningKey
 from net.errors import StorageError
 
 KEY_FILE = "node.key"
+CID_ORDER = 0  # kinds of request a client id names
+CID_CANCEL = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientId:
+    """A client's id for one write request, and what that request wrote."""
+
+    kind: int  # CID_ORDER or CID_CANCEL
+    cid: str
+    entry: bytes  # hash of the entry it wrote
+    order_id: bytes  # the order placed or cancelled
+
 COOKIE_FILE = ".cookie"
 DB_FILE = "node.sqlite"
 
@@ -74,8 +88,15 @@ class Store:
             "CREATE TABLE IF NOT EXISTS evidence (origin BLOB PRIMARY KEY, first BLOB NOT NULL,"
             " second BLOB NOT NULL)"
         )
+        # a client's id for a request (``cid``) -> the entry it wrote and the order it concerns
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS client_ids (kind INTEGER, cid TEXT, entry BLOB NOT NULL,"
+            " order_id BLOB NOT NULL, PRIMARY KEY (kind, cid)) WITHOUT ROWID"
+        )
 
-    def save_entries(self, entries: Iterable[Entry]) -> None:
+    def save_entries(self, entries: Iterable[Entry], *, client_id: ClientId | None = None) -> None:
+        """Commit entries; with ``client_id``, the client's id of the request
+        that wrote them in the same transaction (both or neither survive)."""
         rows = [(e.origin, e.seq, encode_entry(e)) for e in entries]
         if not rows:
             return
@@ -83,6 +104,16 @@ class Store:
             self._db.execute("BEGIN")
             # a plain INSERT: a second entry at one (origin, seq) must fail loudly
             self._db.executemany("INSERT INTO entries VALUES (?, ?, ?)", rows)
+            if client_id is not None:
+                self._db.execute("INSERT INTO client_ids VALUES (?, ?, ?, ?)",
+                                 (client_id.kind, client_id.cid, client_id.entry, client_id.order_id))
+
+    def find_client_id(self, kind: int, cid: str) -> ClientId | None:
+        row = self._db.execute("SELECT entry, order_id FROM client_ids WHERE kind = ? AND cid = ?",
+                               (kind, cid)).fetchone()
+        if row is None:
+            return None
+        return ClientId(kind=kind, cid=cid, entry=bytes(row[0]), order_id=bytes(row[1]))
 
     def load_entries(self) -> list[Entry]:
         cur = self._db.execute("SELECT wire FROM entries ORDER BY origin, seq")

@@ -4,7 +4,9 @@
 client API (JSON, ``Authorization: Bearer <token>``): GTC limit orders, a
 share of them priced to cross the book, some IOC and market orders, and
 cancels of its own resting orders.  It is paced at ``rate`` orders per second,
-every call runs under a timeout, failures back off, and it ends after
+every call runs under a timeout, an order or cancel that timed out is sent
+again with the same client id (``cid``, so it is placed once), failures
+back off, and it ends after
 ``seconds``, ``max_orders`` or when ``stop`` is set, returning ``TradeStats``.
 
 ``wait_ready()`` polls ``/readyz`` with bounded exponential backoff, so a
@@ -20,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import secrets
 import signal
 import subprocess
 import time
@@ -32,6 +35,8 @@ import aiohttp
 log = logging.getLogger("p2pex.trader")
 
 READY_POLL_MAX_S = 2.0
+WRITE_ATTEMPTS = 3  # an order or cancel that timed out is sent again, with the same cid
+RETRY_PAUSE_S = 0.1
 REPORT_EVERY_S = 30.0
 ERROR_BACKOFF_MAX_S = 2.0
 NODE_STOP_GRACE_S = 10.0
@@ -124,6 +129,18 @@ class _Client:
         self.session = session
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+
+    async def write(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """A write that carries a client id: retried with the same id after a
+        timeout or a connection error (the node places it at most once)."""
+        for attempt in range(WRITE_ATTEMPTS):
+            try:
+                return await self.call(method, path, body)
+            except _CallFailed as exc:
+                if exc.status is not None or attempt == WRITE_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(RETRY_PAUSE_S * 2 ** attempt)
+        raise AssertionError("unreachable")
 
     async def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         try:
@@ -238,9 +255,10 @@ async def trade(
                 next_report = now + REPORT_EVERY_S
                 log.info("trading: %s", counts.freeze(now - start).as_dict())
             kind, body = order_body()
+            body["cid"] = secrets.token_urlsafe(12)
             sent += 1
             try:
-                out = await client.call("POST", "/v1/orders", body)
+                out = await client.write("POST", "/v1/orders", body)
             except _CallFailed as exc:
                 if await failed(exc):
                     break
@@ -257,7 +275,7 @@ async def trade(
             if resting and (len(resting) > max_resting or rng.random() < cancel_share):
                 oid = resting.pop(0 if len(resting) > max_resting else rng.randrange(len(resting)))
                 try:
-                    await client.call("DELETE", f"/v1/orders/{oid}")
+                    await client.write("DELETE", f"/v1/orders/{oid}?cid={secrets.token_urlsafe(12)}")
                     counts.add("cancels")
                 except _CallFailed as exc:
                     if exc.code in ("not_cancellable", "unknown_order"):

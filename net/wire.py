@@ -3,13 +3,17 @@ msgpack for peers; one error shape ``{"error": code, "detail": text}``."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
 from aiohttp import StreamReader, web
 
 from net.errors import ApiError, BadRequest, TooLarge
+from net.server import GUARD
 
 MSGPACK = "application/msgpack"
 CLIENT_BODY_CAP = 64 * 1024
@@ -29,8 +33,12 @@ def reply(request: web.Request, data: Any, *, status: int = 200) -> web.Response
 def error_reply(request: web.Request, exc: ApiError) -> web.Response:
     body = {"error": exc.code, "detail": exc.detail}
     if request.path.startswith("/peer/"):
-        return web.Response(body=pack(body), status=exc.status, content_type=MSGPACK)
-    return reply(request, body, status=exc.status)
+        resp = web.Response(body=pack(body), status=exc.status, content_type=MSGPACK)
+    else:
+        resp = reply(request, body, status=exc.status)
+    if exc.retry_after is not None:
+        resp.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    return resp
 
 
 def pack(data: Any) -> bytes:
@@ -47,11 +55,13 @@ def unpack(data: bytes) -> Any:
         raise BadRequest(f"body is not valid msgpack: {exc}", code="bad_msgpack") from None
 
 
-async def read_capped(stream: StreamReader, cap: int, declared: int | None) -> bytes:
+async def read_capped(stream: StreamReader, cap: int, declared: int | None,
+                      take: Callable[[int], None] | None = None) -> bytes:
     """The whole body of a request or a reply, refused once it passes ``cap``.
 
     ``StreamReader.read(n)`` returns what is buffered so far, not ``n`` bytes,
-    so a body is read chunk by chunk until the end of the stream."""
+    so a body is read chunk by chunk until the end of the stream.  ``take``
+    is told the size of each chunk (and may refuse it by raising)."""
     if declared is not None and declared > cap:
         raise TooLarge(f"body of {declared} bytes exceeds the cap of {cap}")
     chunks: list[bytes] = []
@@ -60,12 +70,24 @@ async def read_capped(stream: StreamReader, cap: int, declared: int | None) -> b
         size += len(chunk)
         if size > cap:
             raise TooLarge(f"body exceeds the cap of {cap} bytes")
+        if take is not None:
+            take(len(chunk))
         chunks.append(chunk)
     return b"".join(chunks)
 
 
 async def read_body(request: web.Request, cap: int) -> bytes:
-    return await read_capped(request.content, cap, request.content_length)
+    """A request body: refused past ``cap`` (413), and, behind a connection
+    guard, past its body timeout (408) or its receive budget (503 busy)."""
+    guard = request.app.get(GUARD)
+    if guard is None:
+        return await read_capped(request.content, cap, request.content_length)
+    try:
+        async with asyncio.timeout(guard.limits.body_timeout):
+            return await read_capped(request.content, cap, request.content_length, take=guard.taker(request))
+    except TimeoutError:
+        raise ApiError(f"the body did not arrive within {guard.limits.body_timeout:g} s", code="body_timeout",
+                       status=408) from None
 
 
 async def read_client_body(request: web.Request) -> Any:

@@ -257,9 +257,21 @@ class NodeProc:
         """What must be equal on converged replicas: hash, version vector, book, fills."""
         st = self.status()
         book = self.get("/v1/book?depth=1000")
-        fills = self.get("/v1/fills?limit=10000")
+        fills = self.all_fills()
         return {"state_hash": st["state_hash"], "version_vector": st["version_vector"],
                 "book": book, "fills": fills}
+
+    def all_fills(self, max_pages: int = 1000) -> dict[str, Any]:
+        """Every fill, page by page (a page holds at most 1,000)."""
+        fills: list[Any] = []
+        total = 0
+        for _ in range(max_pages):
+            page = self.get(f"/v1/fills?since={len(fills)}&limit=1000")
+            fills += page["fills"]
+            total = page["total"]
+            if not page["fills"] or len(fills) >= total:
+                break
+        return {"fills": fills, "next": len(fills), "total": total}
 
     def peer_ids(self) -> set[str]:
         return {p["id"] for p in self.status()["peers"]}

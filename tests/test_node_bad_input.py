@@ -208,6 +208,26 @@ class TestClientErrors:
             assert_error(a.request(method, path, body, token=None, headers=headers), 401, "unauthorized")
         assert a.get(f"/v1/orders/{world.resting}")["status"] == "open"
 
+    def test_authorization_that_is_not_utf8_401(self, world: World) -> None:
+        """Regression: an ``Authorization`` header holding bytes that are not UTF-8
+        made ``token.encode()`` raise in the handler, an HTTP 500 (the only 5xx
+        in 150,000 generated requests); it is a wrong token, so 401."""
+        a = world.nodes[0]
+        for value in (b"Bearer \xff\xfe\xfd", b"Bearer " + a.token.encode()[:-1] + b"\xe9", b"\xff"):
+            conn = http.client.HTTPConnection("127.0.0.1", a.port, timeout=10)
+            try:
+                body = json.dumps(GOOD).encode()
+                conn.putrequest("POST", "/v1/orders")
+                conn.putheader("Authorization", value)
+                conn.putheader("Content-Type", "application/json")
+                conn.putheader("Content-Length", str(len(body)))
+                conn.endheaders(body)
+                resp = conn.getresponse()
+                assert_error(Reply(resp.status, resp.read(), resp.getheader("Content-Type") or ""), 401,
+                             "unauthorized")
+            finally:
+                conn.close()
+
     def test_oversized_body_on_a_route_that_reads_none_413(self, world: World) -> None:
         """Regression: DELETE /v1/orders/{id} never read its body, so a 64 KiB + 1
         body went through and the order was cancelled; every route now refuses
@@ -274,6 +294,23 @@ class TestPeerErrors:
         for raw in (b"\xc1", b'{"entries": []}', b"\x92\x01"):
             assert_peer_error(peer_post(a, path, raw=raw), 400, "bad_msgpack")
         assert_peer_error(peer_post(a, path, [1, 2]), 400, "bad_body")
+
+    @pytest.mark.parametrize("path", ["/peer/v1/push", "/peer/v1/sync", "/peer/v1/peers"])
+    @pytest.mark.parametrize("content_type", ["text/plain", "application/json", "application/x-www-form-urlencoded",
+                                              "multipart/form-data; boundary=x", ""])
+    def test_peer_routes_refuse_other_content_types_415(self, world: World, path: str, content_type: str) -> None:
+        """Regression: peer routes read any body as msgpack whatever its content
+        type, so a web page could push to a node on 127.0.0.1 with a ``text/plain``
+        POST (a simple request that needs no CORS preflight).  Now only
+        ``application/msgpack`` is read; the rest is a 415 in the peer error shape."""
+        a = world.nodes[0]
+        e = make_entry(MALLORY, seq=1, hlc=now_hlc(), prev=GENESIS, body=Order(side=BUY, price=10, qty=5))
+        body = msgpack.packb({"from": MALLORY.public, "entries": [e.to_wire()], "vv": {}, "records": []},
+                             use_bin_type=True)
+        r = a.request("POST", path, raw=body, content_type=content_type, token=None)
+        assert_peer_error(r, 415, "unsupported_media_type")
+        assert r.content_type.startswith(MSGPACK)
+        assert MALLORY.public.hex() not in a.status()["version_vector"]
 
     def test_oversized_413(self, world: World) -> None:
         a = world.nodes[0]
@@ -399,6 +436,18 @@ class TestForgedEntries:
         h = entry_hash(a_id, head.seq + 1, hlc, head.hash, body)
         forged = [a_id, head.seq + 1, hlc, head.hash, body.to_wire(), MALLORY.sign(h)]
         self.check_rejected(world, c, forged, "bad_signature")
+
+    def test_identity_key_forges_nothing(self, world: World) -> None:
+        """Regression: an entry of the identity-point "origin" with the signature
+        (identity, 0) verified whatever it said, so it was accepted and merged."""
+        identity = (1).to_bytes(32, "little")
+        body = Order(side=BUY, price=10, qty=5)
+        hlc = now_hlc()
+        forged = [identity, 1, hlc, GENESIS, body.to_wire(), identity + bytes(32)]
+        assert entry_hash(identity, 1, hlc, GENESIS, body)  # well formed; only the key is weak
+        self.check_rejected(world, world.nodes[1], forged, "bad_signature")
+        for n in world.nodes:
+            assert identity.hex() not in n.status()["version_vector"]
 
     def test_stamped_too_far_ahead(self, world: World) -> None:
         e = make_entry(MALLORY, seq=1, hlc=now_hlc(3_600_000), prev=GENESIS,

@@ -22,7 +22,7 @@ import pytest
 
 from crdt.entry import decode_entry_bytes
 from crdt.keys import SigningKey
-from net.peers import PeerRecord
+from net.peers import PeerRecord, prove
 from tests.nodes import (
     NodeProc,
     cluster,
@@ -227,18 +227,24 @@ class TestLateBootstrap:
 
 class FakePeer:
     """An HTTP server in the test process posing as a peer: it answers every
-    peer route with a fixed msgpack reply and counts the requests per path."""
+    peer route with a fixed msgpack reply and counts the requests per path.
+    With ``proves`` it signs the challenge of a peer exchange with its key, as
+    a node does; without, it never proves the key of its record."""
 
-    def __init__(self, replies: dict[str, Any]) -> None:
+    def __init__(self, replies: dict[str, Any], *, proves: bool = True) -> None:
         self.key = SigningKey(blake2b(b"p2pex test: fake peer", digest_size=32).digest())
         self.hits: dict[str, int] = {}
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                request = msgpack.unpackb(self.rfile.read(int(self.headers.get("Content-Length") or 0)), raw=False)
                 fake.hits[self.path] = fake.hits.get(self.path, 0) + 1
-                body = msgpack.packb(replies.get(self.path, {}), use_bin_type=True)
+                answer = dict(replies.get(self.path, {}))
+                nonce = request.get("nonce") if isinstance(request, dict) else None
+                if proves and self.path == "/peer/v1/peers" and isinstance(nonce, bytes):
+                    answer["proof"] = prove(fake.key, nonce, fake.url)
+                body = msgpack.packb(answer, use_bin_type=True)
                 self.send_response(200)
                 self.send_header("Content-Type", "application/msgpack")
                 self.send_header("Content-Length", str(len(body)))
@@ -282,7 +288,8 @@ class TestMisbehavingPeer:
                          headers={"Content-Type": "application/msgpack"})
                 assert r.status == 200, r
                 fake_id = fake.key.public.hex()
-                assert fake_id in node.peer_ids()
+                wait_until(lambda: fake_id in node.peer_ids(), timeout=10, what="the fake peer proven",
+                           nodes=[node], interval=0.05)
                 # pulled from again and again (the pull loop, then its probes of a down peer)
                 wait_until(lambda: fake.hits.get("/peer/v1/sync", 0) >= 3, timeout=20,
                            what="repeated sync calls to the fake peer", nodes=[node], interval=0.1)

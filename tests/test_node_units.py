@@ -4,6 +4,7 @@ store's refusal to overwrite an entry.  No sockets are opened."""
 
 from __future__ import annotations
 
+import ipaddress
 import sqlite3
 from pathlib import Path
 
@@ -12,9 +13,10 @@ import pytest
 from crdt.entry import BUY, SELL, Heartbeat, Order, encode_entry, make_entry
 from crdt.hlc import Hlc
 from matching.exchange import Exchange
+from net.addresses import AddressGuard, AddressPolicy, classify, parse_networks, parse_peer_url
 from net.config import NodeConfig
 from net.node import Node
-from net.peers import MAX_RECORD_SKEW_MS, PeerRecord, PeerTable
+from net.peers import MAX_RECORD_SKEW_MS, Candidates, PeerRecord, PeerTable, url_ok
 from net.store import Store
 from tests.conftest import NOW_MS, key_for
 
@@ -56,7 +58,7 @@ class TestCommitBeforeApply:
         try:
             node.submit(Order(side=BUY, price=100, qty=1))
 
-            def failing(entries: object) -> None:
+            def failing(entries: object, **_: object) -> None:
                 raise sqlite3.OperationalError("disk I/O error")
 
             monkeypatch.setattr(node.store, "save_entries", failing)
@@ -114,3 +116,102 @@ class TestRestore:
         assert ex.receive([make_entry(key, seq=2, hlc=7 << 16, prev=a.hash, body=Heartbeat())],
                           now_ms=NOW_MS).merge.accepted == ()
         store.close()
+
+
+class TestPeerTableOnePerUrl:
+    def test_a_newer_proven_record_for_a_url_displaces_the_holder(self) -> None:
+        """Regression: 250 keys could all sit in the table at one URL."""
+        table = PeerTable(b"\0" * 32, ttl_ms=60_000)
+        url = "http://10.0.0.1:7001"
+        first = PeerRecord.create(key_for(1), url, NOW_MS)
+        second = PeerRecord.create(key_for(2), url, NOW_MS + 1)
+        assert table.admit(first, NOW_MS) == (True, [])
+        assert table.admit(second, NOW_MS + 1) == (True, [key_for(1).public])
+        assert list(table.peers) == [key_for(2).public]
+
+    def test_refresh_needs_the_proven_url(self) -> None:
+        table = PeerTable(b"\0" * 32, ttl_ms=60_000)
+        assert table.offer(PeerRecord.create(key_for(1), "http://10.0.0.1:7001", NOW_MS), NOW_MS)
+        assert table.refresh(PeerRecord.create(key_for(1), "http://10.0.0.1:7001", NOW_MS + 5), NOW_MS)
+        moved = PeerRecord.create(key_for(1), "http://10.0.0.9:7001", NOW_MS + 9)
+        assert not table.refresh(moved, NOW_MS)  # a new URL must be proven first
+        assert table.peers[key_for(1).public].record.last_seen == NOW_MS + 5
+
+
+class TestCandidates:
+    def test_one_per_url_bounded_and_cooling(self) -> None:
+        c = Candidates(max_candidates=3)
+        url = "http://10.0.0.1:7001"
+        assert c.offer(PeerRecord.create(key_for(1), url, NOW_MS), 0.0)
+        assert not c.offer(PeerRecord.create(key_for(2), url, NOW_MS), 0.0)  # that URL is taken
+        assert c.offer(PeerRecord.create(key_for(3), "http://10.0.0.2:7001", NOW_MS), 0.0)
+        assert c.offer(PeerRecord.create(key_for(4), "http://10.0.0.3:7001", NOW_MS), 0.0)
+        assert not c.offer(PeerRecord.create(key_for(5), "http://10.0.0.4:7001", NOW_MS), 0.0)  # full
+        taken = c.take(2)
+        assert [r.node_id for r in taken] == [key_for(1).public, key_for(3).public]
+        assert not c.offer(PeerRecord.create(key_for(2), url, NOW_MS), 0.0)  # a proof is under way there
+        c.done(taken[0], 0.0, cool_s=60.0)  # failed its proof
+        assert not c.offer(taken[0], 1.0)
+        assert c.offer(PeerRecord.create(key_for(2), url, NOW_MS), 1.0)
+        assert c.offer(taken[0], 61.0) is False  # the URL has a waiting candidate again
+        assert len(c) == 2
+
+
+LOOPBACK_SPELLINGS = ["127.0.0.1", "127.1", "2130706433", "0x7f000001", "0177.0.0.1", "127.000.000.001",
+                      "localhost", "[::1]", "[::ffff:127.0.0.1]"]
+
+
+class TestAddresses:
+    @pytest.mark.parametrize(("ip", "kind"), [
+        ("8.8.8.8", "public"), ("2001:4860:4860::8888", "public"), ("10.1.2.3", "private"),
+        ("172.16.0.1", "private"), ("192.168.1.1", "private"), ("100.64.0.1", "private"), ("fd12::1", "private"),
+        ("127.0.0.1", "loopback"), ("127.9.9.9", "loopback"), ("::1", "loopback"), ("::ffff:127.0.0.1", "loopback"),
+        ("169.254.1.1", "link_local"), ("fe80::1", "link_local"), ("169.254.169.254", "metadata"),
+        ("fd00:ec2::254", "metadata"), ("::ffff:169.254.169.254", "metadata"), ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"), ("224.0.0.1", "multicast"), ("240.0.0.1", "reserved"),
+    ])
+    def test_classify(self, ip: str, kind: str) -> None:
+        assert classify(ipaddress.ip_address(ip)) == kind
+
+    @pytest.mark.parametrize("url", ["http://127.0.0.1:7001", "http://dht1:7001", "http://[::1]:80",
+                                     "http://Exchange-1.example.org:65535"])
+    def test_urls_taken(self, url: str) -> None:
+        assert parse_peer_url(url) is not None
+
+    @pytest.mark.parametrize("url", [
+        "http://127.0.0.1:7001/internal/admin?cmd=x&y=", "http://127.0.0.1:7001/", "http://127.0.0.1:7001?",
+        "http://127.0.0.1:7001#", "http://u:p@127.0.0.1:7001", "http://u@127.0.0.1:7001", "https://127.0.0.1:7001",
+        "http://127.0.0.1", "http://127.0.0.1:0", "http://127.0.0.1:70000", "http://[::1", "http://::1:80",
+        "http://a b:1", "http://a%2fb:1", "http://\u00e9:1", "ftp://x:1", "http://x:1\\@y:2", "http://:80",
+        "http://[127.0.0.1]:80", "http://" + "a" * 250 + ":1",
+    ])
+    def test_urls_refused(self, url: str) -> None:
+        assert parse_peer_url(url) is None
+        assert not url_ok(url)
+
+    @pytest.mark.parametrize("host", LOOPBACK_SPELLINGS)
+    async def test_every_spelling_of_loopback_is_refused_off_loopback(self, host: str) -> None:
+        """Resolved with getaddrinfo (no network: these are numeric or /etc/hosts), then classified."""
+        guard = AddressGuard(AddressPolicy.own_network([ipaddress.ip_address("203.0.113.7"),
+                                                        ipaddress.ip_address("8.8.4.4")]))
+        assert "loopback" in (await guard.refusal(f"http://{host}:7001") or "")
+        local = AddressGuard(AddressPolicy.own_network([ipaddress.ip_address("127.0.0.1")]))
+        assert await local.refusal(f"http://{host}:7001") is None
+
+    async def test_own_network_decides_private_and_metadata_never(self) -> None:
+        on_lan = AddressGuard(AddressPolicy.own_network([ipaddress.ip_address("10.231.5.2")]))
+        assert await on_lan.refusal("http://10.9.9.9:7001") is None
+        assert await on_lan.refusal("http://127.0.0.1:7001") is not None
+        assert await on_lan.refusal("http://169.254.169.254:80") is not None
+        everything = AddressGuard(AddressPolicy.listed(("public", "private", "loopback", "link_local")))
+        assert await everything.refusal("http://169.254.169.254:80") is not None
+        assert await everything.refusal("http://169.254.3.4:80") is None
+        assert on_lan.refusal_now("http://169.254.169.254:80") is not None
+        assert on_lan.refusal_now("http://2130706433:80") is None  # a name: decided once resolved
+
+    def test_peer_networks_flag(self) -> None:
+        assert parse_networks("auto") is None
+        assert parse_networks("public,private") == ("public", "private")
+        assert parse_networks("link-local") == ("link_local",)
+        with pytest.raises(ValueError, match="metadata"):
+            parse_networks("public,metadata")
