@@ -1,0 +1,277 @@
+"""One chaos run, from an empty machine state back to an empty machine state.
+
+``run_suite`` builds the lab (5 namespaces on a bridge), starts the link
+shaper when a nemesis needs it, starts the 5 nodes and waits for a full mesh,
+then for each nemesis: clients trade for a warm-up, the nemesis runs its
+faults, everything heals, the clients stop, and the observer waits for the
+cluster to converge and takes the check.  At the end the nodes get SIGTERM,
+the history is written, judged by the checker, and the report written.
+
+Clean-up runs in ``finally``, also on Ctrl-C and SIGTERM: every process this
+run started is killed by its pid, the shaper stopped, the namespaces, veths
+and bridge deleted (their iptables rules go with them) and the data dirs
+removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import aiohttp
+
+from tests.chaos.checker import Verdict, check
+from tests.chaos.client import CALL_TIMEOUT_S, CID_RETRIES, CidSupport, Client, ClientOptions
+from tests.chaos.cluster import Cluster, NodeFlags, node_flags
+from tests.chaos.history import Phase, Recorder
+from tests.chaos.nemesis import BY_NAME, NEMESES, Faults, Nemesis
+from tests.chaos.netlab import NetLab, capabilities
+from tests.chaos.observer import NodeGone, Observer
+from tests.chaos.report import table, write
+from tests.chaos.shaper import Shaper
+
+NAMES = ("n1", "n2", "n3", "n4", "n5")
+EVICT_AFTER_S = 8.0  # passed to nodes that take --evict-after
+DEFAULT_EVICT_AFTER_S = 10.0  # what a node without the flag will have
+MESH_TIMEOUT_S = 40.0
+ORDER_SAMPLE = 20  # acknowledged orders read back from every node at a check
+
+
+class Unavailable(RuntimeError):
+    """This machine cannot run the suite (the reason is the message)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Options:
+    nemeses: tuple[tuple[str, float], ...]  # (name, fault seconds), in order
+    seed: int = 1
+    out: Path = Path("logs/chaos")
+    rate: float = 4.0
+    warm_s: float = 3.0
+    converge_timeout_s: float = 60.0
+    keep_data: bool = False
+    echo: Callable[[str], None] = print
+
+
+def full_options(**kw: Any) -> Options:
+    seconds = kw.pop("seconds", None)
+    names = kw.pop("only", None) or [n.name for n in NEMESES]
+    return Options(nemeses=tuple((n, seconds or BY_NAME[n].seconds) for n in names), **kw)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    verdict: Verdict
+    report_md: Path
+    report_json: Path
+    history: Path
+    seconds: float
+    timings: dict[str, float]
+
+
+def _unsupported(nemesis: Nemesis, flags: NodeFlags, shaper_reason: str | None) -> str | None:
+    if nemesis.needs_clock_offset and not flags.clock_offset:
+        return "not supported by this node: `cli.py node --help` lists no --clock-offset-ms"
+    if nemesis.needs_shaper and shaper_reason:
+        return f"cannot run here: {shaper_reason}"
+    return None
+
+
+def _raise_interrupt(_sig: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run_suite(opt: Options) -> Outcome:
+    caps = capabilities()
+    if caps.reason:
+        raise Unavailable(caps.reason)
+    for name, _ in opt.nemeses:
+        if name not in BY_NAME:
+            raise ValueError(f"no nemesis {name!r}; there are {', '.join(BY_NAME)}")
+    flags = node_flags()
+    origin = time.monotonic()
+
+    def clock() -> float:
+        return time.monotonic() - origin
+
+    rec = Recorder({"seed": opt.seed, "nodes": list(NAMES), "rate": opt.rate, "python": sys.version.split()[0],
+                    "machine": platform.platform(), "iptables": caps.iptables,
+                    "nemeses": [list(n) for n in opt.nemeses]})
+    needs_shaper = any(BY_NAME[n].needs_shaper for n, _ in opt.nemeses)
+    lab = NetLab(NAMES, iptables=caps.iptables or "iptables")
+    data_root = Path(tempfile.mkdtemp(prefix="p2pex-chaos-"))
+    log_dir = opt.out / "nodes"
+    if log_dir.exists():
+        shutil.rmtree(log_dir)
+    shaper: Shaper | None = None
+    cluster: Cluster | None = None
+    timings: dict[str, float] = {}
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        t0 = time.monotonic()
+        lab.build()
+        shaper_reason = caps.nfqueue
+        if needs_shaper and shaper_reason is None:
+            opt.out.mkdir(parents=True, exist_ok=True)
+            shaper = Shaper([h.ns for h in lab.hosts.values()], log_path=opt.out / "shaper.log", seed=opt.seed)
+            try:
+                shaper.start()
+            except OSError as exc:
+                shaper, shaper_reason = None, str(exc)
+        extra = ["--evict-after", f"{EVICT_AFTER_S:g}"] if flags.evict_after else []
+        cluster = Cluster(lab, data_root=data_root, log_dir=log_dir, rec=rec, clock=clock, extra=extra)
+        timings["lab"] = round(time.monotonic() - t0, 1)
+        asyncio.run(_play(opt, lab, cluster, shaper, shaper_reason, flags, rec, clock, timings))
+        cluster.stop_all()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if cluster is not None:
+            cluster.kill_all()
+        if shaper is not None:
+            shaper.stop()
+        lab.close()
+        if not opt.keep_data:
+            shutil.rmtree(data_root, ignore_errors=True)
+    seconds = round(clock(), 1)
+    rec.meta["seconds"] = seconds
+    rec.meta["timings"] = timings
+    history = rec.freeze()
+    opt.out.mkdir(parents=True, exist_ok=True)
+    history_path = opt.out / "chaos-history.json"
+    history_path.write_text(history.dumps())
+    t0 = time.monotonic()
+    verdict = check(history)
+    timings["checker"] = round(time.monotonic() - t0, 1)
+    md, js = write(verdict, history.meta, opt.out)
+    return Outcome(verdict=verdict, report_md=md, report_json=js, history=history_path, seconds=seconds,
+                   timings=timings)
+
+
+async def _play(opt: Options, lab: NetLab, cluster: Cluster, shaper: Shaper | None, shaper_reason: str | None,
+                flags: NodeFlags, rec: Recorder, clock: Callable[[], float], timings: dict[str, float]) -> None:
+    rng = random.Random(opt.seed)
+    connector = aiohttp.TCPConnector(limit=200)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        t0 = time.monotonic()
+        for name in cluster.nodes:
+            cluster.start(name)
+        await asyncio.gather(*(cluster.wait_ready(session, name) for name in cluster.nodes))
+        observer = Observer(cluster, rec, clock)
+        await _wait_mesh(session, cluster, observer)
+        timings["start"] = round(time.monotonic() - t0, 1)
+        features = {"finality": observer.finality, "cid": None, "evict_after": flags.evict_after,
+                    "clock_offset": flags.clock_offset}
+        rec.meta["features"] = features
+        opt.echo(f"5 nodes up in {timings['start']:.1f} s; finality {'yes' if observer.finality else 'no'}, "
+                 f"--evict-after {'yes' if flags.evict_after else 'no'}, "
+                 f"--clock-offset-ms {'yes' if flags.clock_offset else 'no'}")
+        stop_sampling = asyncio.Event()
+        sampler = asyncio.create_task(observer.sample_forever(session, stop_sampling), name="sampler")
+        evict_after = EVICT_AFTER_S if flags.evict_after else DEFAULT_EVICT_AFTER_S
+        faults = Faults(lab=lab, cluster=cluster, shaper=shaper, session=session, rec=rec, clock=clock, rng=rng,
+                        evict_after=evict_after, sleep=asyncio.sleep)
+        cid = CidSupport()
+        try:
+            for name, seconds in opt.nemeses:
+                nemesis = BY_NAME[name]
+                reason = _unsupported(nemesis, flags, shaper_reason)
+                now = round(clock(), 3)
+                if reason:
+                    rec.phases.append(Phase(name=name, title=nemesis.title, supported=False, note=reason,
+                                            t_start=now, t_fault=now, t_heal=now, t_end=now))
+                    opt.echo(f"{name:<13} skipped: {reason}")
+                    continue
+                note = ""
+                if name == "kill-long":
+                    down = max(seconds, evict_after + 6.0)
+                    seconds = down
+                    note = (f"down {down:.0f} s; --evict-after {EVICT_AFTER_S:g}" if flags.evict_after else
+                            f"down {down:.0f} s; this node has no --evict-after (default will be "
+                            f"{DEFAULT_EVICT_AFTER_S:g} s)")
+                t_phase = time.monotonic()
+                phase = await _phase(opt, nemesis, seconds, note, cluster, observer, faults, rec, clock, rng,
+                                     session, cid)
+                features["cid"] = cid.value
+                timings[name] = round(time.monotonic() - t_phase, 1)
+                c = rec.checks[-1]
+                conv = "converged" if c.t_converged is not None else "NOT converged"
+                conv_s = f" {c.t_converged - c.t_heal:.1f} s after heal" if c.t_converged is not None else ""
+                acked = sum(1 for a in rec.acks if a.ok and phase.t_start <= a.t1 <= phase.t_end)
+                opt.echo(f"{name:<13} fault {phase.t_heal - phase.t_fault:4.0f} s, {acked:5d} calls acknowledged, "
+                         f"{conv}{conv_s}; phase {timings[name]:.0f} s")
+        finally:
+            stop_sampling.set()
+            await asyncio.gather(sampler, return_exceptions=True)
+        if sampler.done() and not sampler.cancelled() and sampler.exception() is not None:
+            raise RuntimeError("the sampler failed") from sampler.exception()
+
+
+async def _phase(opt: Options, nemesis: Nemesis, seconds: float, note: str, cluster: Cluster, observer: Observer,
+                 faults: Faults, rec: Recorder, clock: Callable[[], float], rng: random.Random,
+                 session: aiohttp.ClientSession, cid: CidSupport) -> Phase:
+    t_start = clock()
+    stop_clients = asyncio.Event()
+    clients = [Client(node=n.name, url=n.url, token=n.token, rec=rec, clock=clock, seed=rng.randrange(1 << 30),
+                      options=ClientOptions(rate=opt.rate), cid=cid, on_fills=observer.note_ack)
+               for n in cluster.nodes.values()]
+    tasks = [asyncio.create_task(c.run(session, stop_clients), name=f"client-{c.node}") for c in clients]
+    try:
+        await asyncio.sleep(opt.warm_s)
+        t_fault = clock()
+        faults.event("nemesis", nemesis.name)
+        await nemesis.run(faults, seconds)
+        t_heal = clock()
+        await faults.heal_all()
+    finally:
+        stop_clients.set()
+        done, pending = await asyncio.wait(tasks, timeout=CALL_TIMEOUT_S * (2 + CID_RETRIES) + 5)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            raise RuntimeError(f"{task.get_name()} failed") from task.exception()
+    acked = [str(a.order_id) for a in rec.acks if a.ok and a.op == "order" and a.t1 >= t_start and a.order_id]
+    sample = rng.sample(acked, min(ORDER_SAMPLE, len(acked)))
+    await observer.check(session, phase=nemesis.name, t_heal=t_heal, timeout=opt.converge_timeout_s, orders=sample)
+    phase = Phase(name=nemesis.name, title=nemesis.title, supported=True, note=note, t_start=round(t_start, 3),
+                  t_fault=round(t_fault, 3), t_heal=round(t_heal, 3), t_end=round(clock(), 3))
+    rec.phases.append(phase)
+    return phase
+
+
+async def _wait_mesh(session: aiohttp.ClientSession, cluster: Cluster, observer: Observer) -> None:
+    """Every node sees every other as a peer that answers."""
+    deadline = time.monotonic() + MESH_TIMEOUT_S
+    want = len(cluster.nodes) - 1
+    for _ in range(int(MESH_TIMEOUT_S / 0.2) + 10):
+        try:
+            sts = await asyncio.gather(*(observer.status(session, n) for n in cluster.nodes.values()))
+            if all(sum(1 for p in st.get("peers", []) if p.get("state") == "up") >= want for st in sts):
+                return
+        except NodeGone:
+            pass
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"no full mesh of peers after {MESH_TIMEOUT_S:g} s")
+
+
+def summary(outcome: Outcome) -> str:
+    v = outcome.verdict
+    lines = [table(v), "", f"report: {outcome.report_md} and {outcome.report_json}; history: {outcome.history}",
+             f"took {outcome.seconds:.0f} s ({json.dumps(outcome.timings)})",
+             "no violations" if v.ok else f"{v.violations} VIOLATION(S)"]
+    return "\n".join(lines)
