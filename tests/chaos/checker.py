@@ -15,7 +15,8 @@ Columns (``Row``), and what counts as a violation (V):
   An order a node reports as void (finality's eviction) is counted as void,
   not lost;
 - cancel violations (V): a cancel acknowledged as final (``final: true`` in
-  the reply) whose order later shows more filled than the reply said;
+  the reply, or the order read back later as cancelled and final) whose order
+  later shows more filled than it did then;
 - over-fills (V): an order whose fills on some node add up to more than its
   quantity;
 - final retracted (V): a fill a node showed as final at position ``seq``
@@ -75,6 +76,7 @@ class Row:
     cancel_misses: int = 0
     crashes: int = 0
     tracebacks: int = 0
+    faults: dict[str, int] = field(default_factory=dict)  # fault actions, and packets the link faults hit
     examples: dict[str, list[str]] = field(default_factory=dict)
 
     @property
@@ -319,23 +321,31 @@ class _Judge:
                     overfills += 1
                     _example(examples, "overfills", f"{node}: order {oid[:16]} filled {amount} of {qty[oid]}")
 
-        # cancels
-        cancels = [a for a in self.h.acks if a.t1 <= check.t and a.op == "cancel" and a.ok and a.order_id]
+        # cancels: acknowledged as final in the reply, or read back as final later
+        final_cancels: dict[str, tuple[float, int]] = {}
+        for a in self.h.acks:
+            if a.t1 <= check.t and a.op == "cancel" and a.ok and a.order_id and a.final is True \
+                    and a.status == "cancelled":
+                final_cancels.setdefault(a.order_id, (a.t1, a.filled or 0))
+        for of in self.h.order_finals:
+            if of.t <= check.t and of.status == "cancelled":
+                final_cancels.setdefault(of.order_id, (of.t, of.filled))
+        cancels_final = sum(1 for t, _ in final_cancels.values() if window[0] < t <= window[1])
         cancel_violations = overtaken = 0
-        for a in cancels:
-            oid = str(a.order_id)
-            before = a.filled or 0
+        for oid, (t, before) in final_cancels.items():
             later = max((filled[n.node][oid] for n in live), default=0)
             views = [n.orders.get(oid) for n in live if oid in n.orders]
-            changed = later > before or any(v is not None and v.get("status") not in (None, "cancelled")
-                                            for v in views)
-            if a.final is True and changed and oid not in self.bad_cancels:
+            if oid in self.bad_cancels:
+                continue
+            if later > before or any(v is not None and v.get("status") != "cancelled" for v in views):
                 self.bad_cancels.add(oid)
                 cancel_violations += 1
-                _example(examples, "cancel_violations", f"order {oid[:16]} cancelled (final) with {before} "
-                                                        f"filled, later {later}")
-            elif a.final is not True and later > before and window[0] < a.t1:
-                overtaken += 1
+                _example(examples, "cancel_violations", f"order {oid[:16]} cancelled with {before} filled "
+                                                        f"(final at t={t:.1f}), later {later} filled")
+        for a in acks:
+            if a.op == "cancel" and a.ok and a.order_id and a.order_id not in final_cancels:
+                if max((filled[n.node][a.order_id] for n in live), default=0) > (a.filled or 0):
+                    overtaken += 1
 
         # provisional fills revoked
         shown_now = {_key(f) for fills in node_fills.values() for f in fills}
@@ -385,20 +395,28 @@ class _Judge:
             for tb in n.tracebacks:
                 _example(examples, "tracebacks", f"{n.node}: {tb}")
 
+        faults: Counter[str] = Counter()
+        for fe in self.h.fault_events:
+            if window[0] < fe.t <= window[1]:
+                if fe.kind == "packets":
+                    faults.update({f"packets {k}": v for k, v in fe.counts.items()})
+                elif fe.kind not in ("nemesis", "heal-net"):
+                    faults[fe.kind] += 1
+
         return Row(
             name=phase.name, title=phase.title, supported=True, note=phase.note,
             fault_s=round(phase.t_heal - phase.t_fault, 1), converged=converged, converge_s=converge_s,
             orders_acked=sum(1 for a in acks if a.op == "order" and a.ok),
             cancels_acked=sum(1 for a in acks if a.op == "cancel" and a.ok),
             lost=lost_now, void=void_now,
-            cancels_final=sum(1 for a in acks if a.op == "cancel" and a.ok and a.final is True),
+            cancels_final=cancels_final,
             cancel_violations=cancel_violations, cancels_overtaken=overtaken, overfills=overfills,
             final_fills=max((sum(1 for f in fills if f[4]) for fills in node_fills.values()), default=0),
             final_retracted=retracted, revoked=len(durations),
             revoked_max_ms=durations[-1] if durations else None,
             revoked_p50_ms=_pct(durations, 50) if durations else None,
             replay_mismatches=mismatches, client_errors=dict(sorted(errors.items())), cancel_misses=misses,
-            crashes=len(crashes), tracebacks=tracebacks, examples=examples,
+            crashes=len(crashes), tracebacks=tracebacks, faults=dict(sorted(faults.items())), examples=examples,
         )
 
 

@@ -76,7 +76,8 @@ def _fills(raw: Any) -> tuple[ShownFill, ...]:
 class Client:
     def __init__(self, *, node: str, url: str, token: Callable[[], str], rec: Recorder, clock: Callable[[], float],
                  seed: int, options: ClientOptions, cid: CidSupport,
-                 on_fills: Callable[[str, list[tuple[int, ShownFill]]], None] | None = None) -> None:
+                 on_fills: Callable[[str, list[tuple[int, ShownFill]]], None] | None = None,
+                 on_cancel: Callable[[str, str, bool | None], None] | None = None) -> None:
         self.node = node
         self.url = url
         self.token = token
@@ -86,6 +87,7 @@ class Client:
         self.opt = options
         self.cid = cid
         self.on_fills = on_fills
+        self.on_cancel = on_cancel
         self.resting: list[str] = []  # our GTC orders that rested when placed
         self.calls = 0
         self.failures = 0
@@ -228,4 +230,6 @@ class Client:
             t0=round(t0, 3), t1=round(t1, 3), node=self.node, op="cancel", order_id=oid, ok=True,
             status=str(data.get("status")), filled=int(data.get("filled", 0)),
             remaining=int(data.get("remaining", 0)), final=final if isinstance(final, bool) else None))
+        if self.on_cancel is not None and data.get("status") == "cancelled":
+            self.on_cancel(self.node, oid, final if isinstance(final, bool) else None)
         return True

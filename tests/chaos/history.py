@@ -10,6 +10,8 @@ and hand-made in tests.  The records are observations, never judgements:
   list, kept as changes only (a fill first shown at a position, or shown
   final; a fill no longer shown where the sample looked);
 - ``FinalTotal``: a node's count of final fills went down;
+- ``OrderFinal``: a node said an order's state is final (``GET
+  /v1/orders/{id}`` with ``"final": true``), read after a cancel;
 - ``NodeEvent`` / ``FaultEvent``: what happened to processes and links;
 - ``Check``: after each nemesis healed, every live node's state (hash,
   version vector, book, full fill list, sampled order views, new tracebacks
@@ -87,6 +89,15 @@ class FinalTotal:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class OrderFinal:
+    t: float
+    node: str
+    order_id: str
+    status: str
+    filled: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class NodeEvent:
     """kinds: start, ready, kill, pause, resume, stop, exit (``expected`` False: a crash)."""
 
@@ -99,9 +110,14 @@ class NodeEvent:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FaultEvent:
+    """A fault action (kind: isolate, partition, cut, degrade, kill, restart, pause,
+    resume, heal-net), or ``packets``: what the faults did to packets since the
+    last such event (``counts``: cut, lost, duplicated, queued, delayed, reordered)."""
+
     t: float
     kind: str
     detail: str
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -153,6 +169,7 @@ class History:
     seen: tuple[FillSeen, ...] = ()
     gone: tuple[FillGone, ...] = ()
     final_totals: tuple[FinalTotal, ...] = ()
+    order_finals: tuple[OrderFinal, ...] = ()
     node_events: tuple[NodeEvent, ...] = ()
     fault_events: tuple[FaultEvent, ...] = ()
     checks: tuple[Check, ...] = ()
@@ -187,6 +204,7 @@ class Recorder:
         self.seen: list[FillSeen] = []
         self.gone: list[FillGone] = []
         self.final_totals: list[FinalTotal] = []
+        self.order_finals: list[OrderFinal] = []
         self.node_events: list[NodeEvent] = []
         self.fault_events: list[FaultEvent] = []
         self.checks: list[Check] = []
@@ -200,7 +218,8 @@ class Recorder:
     def freeze(self) -> History:
         return History(
             meta=dict(self.meta), phases=tuple(self.phases), acks=tuple(self.acks), seen=tuple(self.seen),
-            gone=tuple(self.gone), final_totals=tuple(self.final_totals), node_events=tuple(self.node_events),
+            gone=tuple(self.gone), final_totals=tuple(self.final_totals), order_finals=tuple(self.order_finals),
+            node_events=tuple(self.node_events),
             fault_events=tuple(self.fault_events), checks=tuple(self.checks), fill_lists=dict(self.fill_lists))
 
 

@@ -47,6 +47,7 @@ class Faults:
         self.sleep = sleep
         self.links: dict[tuple[str, str], LinkFault] = {}
         self.shapes: dict[tuple[str, str], LinkShape] = {}
+        self._shaped = {"delayed": 0, "reordered": 0}
 
     @property
     def names(self) -> list[str]:
@@ -108,6 +109,17 @@ class Faults:
         self._push()
 
     def heal_net(self) -> None:
+        counts = {k: v for k, v in self.lab.take_counts().items() if v}
+        if self.shaper is not None:
+            stats = self.shaper.stats()
+            for kind in ("delayed", "reordered"):
+                now = int(stats.get(kind, self._shaped[kind]))
+                if now > self._shaped[kind]:
+                    counts[kind] = now - self._shaped[kind]
+                self._shaped[kind] = now
+        if counts:
+            self.rec.fault_events.append(FaultEvent(t=round(self.clock(), 3), kind="packets",
+                                                    detail="what the link faults did", counts=counts))
         self.links.clear()
         self.shapes.clear()
         self.lab.heal()

@@ -169,6 +169,7 @@ class NetLab:
         self._links: list[str] = []  # created links, deleted in this order
         self._namespaces: list[str] = []
         self._faults: dict[tuple[str, str], LinkFault] = {}
+        self._counts: dict[str, int] = {}  # packets the rules matched, before their chains were rewritten
 
     @property
     def gateway(self) -> str:
@@ -227,6 +228,7 @@ class NetLab:
         changed = set(new.items()) ^ set(self._faults.items())
         touched = {key[1] for key, _ in changed} | {key[0] for key, f in changed if f.dup}
         for name in sorted(touched):
+            self._count(self.hosts[name])
             self._apply(self.hosts[name], new)
         self._faults = new
 
@@ -253,6 +255,27 @@ class NetLab:
                 outbound.append(f"-A CHAOS_DUP -d {dip} -m statistic --mode random --probability {f.dup:.4f} "
                                 f"-j TEE --gateway {dip}")
         self._restore(host, "\n".join([*inbound, "COMMIT", *outbound, "COMMIT", ""]))
+
+    def _count(self, host: Host) -> None:
+        """Add what the chaos chains of ``host`` matched since the last count, and zero them."""
+        for table, chain in (("filter", "CHAOS_IN"), ("mangle", "CHAOS_DUP")):
+            out = run("ip", "netns", "exec", host.ns, self.iptables, "-w", "-t", table, "-L", chain, "-v", "-x", "-n",
+                      "-Z")
+            for line in out.splitlines()[2:]:
+                fields = line.split()
+                if len(fields) < 3 or not fields[0].isdigit():
+                    continue
+                target = fields[2]
+                kind = {"NFQUEUE": "queued", "TEE": "duplicated"}.get(
+                    target, "lost" if "statistic" in line else "cut")
+                self._counts[kind] = self._counts.get(kind, 0) + int(fields[0])
+
+    def take_counts(self) -> dict[str, int]:
+        """Packets cut, lost, queued and duplicated since the last call."""
+        for name in sorted({k[1] for k in self._faults} | {k[0] for k, f in self._faults.items() if f.dup}):
+            self._count(self.hosts[name])
+        counts, self._counts = self._counts, {}
+        return counts
 
     def _restore(self, host: Host, rules: str) -> None:
         run("ip", "netns", "exec", host.ns, f"{self.iptables}-restore", "-w", "--noflush", stdin=rules)

@@ -36,11 +36,22 @@ import aiohttp
 import msgpack
 
 from tests.chaos.cluster import Cluster, Node
-from tests.chaos.history import Check, FillGone, FillKey, FillSeen, FinalTotal, NodeState, Recorder, ShownFill
+from tests.chaos.history import (
+    Check,
+    FillGone,
+    FillKey,
+    FillSeen,
+    FinalTotal,
+    NodeState,
+    OrderFinal,
+    Recorder,
+    ShownFill,
+)
 
 SAMPLE_TIMEOUT_S = 2.0
 SNAPSHOT_TIMEOUT_S = 10.0
 FINAL_OVERLAP = 20  # final fills re-read before the cursor, to see changes there
+PENDING_PER_ROUND = 50  # cancelled orders read back per node and sample, until final
 MAX_PAGES = 20
 SYNC_PAGE = 4000
 MSGPACK = "application/msgpack"
@@ -58,6 +69,7 @@ class _View:
     present: dict[FillKey, tuple[int, bool]] = field(default_factory=dict)  # fill -> (seq, final)
     final_shown: dict[int, FillKey] = field(default_factory=dict)
     final_cursor: int = 0
+    pending: dict[str, int] = field(default_factory=dict)  # cancelled order -> samples left to wait
 
 
 def shown_fill(raw: dict[str, Any]) -> ShownFill:
@@ -107,6 +119,24 @@ class Observer:
         await self._sample_tail(session, node)
         if self.finality:
             await self._sample_final(session, node)
+            await self._sample_cancels(session, node)
+
+    def note_cancel(self, node: str, order_id: str, final: bool | None) -> None:
+        """A cancel acknowledged not yet final: read the order back until it is."""
+        if self.finality and final is not True:
+            self.views[node].pending[order_id] = 120
+
+    async def _sample_cancels(self, session: aiohttp.ClientSession, node: Node) -> None:
+        view = self.views[node.name]
+        for oid in list(view.pending)[:PENDING_PER_ROUND]:
+            got = await get_json(session, f"{node.url}/v1/orders/{oid}", SAMPLE_TIMEOUT_S)
+            view.pending[oid] -= 1
+            if isinstance(got, dict) and got.get("final") is True:
+                self.rec.order_finals.append(OrderFinal(t=round(self.clock(), 3), node=node.name, order_id=oid,
+                                                        status=str(got.get("status")),
+                                                        filled=int(got.get("filled", 0))))
+            if not isinstance(got, dict) or got.get("final") is True or view.pending[oid] <= 0:
+                del view.pending[oid]
 
     def _observe(self, node: str, view: _View, t: float, seq: int, f: ShownFill) -> None:
         key = (f[0], f[1], f[2], f[3])

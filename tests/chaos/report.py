@@ -62,7 +62,9 @@ def markdown(verdict: Verdict, meta: dict[str, Any]) -> str:
     out += ["", table(verdict), ""]
     verdict_line = "no violations" if verdict.ok else f"**{verdict.violations} violation(s)**"
     out.append(f"Verdict: {verdict_line}.")
-    titles = [f"- `{r.name}`: {r.title}" + (f" ({r.note})" if r.note else "") for r in verdict.rows]
+    titles = [f"- `{r.name}`: {r.title}" + (f" ({r.note})" if r.note else "")
+              + (": " + ", ".join(f"{k} {v}" for k, v in r.faults.items()) if r.faults else "")
+              for r in verdict.rows]
     out += ["", "Nemeses:", *titles]
     extra = []
     for r in verdict.rows:

@@ -224,7 +224,8 @@ async def _phase(opt: Options, nemesis: Nemesis, seconds: float, note: str, clus
     t_start = clock()
     stop_clients = asyncio.Event()
     clients = [Client(node=n.name, url=n.url, token=n.token, rec=rec, clock=clock, seed=rng.randrange(1 << 30),
-                      options=ClientOptions(rate=opt.rate), cid=cid, on_fills=observer.note_ack)
+                      options=ClientOptions(rate=opt.rate), cid=cid, on_fills=observer.note_ack,
+                      on_cancel=observer.note_cancel)
                for n in cluster.nodes.values()]
     tasks = [asyncio.create_task(c.run(session, stop_clients), name=f"client-{c.node}") for c in clients]
     try:

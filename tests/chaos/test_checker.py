@@ -13,11 +13,15 @@ from __future__ import annotations
 import dataclasses
 import json
 from hashlib import blake2b
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from crdt.entry import BUY, GENESIS, GTC, IOC, SELL, Body, Cancel, Entry, Order, encode_entry, make_entry
 from crdt.hlc import Hlc
 from crdt.keys import SigningKey
+from tests.chaos.__main__ import main
 from tests.chaos.checker import check
 from tests.chaos.cluster import tracebacks_in
 from tests.chaos.history import (
@@ -311,3 +315,27 @@ class TestLogs:
                 "ValueError: bad thing\n2024-01-01 10:00:01,000 n1 INFO p2pex.node: fine\n")
         assert tracebacks_in(text) == ["ValueError: bad thing"]
         assert tracebacks_in("all quiet\n") == []
+
+
+class TestCommandLine:
+    def test_check_a_recorded_history_with_a_lost_order_and_a_retracted_final_fill(
+            self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """``python -m tests.chaos --check``: the saved history of a bad run exits 1."""
+        w = World()
+        ghost = Log(3).add(Order(side=SELL, price=120, qty=1, tif=GTC), 7)
+        acks = [*w.acks(), Ack(t0=2.0, t1=2.1, node="n1", op="order", order_id=ghost.hash.hex(), side="sell",
+                                qty=1, price=120, tif="GTC", status="open", filled=0, remaining=1)]
+        shown = final(w.fills, 2)
+        seen = [FillSeen(t=3.0, node="n2", seq=i, fill=shown[i]) for i in range(2)]
+        history = w.history(acks=acks, seen=seen, nodes={n: {"fills": final(w.fills, 1)} for n in ("n1", "n2")})
+        path = tmp_path / "chaos-history.json"
+        path.write_text(history.dumps())
+        assert main(["--check", str(path), "--out", str(tmp_path)]) == 1
+        printed = capsys.readouterr().out
+        row = next(line for line in printed.splitlines() if line.startswith("| isolate "))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[4] == "**1**" and cells[8] == "**1**", cells  # lost, final retracted
+        assert "2 VIOLATION(S)" in printed
+        report = json.loads((tmp_path / "chaos-report.json").read_text())
+        assert report["ok"] is False and report["rows"][0]["lost"] == 1 and report["rows"][0]["final_retracted"] == 1
+        assert "lost" in (tmp_path / "chaos-report.md").read_text()
