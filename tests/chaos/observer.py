@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,7 @@ SNAPSHOT_TIMEOUT_S = 10.0
 FINAL_OVERLAP = 20  # final fills re-read before the cursor, to see changes there
 PENDING_PER_ROUND = 50  # cancelled orders read back per node and sample, until final
 MAX_PAGES = 20
+MAX_ROUNDS = 100_000  # sampling rounds in one run (a day at one a second)
 SYNC_PAGE = 4000
 MSGPACK = "application/msgpack"
 
@@ -104,7 +106,9 @@ class Observer:
     # ---- sampling --------------------------------------------------------------------
 
     async def sample_forever(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
-        while not stop.is_set():
+        for _ in range(MAX_ROUNDS):
+            if stop.is_set():
+                return
             started = self.clock()
             self.cluster.poll()
             live = [n for n in self.cluster.nodes.values() if n.live()]
@@ -253,7 +257,7 @@ class Observer:
         final_nodes = []
         for state in nodes:
             tracebacks, errors = self.cluster.scan_logs(state.node)
-            final_nodes.append(_with_logs(state, tuple(tracebacks), errors))
+            final_nodes.append(dataclasses.replace(state, tracebacks=tuple(tracebacks), error_lines=errors))
         check = Check(phase=phase, t=round(self.clock(), 3), t_heal=round(t_heal, 3),
                       t_converged=None if t_conv is None else round(t_conv, 3), nodes=tuple(final_nodes),
                       entries=tuple(entries))
@@ -322,13 +326,7 @@ class Observer:
 
 def _all_final(status: dict[str, Any]) -> bool:
     fin = status.get("finality")
-    if not isinstance(fin, dict):
-        return True  # no finality on this node: nothing to wait for
-    return int(fin.get("final_fills", -1)) == int(status.get("counts", {}).get("fills", -2))
-
-
-def _with_logs(state: NodeState, tracebacks: tuple[str, ...], errors: int) -> NodeState:
-    return NodeState(
-        node=state.node, alive=state.alive, state_hash=state.state_hash, version_vector=state.version_vector,
-        bids=state.bids, asks=state.asks, fills=state.fills, finality=state.finality, orders=state.orders,
-        tracebacks=tracebacks, error_lines=errors, error=state.error)
+    total = status.get("counts", {}).get("fills")
+    if not isinstance(fin, dict) or not isinstance(fin.get("final_fills"), int) or not isinstance(total, int):
+        return True  # no finality on this node (or no count to compare): nothing to wait for
+    return bool(fin["final_fills"] >= total)

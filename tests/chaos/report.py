@@ -68,9 +68,16 @@ def markdown(verdict: Verdict, meta: dict[str, Any]) -> str:
     out += ["", "Nemeses:", *titles]
     extra = []
     for r in verdict.rows:
-        if r.void or r.cancels_overtaken or r.cancel_misses:
-            extra.append(f"- `{r.name}`: {r.void} acknowledged orders void, {r.cancels_overtaken} provisional "
-                         f"cancels overtaken by fills, {r.cancel_misses} cancels refused (already filled/closed)")
+        facts = []
+        if r.void:
+            facts.append(f"{r.void} acknowledged orders void")
+        if r.cancels_overtaken:
+            facts.append(f"{r.cancels_overtaken} cancels answered 'cancelled' (not final) whose order ended with "
+                         "more filled")
+        if r.cancel_misses:
+            facts.append(f"{r.cancel_misses} cancels refused because the order had filled or closed")
+        if facts:
+            extra.append(f"- `{r.name}`: " + "; ".join(facts))
         for kind, examples in r.examples.items():
             for text in examples:
                 extra.append(f"- `{r.name}` {kind}: {text}")

@@ -39,6 +39,7 @@ from tests.chaos.history import (
 )
 from tests.chaos.replay import counted_entries, replay
 from tests.chaos.report import markdown, table
+from tests.test_purity import FORBIDDEN, imported_roots
 
 T0_MS = 1_700_000_000_000
 
@@ -339,3 +340,12 @@ class TestCommandLine:
         report = json.loads((tmp_path / "chaos-report.json").read_text())
         assert report["ok"] is False and report["rows"][0]["lost"] == 1 and report["rows"][0]["final_retracted"] == 1
         assert "lost" in (tmp_path / "chaos-report.md").read_text()
+
+
+class TestCheckerIsPure:
+    def test_checker_replay_and_history_reach_for_no_io_clock_or_randomness(self) -> None:
+        """The judgement is a function of the history alone (the report module writes files; these do not)."""
+        for name in ("checker", "replay", "history"):
+            path = Path(__file__).resolve().parent / f"{name}.py"
+            bad = imported_roots(path) & (FORBIDDEN | {"__import__"})
+            assert not bad, f"{name}.py imports {sorted(bad)}"
