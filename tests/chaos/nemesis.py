@@ -175,7 +175,8 @@ class Nemesis:
     title: str
     seconds: float
     run: Callable[[Faults, float], Awaitable[None]]
-    needs_shaper: bool = False
+    needs_shaper: bool = False  # cannot run without the link shaper
+    wants_shaper: bool = False  # uses it when there is one
     needs_clock_offset: bool = False
 
 
@@ -299,7 +300,7 @@ NEMESES: Final = (
             run=bad_network, needs_shaper=True),
     Nemesis(name="skew", title="one clock 3 s behind, one 4 s ahead", seconds=40.0, run=skewed_clocks,
             needs_clock_offset=True),
-    Nemesis(name="storm", title="random storm of all of the above", seconds=60.0, run=storm),
+    Nemesis(name="storm", title="random storm of all of the above", seconds=60.0, run=storm, wants_shaper=True),
 )
 BY_NAME: Final = {n.name: n for n in NEMESES}
 #: The 60-second run inside ``make test``: (name, fault seconds).

@@ -109,7 +109,7 @@ def run_suite(opt: Options) -> Outcome:
     rec = Recorder({"seed": opt.seed, "nodes": list(NAMES), "rate": opt.rate, "python": sys.version.split()[0],
                     "machine": platform.platform(), "iptables": caps.iptables,
                     "nemeses": [list(n) for n in opt.nemeses]})
-    needs_shaper = any(BY_NAME[n].needs_shaper for n, _ in opt.nemeses)
+    needs_shaper = any(BY_NAME[n].needs_shaper or BY_NAME[n].wants_shaper for n, _ in opt.nemeses)
     lab = NetLab(NAMES, iptables=caps.iptables or "iptables")
     data_root = Path(tempfile.mkdtemp(prefix="p2pex-chaos-"))
     log_dir = opt.out / "nodes"
@@ -133,7 +133,9 @@ def run_suite(opt: Options) -> Outcome:
         extra = ["--evict-after", f"{EVICT_AFTER_S:g}"] if flags.evict_after else []
         cluster = Cluster(lab, data_root=data_root, log_dir=log_dir, rec=rec, clock=clock, extra=extra)
         timings["lab"] = round(time.monotonic() - t0, 1)
-        asyncio.run(_play(opt, lab, cluster, shaper, shaper_reason, flags, rec, clock, timings))
+        play = _Play(opt, lab=lab, cluster=cluster, shaper=shaper, shaper_reason=shaper_reason, flags=flags, rec=rec,
+                     clock=clock, timings=timings)
+        asyncio.run(play.run())
         cluster.stop_all()
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -159,98 +161,118 @@ def run_suite(opt: Options) -> Outcome:
                    timings=timings)
 
 
-async def _play(opt: Options, lab: NetLab, cluster: Cluster, shaper: Shaper | None, shaper_reason: str | None,
-                flags: NodeFlags, rec: Recorder, clock: Callable[[], float], timings: dict[str, float]) -> None:
-    rng = random.Random(opt.seed)
-    connector = aiohttp.TCPConnector(limit=200)
-    async with aiohttp.ClientSession(connector=connector) as session:
+class _Play:
+    """The asynchronous part of a run: cluster up, then one phase per nemesis."""
+
+    def __init__(self, opt: Options, *, lab: NetLab, cluster: Cluster, shaper: Shaper | None,
+                 shaper_reason: str | None, flags: NodeFlags, rec: Recorder, clock: Callable[[], float],
+                 timings: dict[str, float]) -> None:
+        self.opt = opt
+        self.lab = lab
+        self.cluster = cluster
+        self.shaper = shaper
+        self.shaper_reason = shaper_reason
+        self.flags = flags
+        self.rec = rec
+        self.clock = clock
+        self.timings = timings
+        self.rng = random.Random(opt.seed)
+        self.cid = CidSupport()
+        self.evict_after = EVICT_AFTER_S if flags.evict_after else DEFAULT_EVICT_AFTER_S
+
+    async def run(self) -> None:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200)) as session:
+            t0 = time.monotonic()
+            for name in self.cluster.nodes:
+                self.cluster.start(name)
+            await asyncio.gather(*(self.cluster.wait_ready(session, name) for name in self.cluster.nodes))
+            observer = Observer(self.cluster, self.rec, self.clock)
+            await _wait_mesh(session, self.cluster, observer)
+            self.timings["start"] = round(time.monotonic() - t0, 1)
+            flags = self.flags
+            features = {"finality": observer.finality, "cid": None, "evict_after": flags.evict_after,
+                        "clock_offset": flags.clock_offset}
+            self.rec.meta["features"] = features
+            self.opt.echo(f"5 nodes up in {self.timings['start']:.1f} s; finality "
+                          f"{'yes' if observer.finality else 'no'}, --evict-after "
+                          f"{'yes' if flags.evict_after else 'no'}, --clock-offset-ms "
+                          f"{'yes' if flags.clock_offset else 'no'}")
+            stop_sampling = asyncio.Event()
+            sampler = asyncio.create_task(observer.sample_forever(session, stop_sampling), name="sampler")
+            faults = Faults(lab=self.lab, cluster=self.cluster, shaper=self.shaper, session=session, rec=self.rec,
+                            clock=self.clock, rng=self.rng, evict_after=self.evict_after, sleep=asyncio.sleep)
+            try:
+                runs: dict[str, int] = {}
+                for kind, seconds in self.opt.nemeses:
+                    runs[kind] = runs.get(kind, 0) + 1
+                    name = kind if runs[kind] == 1 else f"{kind}-{runs[kind]}"  # a phase's name is its key
+                    await self.nemesis(name, BY_NAME[kind], seconds, session, observer, faults)
+                    features["cid"] = self.cid.value
+            finally:
+                stop_sampling.set()
+                await asyncio.gather(sampler, return_exceptions=True)
+            if sampler.done() and not sampler.cancelled() and sampler.exception() is not None:
+                raise RuntimeError("the sampler failed") from sampler.exception()
+
+    async def nemesis(self, name: str, nemesis: Nemesis, seconds: float, session: aiohttp.ClientSession,
+                      observer: Observer, faults: Faults) -> None:
+        reason = _unsupported(nemesis, self.flags, self.shaper_reason)
+        if reason:
+            now = round(self.clock(), 3)
+            self.rec.phases.append(Phase(name=name, title=nemesis.title, supported=False, note=reason,
+                                         t_start=now, t_fault=now, t_heal=now, t_end=now))
+            self.opt.echo(f"{name:<13} skipped: {reason}")
+            return
+        note = ""
+        if nemesis.name == "kill-long":
+            seconds = max(seconds, self.evict_after + 6.0)
+            note = (f"down {seconds:.0f} s; --evict-after {EVICT_AFTER_S:g}" if self.flags.evict_after else
+                    f"down {seconds:.0f} s; this node has no --evict-after (default will be "
+                    f"{DEFAULT_EVICT_AFTER_S:g} s)")
         t0 = time.monotonic()
-        for name in cluster.nodes:
-            cluster.start(name)
-        await asyncio.gather(*(cluster.wait_ready(session, name) for name in cluster.nodes))
-        observer = Observer(cluster, rec, clock)
-        await _wait_mesh(session, cluster, observer)
-        timings["start"] = round(time.monotonic() - t0, 1)
-        features = {"finality": observer.finality, "cid": None, "evict_after": flags.evict_after,
-                    "clock_offset": flags.clock_offset}
-        rec.meta["features"] = features
-        opt.echo(f"5 nodes up in {timings['start']:.1f} s; finality {'yes' if observer.finality else 'no'}, "
-                 f"--evict-after {'yes' if flags.evict_after else 'no'}, "
-                 f"--clock-offset-ms {'yes' if flags.clock_offset else 'no'}")
-        stop_sampling = asyncio.Event()
-        sampler = asyncio.create_task(observer.sample_forever(session, stop_sampling), name="sampler")
-        evict_after = EVICT_AFTER_S if flags.evict_after else DEFAULT_EVICT_AFTER_S
-        faults = Faults(lab=lab, cluster=cluster, shaper=shaper, session=session, rec=rec, clock=clock, rng=rng,
-                        evict_after=evict_after, sleep=asyncio.sleep)
-        cid = CidSupport()
+        phase = await self.phase(name, nemesis, seconds, note, session, observer, faults)
+        self.timings[name] = round(time.monotonic() - t0, 1)
+        c = self.rec.checks[-1]
+        conv = f"converged {c.t_converged - c.t_heal:.1f} s after heal" if c.t_converged is not None \
+            else "NOT converged"
+        acked = sum(1 for a in self.rec.acks if a.ok and phase.t_start <= a.t1 <= phase.t_end)
+        self.opt.echo(f"{name:<13} fault {phase.t_heal - phase.t_fault:4.0f} s, {acked:5d} calls acknowledged, "
+                      f"{conv}; phase {self.timings[name]:.0f} s")
+
+    async def phase(self, name: str, nemesis: Nemesis, seconds: float, note: str, session: aiohttp.ClientSession,
+                    observer: Observer, faults: Faults) -> Phase:
+        """Warm-up, fault, heal, clients stop, check."""
+        rec, clock = self.rec, self.clock
+        t_start = clock()
+        stop_clients = asyncio.Event()
+        clients = [Client(node=n.name, url=n.url, token=n.token, rec=rec, clock=clock,
+                          seed=self.rng.randrange(1 << 30), options=ClientOptions(rate=self.opt.rate), cid=self.cid,
+                          on_fills=observer.note_ack, on_cancel=observer.note_cancel)
+                   for n in self.cluster.nodes.values()]
+        tasks = [asyncio.create_task(c.run(session, stop_clients), name=f"client-{c.node}") for c in clients]
         try:
-            for name, seconds in opt.nemeses:
-                nemesis = BY_NAME[name]
-                reason = _unsupported(nemesis, flags, shaper_reason)
-                now = round(clock(), 3)
-                if reason:
-                    rec.phases.append(Phase(name=name, title=nemesis.title, supported=False, note=reason,
-                                            t_start=now, t_fault=now, t_heal=now, t_end=now))
-                    opt.echo(f"{name:<13} skipped: {reason}")
-                    continue
-                note = ""
-                if name == "kill-long":
-                    down = max(seconds, evict_after + 6.0)
-                    seconds = down
-                    note = (f"down {down:.0f} s; --evict-after {EVICT_AFTER_S:g}" if flags.evict_after else
-                            f"down {down:.0f} s; this node has no --evict-after (default will be "
-                            f"{DEFAULT_EVICT_AFTER_S:g} s)")
-                t_phase = time.monotonic()
-                phase = await _phase(opt, nemesis, seconds, note, cluster, observer, faults, rec, clock, rng,
-                                     session, cid)
-                features["cid"] = cid.value
-                timings[name] = round(time.monotonic() - t_phase, 1)
-                c = rec.checks[-1]
-                conv = "converged" if c.t_converged is not None else "NOT converged"
-                conv_s = f" {c.t_converged - c.t_heal:.1f} s after heal" if c.t_converged is not None else ""
-                acked = sum(1 for a in rec.acks if a.ok and phase.t_start <= a.t1 <= phase.t_end)
-                opt.echo(f"{name:<13} fault {phase.t_heal - phase.t_fault:4.0f} s, {acked:5d} calls acknowledged, "
-                         f"{conv}{conv_s}; phase {timings[name]:.0f} s")
+            await asyncio.sleep(self.opt.warm_s)
+            t_fault = clock()
+            faults.event("nemesis", name)
+            await nemesis.run(faults, seconds)
+            t_heal = clock()
+            await faults.heal_all()
         finally:
-            stop_sampling.set()
-            await asyncio.gather(sampler, return_exceptions=True)
-        if sampler.done() and not sampler.cancelled() and sampler.exception() is not None:
-            raise RuntimeError("the sampler failed") from sampler.exception()
-
-
-async def _phase(opt: Options, nemesis: Nemesis, seconds: float, note: str, cluster: Cluster, observer: Observer,
-                 faults: Faults, rec: Recorder, clock: Callable[[], float], rng: random.Random,
-                 session: aiohttp.ClientSession, cid: CidSupport) -> Phase:
-    t_start = clock()
-    stop_clients = asyncio.Event()
-    clients = [Client(node=n.name, url=n.url, token=n.token, rec=rec, clock=clock, seed=rng.randrange(1 << 30),
-                      options=ClientOptions(rate=opt.rate), cid=cid, on_fills=observer.note_ack,
-                      on_cancel=observer.note_cancel)
-               for n in cluster.nodes.values()]
-    tasks = [asyncio.create_task(c.run(session, stop_clients), name=f"client-{c.node}") for c in clients]
-    try:
-        await asyncio.sleep(opt.warm_s)
-        t_fault = clock()
-        faults.event("nemesis", nemesis.name)
-        await nemesis.run(faults, seconds)
-        t_heal = clock()
-        await faults.heal_all()
-    finally:
-        stop_clients.set()
-        done, pending = await asyncio.wait(tasks, timeout=CALL_TIMEOUT_S * (2 + CID_RETRIES) + 5)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    for task in done:
-        if not task.cancelled() and task.exception() is not None:
-            raise RuntimeError(f"{task.get_name()} failed") from task.exception()
-    acked = [str(a.order_id) for a in rec.acks if a.ok and a.op == "order" and a.t1 >= t_start and a.order_id]
-    sample = rng.sample(acked, min(ORDER_SAMPLE, len(acked)))
-    await observer.check(session, phase=nemesis.name, t_heal=t_heal, timeout=opt.converge_timeout_s, orders=sample)
-    phase = Phase(name=nemesis.name, title=nemesis.title, supported=True, note=note, t_start=round(t_start, 3),
-                  t_fault=round(t_fault, 3), t_heal=round(t_heal, 3), t_end=round(clock(), 3))
-    rec.phases.append(phase)
-    return phase
+            stop_clients.set()
+            done, pending = await asyncio.wait(tasks, timeout=CALL_TIMEOUT_S * (2 + CID_RETRIES) + 5)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                raise RuntimeError(f"{task.get_name()} failed") from task.exception()
+        acked = [str(a.order_id) for a in rec.acks if a.ok and a.op == "order" and a.t1 >= t_start and a.order_id]
+        sample = self.rng.sample(acked, min(ORDER_SAMPLE, len(acked)))
+        await observer.check(session, phase=name, t_heal=t_heal, timeout=self.opt.converge_timeout_s, orders=sample)
+        phase = Phase(name=name, title=nemesis.title, supported=True, note=note, t_start=round(t_start, 3),
+                      t_fault=round(t_fault, 3), t_heal=round(t_heal, 3), t_end=round(clock(), 3))
+        rec.phases.append(phase)
+        return phase
 
 
 async def _wait_mesh(session: aiohttp.ClientSession, cluster: Cluster, observer: Observer) -> None:
