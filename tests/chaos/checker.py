@@ -279,13 +279,20 @@ class _Judge:
                 held[n.node] = entries
         ids_held = {node: {e.hash.hex() for e in es} for node, es in held.items()}
 
-        # acknowledged orders lost, void
+        # acknowledged orders void (a node says so), lost (a live node lacks them)
         acks = [a for a in self.h.acks if window[0] < a.t1 <= window[1]]
+        void_now = 0
+        for n in live:
+            for oid, view in n.orders.items():
+                if view is not None and oid not in self.void and (
+                        view.get("void") is True or view.get("status") in VOID_STATUSES):
+                    self.void.add(oid)
+                    void_now += 1
         acked_orders = [a for a in self.h.acks if a.t1 <= check.t and a.op == "order" and a.ok and a.order_id]
         lost_now = 0
         for a in acked_orders:
             oid = str(a.order_id)
-            if oid in self.lost:
+            if oid in self.lost or oid in self.void:
                 continue
             missing_at = [n.node for n in live if n.node in ids_held and oid not in ids_held[n.node]]
             missing_at += [n.node for n in live if oid in n.orders and n.orders[oid] is None]
@@ -294,13 +301,6 @@ class _Judge:
                 lost_now += 1
                 _example(examples, "lost", f"order {oid[:16]} acked by {a.node} at t={a.t1:.1f}, missing at "
                                            f"{sorted(set(missing_at))}")
-        void_now = 0
-        for n in live:
-            for oid, view in n.orders.items():
-                if view is not None and oid not in self.void and (
-                        view.get("void") is True or view.get("status") in VOID_STATUSES):
-                    self.void.add(oid)
-                    void_now += 1
 
         # filled quantity per order, per node
         filled: dict[str, Counter[str]] = {}

@@ -36,6 +36,8 @@ from typing import Any
 import aiohttp
 import msgpack
 
+from crdt.entry import Order, decode_entry
+from crdt.errors import ValidationError
 from tests.chaos.cluster import Cluster, Node
 from tests.chaos.history import (
     Check,
@@ -52,6 +54,7 @@ from tests.chaos.history import (
 SAMPLE_TIMEOUT_S = 2.0
 SNAPSHOT_TIMEOUT_S = 10.0
 FINAL_OVERLAP = 20  # final fills re-read before the cursor, to see changes there
+MAX_SUSPECTS = 200  # acknowledged orders no node served, read back at a check
 PENDING_PER_ROUND = 50  # cancelled orders read back per node and sample, until final
 MAX_PAGES = 20
 MAX_ROUNDS = 100_000  # sampling rounds in one run (a day at one a second)
@@ -102,6 +105,7 @@ class Observer:
         self.finality = False  # set once a node's status has a "finality" object
         self.views: dict[str, _View] = {name: _View() for name in cluster.nodes}
         self.store_vv: dict[bytes, int] = {}  # entries already pulled, per origin
+        self.order_ids: set[str] = set()  # ids of the orders among them
 
     # ---- sampling --------------------------------------------------------------------
 
@@ -239,8 +243,14 @@ class Observer:
         return None
 
     async def check(self, session: aiohttp.ClientSession, *, phase: str, t_heal: float, timeout: float,
-                    orders: Sequence[str]) -> Check:
+                    sample: Sequence[str], acked: Sequence[str] = ()) -> Check:
+        """Wait for convergence, then snapshot every node.  Orders read back from
+        every node: ``sample``, and every acknowledged order (``acked``) whose
+        entry no node has served so far (to see whether a node calls it void)."""
         t_conv = await self.wait_converged(session, timeout)
+        entries = await self._pull_all(session)
+        suspects = [oid for oid in acked if oid not in self.order_ids][:MAX_SUSPECTS]
+        orders = list(dict.fromkeys([*sample, *suspects]))
         nodes: list[NodeState] = []
         for _ in range(3):  # a snapshot taken while something still moved is taken again
             nodes = list(await asyncio.gather(*(self._snapshot(session, n, orders)
@@ -249,11 +259,7 @@ class Observer:
             if t_conv is None or len({(n.state_hash, n.bids, n.asks, n.fills) for n in alive}) <= 1:
                 break
             await asyncio.sleep(0.5)
-        entries: list[str] = []
-        for n in self.cluster.nodes.values():
-            if n.live():
-                with contextlib.suppress(NodeGone):
-                    entries += await self._pull_entries(session, n)
+        entries += await self._pull_all(session)  # anything written while the snapshot was taken
         final_nodes = []
         for state in nodes:
             tracebacks, errors = self.cluster.scan_logs(state.node)
@@ -263,6 +269,14 @@ class Observer:
                       entries=tuple(entries))
         self.rec.checks.append(check)
         return check
+
+    async def _pull_all(self, session: aiohttp.ClientSession) -> list[str]:
+        entries: list[str] = []
+        for n in self.cluster.nodes.values():
+            if n.live():
+                with contextlib.suppress(NodeGone):
+                    entries += await self._pull_entries(session, n)
+        return entries
 
     async def _snapshot(self, session: aiohttp.ClientSession, node: Node, orders: Sequence[str]) -> NodeState:
         if not node.live():
@@ -319,6 +333,10 @@ class Observer:
                     continue  # not the next one of its origin; a later page brings it in order
                 self.store_vv[origin] = seq
                 out.append(msgpack.packb(e, use_bin_type=True).hex())
+                with contextlib.suppress(ValidationError):
+                    entry = decode_entry(e)
+                    if isinstance(entry.body, Order):
+                        self.order_ids.add(entry.hash.hex())
             if not reply.get("more") or not entries:
                 break
         return out

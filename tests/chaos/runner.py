@@ -266,9 +266,12 @@ class _Play:
         for task in done:
             if not task.cancelled() and task.exception() is not None:
                 raise RuntimeError(f"{task.get_name()} failed") from task.exception()
-        acked = [str(a.order_id) for a in rec.acks if a.ok and a.op == "order" and a.t1 >= t_start and a.order_id]
-        sample = self.rng.sample(acked, min(ORDER_SAMPLE, len(acked)))
-        await observer.check(session, phase=name, t_heal=t_heal, timeout=self.opt.converge_timeout_s, orders=sample)
+        orders = [a for a in rec.acks if a.ok and a.op == "order" and a.order_id]
+        acked = [str(a.order_id) for a in orders]
+        recent = [str(a.order_id) for a in orders if a.t1 >= t_start]
+        sample = self.rng.sample(recent, min(ORDER_SAMPLE, len(recent)))
+        await observer.check(session, phase=name, t_heal=t_heal, timeout=self.opt.converge_timeout_s, sample=sample,
+                             acked=acked)
         phase = Phase(name=name, title=nemesis.title, supported=True, note=note, t_start=round(t_start, 3),
                       t_fault=round(t_fault, 3), t_heal=round(t_heal, 3), t_end=round(clock(), 3))
         rec.phases.append(phase)

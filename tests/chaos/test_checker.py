@@ -178,9 +178,12 @@ class TestTheCheckerFails:
         assert v.rows[0].lost == 1 and not v.ok
 
     def test_void_order_is_not_lost(self) -> None:
+        """An order an eviction voided: no node matches it (nor need hold it), and one says so."""
         w = World()
-        oid = w.sell2.hash.hex()
-        v = check(w.history(nodes={"n1": {"orders": {oid: {"status": "void"}}}}))
+        ghost = Log(3).add(Order(side=SELL, price=120, qty=1, tif=GTC), 7)
+        acks = [*w.acks(), Ack(t0=2.0, t1=2.1, node="n2", op="order", order_id=ghost.hash.hex(), side="sell",
+                                qty=1, price=120, tif="GTC", status="open", filled=0, remaining=1)]
+        v = check(w.history(acks=acks, nodes={"n1": {"orders": {ghost.hash.hex(): {"status": "void"}}}}))
         assert v.rows[0].lost == 0 and v.rows[0].void == 1 and v.ok
 
     def test_final_fill_changed_at_the_same_seq(self) -> None:

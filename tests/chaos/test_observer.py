@@ -140,7 +140,7 @@ class TestObserverWithFinality:
             assert [(o.order_id, o.status, o.filled) for o in rec.order_finals] == [(D, "cancelled", 2)]
 
             now[0] = 6.0
-            await observer.check(session, phase="p", t_heal=5.5, timeout=2.0, orders=[])
+            await observer.check(session, phase="p", t_heal=5.5, timeout=2.0, sample=[])
         assert rec.checks[0].t_converged == 6.0
         state = rec.checks[0].nodes[0]
         assert state.finality is not None and rec.fill_lists[state.fills] == ((A, B, 100, 5, True),)
