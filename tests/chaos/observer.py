@@ -17,11 +17,12 @@ field has none.  The observer records what nodes show and judges nothing;
 the checker does.
 
 A check (``check``): wait until every live node shows the same state hash
-(and, with finality, all its fills final), then read from each live node its
-status, book, whole fill list and a sample of acknowledged orders, and pull
-the log entries it holds over the peer API (``POST /peer/v1/sync``, msgpack,
-paged by version vector) for the replay.  Every request has a timeout and
-every loop a bound.
+(and, with finality, all its fills final); pull the log entries the nodes
+hold over the peer API (``POST /peer/v1/sync``, msgpack, paged by version
+vector) for the replay; then read from each live node its status, book,
+whole fill list, and the state of a sample of acknowledged orders plus every
+acknowledged order whose entry no node served; then pull again whatever was
+written meanwhile.  Every request has a timeout and every loop a bound.
 """
 
 from __future__ import annotations
