@@ -1,10 +1,10 @@
-# Two commands a newcomer needs: `make demo` and `make test`.
+# Two commands a newcomer needs: `make demo` and `make test`; `make chaos` (root) runs the chaos suite.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench lint clean
+.PHONY: test demo bench chaos lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/matching.py
+
+# every nemesis against 5 nodes in network namespaces (about 7 minutes; needs root, iproute2, iptables)
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos
 
 clean:
 	rm -rf $(VENV) data logs .pytest_cache .mypy_cache .ruff_cache .hypothesis
