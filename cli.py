@@ -116,6 +116,22 @@ def add_node_parser(sub: Any) -> None:
     p.add_argument("--ready-timeout", type=positive_float, default=env("READY_TIMEOUT", "3"),
                    help="seconds to find a live peer to sync with before /readyz says ready alone "
                         "[P2PEX_READY_TIMEOUT]")
+    p.add_argument("--genesis", action="store_true", default=env("GENESIS", "") in ("1", "true", "yes"),
+                   help="found a new network even with --bootstrap (a node without --bootstrap and without "
+                        "known peers founds one anyway); only on a fresh data dir [P2PEX_GENESIS=1]")
+    p.add_argument("--evict-after", type=positive_float, default=env("EVICT_AFTER", "10"),
+                   help="seconds of silence after which the members vote a member out [P2PEX_EVICT_AFTER]")
+    p.add_argument("--heartbeat-ms", type=positive_int, default=env("HEARTBEAT_MS", "50"),
+                   help="spacing of the entries that move finality while something is not final "
+                        "[P2PEX_HEARTBEAT_MS]")
+    p.add_argument("--max-clock-offset-ms", type=positive_int, default=env("MAX_CLOCK_OFFSET_MS", "1000"),
+                   help="a node whose clock is further than this from its peers' median refuses orders "
+                        "[P2PEX_MAX_CLOCK_OFFSET_MS]")
+    p.add_argument("--clock-offset-ms", type=int, default=env("CLOCK_OFFSET_MS", "0"),
+                   help="add this to the wall clock (for tests of skewed clocks) [P2PEX_CLOCK_OFFSET_MS]")
+    p.add_argument("--max-foreign-origins", type=positive_int, default=env("MAX_FOREIGN_ORIGINS", "1000"),
+                   help="origins held that are not members; entries of more are refused "
+                        "[P2PEX_MAX_FOREIGN_ORIGINS]")
     p.add_argument("--peer-networks", type=peer_networks, default=env("PEER_NETWORKS", "auto"),
                    help="kinds of address this node dials peers on: auto (public, plus the kind of its own "
                         "address) or a comma-separated list of public, private, loopback, link-local "
@@ -146,10 +162,14 @@ def run_node(args: argparse.Namespace) -> int:
         max_connections=args.max_connections, header_timeout=args.header_timeout, body_timeout=args.body_timeout,
         keepalive_timeout=args.keepalive_timeout, max_receiving=int(args.max_receiving_mb * 1024 * 1024),
         write_limit=args.write_limit, read_limit=args.read_limit, peer_limit=args.peer_limit,
+        genesis=args.genesis, evict_after=args.evict_after, heartbeat_ms=args.heartbeat_ms,
+        clock_offset_ms=args.clock_offset_ms, max_clock_offset_ms=args.max_clock_offset_ms,
+        max_foreign_origins=args.max_foreign_origins,
     )
+    offset = args.clock_offset_ms
 
     async def main() -> None:
-        node = Node(config)
+        node = Node(config, clock_ms=lambda: time.time_ns() // 1_000_000 + offset)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, node.request_stop)
@@ -287,9 +307,11 @@ def parse_qty_price(text: str, market: bool) -> tuple[int, int | None]:
 
 
 def fmt_order(o: dict[str, Any]) -> str:
+    if o.get("void"):
+        return f"order {o['id'][:16]}: void ({o.get('detail', '')})"
     price = "market" if o.get("market") else str(o["price"])
     return (f"order {o['id'][:16]} {o['side']} {o['qty']}@{price}: {o['status']}, "
-            f"filled {o['filled']}, remaining {o['remaining']}")
+            f"filled {o['filled']}, remaining {o['remaining']}, {'final' if o.get('final') else 'provisional'}")
 
 
 def cmd_order(args: argparse.Namespace) -> Any:
@@ -300,12 +322,21 @@ def cmd_order(args: argparse.Namespace) -> Any:
     else:
         body["price"] = price
         body["tif"] = "IOC" if args.ioc else "GTC"
-    out = call(args, "POST", "/v1/orders", body, auth=True, retry=True)
+    path = "/v1/orders"
+    if args.wait_final:
+        path += f"?wait=final&timeout={args.wait_timeout:g}"
+        args.timeout = max(args.timeout, args.wait_timeout + 5)
+    out = call(args, "POST", path, body, auth=True, retry=True)
     if not args.json:
         print(fmt_order(out))
         print(f"id {out['id']}")
         for f in out["fills"]:
-            print(f"  fill {f['qty']}@{f['price']} against {f['maker'][:16]}")
+            print(f"  fill {f['qty']}@{f['price']} against {f['maker'][:16]}"
+                  f" ({'final' if f.get('final') else 'provisional'})")
+        if out.get("detail"):
+            print(out["detail"])
+    if args.wait_final and not out.get("final"):
+        raise CliError(f"order {out['id']} accepted, but not final within {args.wait_timeout:g} s")
     return out
 
 
@@ -342,13 +373,56 @@ def cmd_book(args: argparse.Namespace) -> Any:
 
 
 def cmd_fills(args: argparse.Namespace) -> Any:
-    out = call(args, "GET", f"/v1/fills?since={args.since}&limit={args.limit}")
+    final = "&final=true" if args.final else ""
+    out = call(args, "GET", f"/v1/fills?since={args.since}&limit={args.limit}{final}")
     if not args.json:
         for f in out["fills"]:
             print(f"#{f['seq']} {f['taker_side'] or '?'} {f['qty']}@{f['price']} "
-                  f"taker {f['taker'][:12]} maker {f['maker'][:12]} id {f['id']}")
-        print(f"{len(out['fills'])} of {out['total']} fills")
+                  f"taker {f['taker'][:12]} maker {f['maker'][:12]} {'final' if f.get('final') else 'provisional'}")
+        print(f"{len(out['fills'])} of {out['total']} {'final ' if args.final else ''}fills")
     return out
+
+
+def cmd_watch(args: argparse.Namespace) -> Any:
+    """Print the node's event stream (WebSocket /v1/stream), one line per event."""
+    import aiohttp
+
+    url = node_url(args).replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/v1/stream"
+    count = 0
+
+    async def run() -> None:
+        nonlocal count
+        async with aiohttp.ClientSession() as session, session.ws_connect(url, heartbeat=20.0) as ws:
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    break
+                ev = json.loads(msg.data)
+                print(json.dumps(ev) if args.json else fmt_event(ev), flush=True)
+                count += 1
+                if args.count and count >= args.count:
+                    break
+
+    try:
+        asyncio.run(run())
+    except (OSError, aiohttp.ClientError) as exc:
+        raise CliError(f"cannot stream from {url}: {exc}") from None
+    return None
+
+
+def fmt_event(ev: dict[str, Any]) -> str:
+    kind = ev.get("type")
+    if kind in ("fill", "revoked"):
+        f = ev["fill"]
+        return f"{kind:8} {f['qty']}@{f['price']} taker {f['taker'][:12]} maker {f['maker'][:12]}"
+    if kind == "final":
+        return f"final    {len(ev['fills'])} fills, frontier {ev['frontier']}: " + ", ".join(
+            f"#{f['seq']} {f['qty']}@{f['price']}" for f in ev["fills"][:8]) + (" ..." if len(ev["fills"]) > 8 else "")
+    if kind == "book":
+        bid = ev["bids"][0] if ev["bids"] else None
+        ask = ev["asks"][0] if ev["asks"] else None
+        return (f"book     bid {bid[1]}@{bid[0]}" if bid else "book     bid -") + (
+            f"  ask {ask[1]}@{ask[0]}" if ask else "  ask -")
+    return json.dumps(ev)
 
 
 def cmd_status(args: argparse.Namespace) -> Any:
@@ -364,6 +438,15 @@ def cmd_status(args: argparse.Namespace) -> Any:
         up = sum(1 for p in out["peers"] if p["state"] == "up")
         print(f"peers {len(out['peers'])} ({up} up); replication p50 {r['latency_p50_ms']} ms, "
               f"p99 {r['latency_p99_ms']} ms")
+        fin = out["finality"]
+        holding = fin["holding"]
+        print(f"network {str(fin['network'])[:16]}, {'member' if fin['member'] else 'NOT a member'} "
+              f"({len(fin['members'])} members); final fills {c['final_fills']}, provisional "
+              f"{c['provisional_fills']}; finality lag {fin['lag_ms']} ms"
+              + (f", held back by {holding['member'][:8]} (silent {holding['for_ms'] / 1000:.1f} s)"
+                 if holding else ""))
+        if not out["clock"]["healthy"]:
+            print(f"clock {-out['clock']['offset_ms']} ms off the peers' median: orders are refused")
     return out
 
 
@@ -372,7 +455,7 @@ def cmd_peers(args: argparse.Namespace) -> Any:
     if not args.json:
         for p in out["peers"]:
             print(f"{p['short']}  {p['state']:<5} {p['url']:<32} failures {p['failures']}"
-                  f" rtt {p['rtt_ms']} ms")
+                  f" rtt {p['rtt_ms']} ms clock {p['clock_offset_ms']} ms")
         if not out["peers"]:
             print("(no peers yet)")
     return out["peers"]
@@ -464,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ioc", action="store_true", help="immediate or cancel (default GTC)")
     p.add_argument("--market", action="store_true", help="market order (IOC, no price limit)")
     p.add_argument("--cid", help="client id of the order (default: a fresh one); a repeat places nothing")
+    p.add_argument("--wait-final", action="store_true", help="return once the order's outcome is final")
+    p.add_argument("--wait-timeout", type=positive_float, default=10.0,
+                   help="seconds to wait with --wait-final (default 10)")
     add_client_options(p)
     p.set_defaults(func=cmd_order)
     p = sub.add_parser("cancel", help="cancel one of this node's resting orders")
@@ -482,8 +568,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fills", help="trades")
     p.add_argument("--since", type=int, default=0)
     p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--final", action="store_true", help="final fills only (their seq never changes)")
     add_client_options(p)
     p.set_defaults(func=cmd_fills)
+    p = sub.add_parser("watch", help="print the node's live events: fills, revocations, finality, book")
+    p.add_argument("--count", type=int, default=0, help="stop after this many events (default: never)")
+    add_client_options(p)
+    p.set_defaults(func=cmd_watch)
     for name, func, text in (("status", cmd_status, "node status"), ("peers", cmd_peers, "known peers")):
         p = sub.add_parser(name, help=text)
         add_client_options(p)
@@ -501,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             return run_demo(args)
         out = args.func(args)
-        if args.json:
+        if args.json and out is not None:
             print(json.dumps(out, indent=2))
         return 0
     except CliError as exc:

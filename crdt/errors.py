@@ -94,3 +94,9 @@ class WrongNetwork(ExchangeError):
     """A peer or an entry belongs to another network (another genesis)."""
 
     code = "wrong_network"
+
+
+class TooManyOrigins(ValidationError):
+    """Entries of a new origin that is not a member, past the cap on such origins."""
+
+    code = "too_many_origins"

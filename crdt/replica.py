@@ -209,6 +209,10 @@ class Replica:
     def buffered(self) -> int:
         return self._buffered_total
 
+    def waiting(self, origin: bytes) -> int:
+        """Entries of ``origin`` held in the buffer."""
+        return len(self._buffer.get(origin, ()))
+
     def state_hash(self, ends: Mapping[bytes, int] | None = None) -> bytes:
         """Digest of the version vector and head hashes: equal digests, equal
         entries.  ``ends`` cuts an origin's log short (its effective end, for an
@@ -437,8 +441,14 @@ class Replica:
             nxt += 1
         for e in batch:
             if e.seq <= head:
-                if e.seq <= base_seq:
-                    acc.duplicates += 1  # final history; a conflict there cannot change anything
+                if e.seq <= base_seq:  # final history (pruned): nothing can change it
+                    if e.seq == base_seq and e.hash == self._base[origin][1]:
+                        acc.duplicates += 1
+                    elif not trusted and not _verify(e):
+                        acc.rejected.append(Rejection(origin=origin, seq=e.seq, error=BadSignature(
+                            f"{short_id(origin)}#{e.seq}: signature does not verify")))
+                    else:
+                        acc.duplicates += 1
                     continue
                 stored = log[e.seq - base_seq - 1]
                 if stored.hash == e.hash:

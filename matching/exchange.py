@@ -13,12 +13,12 @@ and pushes new entries to peers.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from hashlib import blake2b
 from typing import Any
 
 from crdt.entry import GENESIS, Admit, Body, Cancel, Entry, Heartbeat, Order, make_entry
-from crdt.errors import ClockUnhealthy, ExchangeError, ForeignCancel, NotMember, WrongNetwork
+from crdt.errors import ClockUnhealthy, ExchangeError, ForeignCancel, NotMember, TooManyOrigins, WrongNetwork
 from crdt.finality import (
     DEFAULT_EVICT_AFTER_MS,
     DEFAULT_HEARTBEAT_MS,
@@ -27,9 +27,9 @@ from crdt.finality import (
     Frontiers,
 )
 from crdt.hlc import Hlc, physical_ms
-from crdt.keys import SigningKey
+from crdt.keys import SigningKey, short_id
 from crdt.membership import Decision, Membership
-from crdt.replica import MergeResult, Replica
+from crdt.replica import MergeResult, Rejection, Replica
 from matching.engine import (
     BUY,
     CANCEL,
@@ -85,6 +85,8 @@ class Params:
     liveness_ms: int = DEFAULT_LIVENESS_MS
     #: a node whose clock is further than this from its peers' median refuses orders
     max_clock_offset_ms: int = 1_000
+    #: origins held that are not members (anyone can make a key); entries of more are refused
+    max_foreign_origins: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -258,8 +260,32 @@ class Exchange:
 
     def receive(self, entries: Iterable[Entry], *, now_ms: int, mono_ms: int | None = None,
                 trusted: bool = False, source: str | None = None) -> Received:
+        refused: list[Rejection] = []
+        if self.params.max_foreign_origins is not None and not trusted:
+            entries, refused = self._cap_foreign(list(entries))
         merge = self.replica.receive(entries, now_ms=now_ms, trusted=trusted, source=source)
+        if refused:
+            merge = replace(merge, rejected=merge.rejected + tuple(refused))
         return self._after_merge(merge, now_ms if mono_ms is None else mono_ms, now_ms)
+
+    def _cap_foreign(self, entries: list[Entry]) -> tuple[list[Entry], list[Rejection]]:
+        """Refuse entries of new origins that are not members once the node holds
+        the most such origins it takes (an anonymous peer can make keys at will)."""
+        cap = self.params.max_foreign_origins
+        assert cap is not None
+        members = set(self.membership.ever_members())
+        new = {e.origin for e in entries if e.origin not in members and not self.replica.length(e.origin)
+               and not self.replica.waiting(e.origin)}
+        if not new:
+            return entries, []
+        held = sum(1 for o in self.replica.origins() if o not in members)
+        room = max(cap - held, 0)
+        allowed = set(sorted(new)[:room])
+        keep = [e for e in entries if e.origin not in new or e.origin in allowed]
+        refused = [Rejection(origin=e.origin, seq=e.seq, error=TooManyOrigins(
+            f"{short_id(e.origin)} is not a member and this node already holds {held} such origins"))
+            for e in entries if e.origin in new and e.origin not in allowed]
+        return keep, refused
 
     def add_evidence(self, first: Entry, second: Entry, *, now_ms: int) -> Received | None:
         """Equivocation evidence from a peer or storage; None when it proves nothing new."""

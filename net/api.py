@@ -1,26 +1,31 @@
-"""HTTP routes: the client API (JSON, or msgpack on request) and the peer API
-(msgpack).  Handlers decode and validate, call the node, encode the result;
-every refusal is ``{"error": code, "detail": text}`` with its status."""
+"""HTTP routes: the client API (JSON, or msgpack on request, and a WebSocket
+event stream) and the peer API (msgpack).  Handlers decode and validate, call
+the node, encode the result; every refusal is ``{"error": code, "detail":
+text}`` with its status.  Fills and orders say whether they are final: final
+ones come from SQLite (they never change), provisional ones from memory."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 import re
 import statistics
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from crdt.entry import BUY, GTC, IOC, MAX_PRICE, MAX_QTY, SELL, Cancel, Order
-from crdt.errors import ExchangeError, ForeignCancel, ValidationError
+from crdt.errors import ClockUnhealthy, ExchangeError, ForeignCancel, NotMember, ValidationError
+from crdt.hlc import physical_ms
 from crdt.keys import short_id
 from matching.engine import OrderStatus
-from matching.exchange import NotCancellable, UnknownOrder, fill_id
+from matching.exchange import Exchange, NotCancellable, UnknownOrder, fill_id
 from net.errors import (
     ApiError,
     BadRequest,
@@ -54,8 +59,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("p2pex.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 NODE: web.AppKey[Node] = web.AppKey("node")
-FILL_ROWS: web.AppKey[dict[int, tuple[Any, bytes]]] = web.AppKey("fill_rows")
-FILL_ROWS_KEPT = 50_000  # encoded /v1/fills rows kept (about 13 MB)
+FILL_ROWS: web.AppKey[dict[int, bytes]] = web.AppKey("fill_rows")
+FILL_ROWS_KEPT = 50_000  # encoded rows of final fills kept (about 13 MB)
+WAIT_FINAL_S = 10.0  # default wait for ?wait=final
+MAX_WAIT_FINAL_S = 60.0
 FIRST_REPLIES: web.AppKey[OrderedDict[str, dict[str, Any]]] = web.AppKey("first_replies")
 SIDES = {"buy": BUY, "sell": SELL}
 SIDE_NAMES = {BUY: "buy", SELL: "sell"}
@@ -187,23 +194,59 @@ def _order_id(request: web.Request) -> bytes:
     return oid
 
 
-def status_view(node: Node, oid: bytes, st: OrderStatus) -> dict[str, Any]:
-    owner = node.exchange.owner(oid)
+def status_view(node: Node, oid: bytes, st: OrderStatus, *, owner: bytes | None = None,
+                final: bool | None = None) -> dict[str, Any]:
+    owner = owner or node.exchange.owner(oid)
     return {
         "id": oid.hex(), "status": st.state, "side": SIDE_NAMES[st.side], "price": st.price,
         "qty": st.qty, "filled": st.filled, "remaining": st.remaining,
         "owner": owner.hex() if owner else None,
+        "final": node.exchange.order_final(oid) if final is None else final,
     }
 
 
-def fill_view(node: Node, index: int, fill: tuple[Any, Any, int, int]) -> dict[str, Any]:
+def order_view(node: Node, oid: bytes) -> dict[str, Any] | None:
+    """An order as this node knows it: in memory while it rests or may still
+    change, else its final state from SQLite; ``void`` for one of this node's
+    orders that an eviction made void."""
+    st = node.exchange.status(oid)
+    if st is not None:
+        view = status_view(node, oid, st)
+    else:
+        stored = node.store.final_order(oid)
+        if stored is None:
+            return _void_view(node, oid)
+        view = status_view(node, oid, stored.status, owner=stored.owner, final=True)
+    return view
+
+
+def _void_view(node: Node, oid: bytes) -> dict[str, Any] | None:
+    hexid = oid.hex()
+    for v in node.voided:
+        if hexid in v.orders:
+            return {"id": hexid, "status": "void", "void": True, "final": True, "owner": node.node_id.hex(),
+                    "detail": f"this node was voted out; its entries past seq {v.cut} are void"}
+    return None
+
+
+def fill_view(node: Node, index: int, fill: tuple[Any, Any, int, int], *, final: bool = False,
+              taker_side: int | None = None) -> dict[str, Any]:
     taker, maker, price, qty = fill
-    taker_status = node.exchange.status(taker)
+    if taker_side is None:
+        taker_status = node.exchange.status(taker)
+        taker_side = taker_status.side if taker_status else None
     return {
         "seq": index, "id": fill_id(fill), "taker": taker.hex(), "maker": maker.hex(),
-        "price": price, "qty": qty,
-        "taker_side": SIDE_NAMES[taker_status.side] if taker_status else None,
+        "price": price, "qty": qty, "taker_side": SIDE_NAMES.get(taker_side) if taker_side is not None else None,
+        "final": final,
     }
+
+
+def _fills_of_order(node: Node, oid: bytes, first_seq: int, fills: tuple[Any, ...]) -> list[dict[str, Any]]:
+    """The fills an order made on arrival, final ones marked as such."""
+    base = node.exchange.engine.fills_base
+    return [fill_view(node, first_seq + i, f, final=first_seq + i < base, taker_side=None)
+            for i, f in enumerate(fills)]
 
 
 # ---- client API ----------------------------------------------------------------
@@ -230,6 +273,7 @@ async def post_order(request: web.Request) -> web.Response:
     if not node.config.trading:
         raise Conflict("this is a seed node; it does not take orders", code="seed_node")
     _require_ready(node)
+    wait = _wait_final(request)
     body = await read_client_body(request)
     unknown = set(body) - {"side", "qty", "price", "tif", "market", "cid"}
     if unknown:
@@ -260,14 +304,28 @@ async def post_order(request: web.Request) -> web.Response:
         if prior is not None:
             first = request.app[FIRST_REPLIES].get(cid)
             return reply(request, _repeat_order(node, prior.order_id, cid, order, tif_text, first))
-    result = node.submit(order, cid=cid)
-    st = result.status
-    assert st is not None
-    view = status_view(node, result.entry.hash, st)
+    try:
+        result = node.submit(order, cid=cid)
+    except NotMember as exc:
+        raise ApiError(str(exc), code="not_member", status=503, retry_after=1) from None
+    except ClockUnhealthy as exc:
+        raise ApiError(str(exc), code="clock_unhealthy", status=503, retry_after=5) from None
+    oid = result.entry.hash
+    if wait is not None:
+        await _until_final(node, result.entry.hlc, wait)
+    view = order_view(node, oid)
+    assert view is not None
     view["tif"] = tif_text
     view["market"] = market
-    start = len(node.exchange.engine.fills) - len(result.fills)
-    view["fills"] = [fill_view(node, start + i, f) for i, f in enumerate(result.fills)]
+    if wait is not None and view["final"]:
+        view["fills"] = [fill_view(node, f.seq, (f.taker, f.maker, f.price, f.qty), final=True,
+                                   taker_side=f.taker_side)
+                         for f in node.store.final_fills(result.first_fill_seq, len(result.fills))] \
+            if result.fills else []
+    else:
+        view["fills"] = _fills_of_order(node, oid, result.first_fill_seq, result.fills)
+    if wait is not None and not view["final"]:
+        view["detail"] = f"accepted, but not final within {wait:g} s"
     if cid is not None:
         view["cid"] = cid
         kept = request.app[FIRST_REPLIES]
@@ -281,22 +339,54 @@ def _repeat_order(node: Node, oid: bytes, cid: str, order: Order, tif_text: str,
                   first: dict[str, Any] | None) -> dict[str, Any]:
     """The answer to a repeated client id: the order the first request placed,
     as it stands now, with the fills of the first reply."""
-    st = node.exchange.status(oid)
-    assert st is not None  # committed with the entry, so the order is known
-    if (st.side, st.qty, st.price) != (order.side, order.qty, order.price):
+    view = order_view(node, oid)
+    assert view is not None  # committed with the entry, so the order is known
+    if view.get("void"):
+        return {**view, "cid": cid, "repeat": True}
+    if (SIDES[view["side"]], view["qty"], view["price"]) != (order.side, order.qty, order.price):
         raise Conflict(f"cid {cid} already placed order {oid.hex()}, which is a different order",
                        code="cid_reused")
-    view = status_view(node, oid, st)
     view["tif"] = first["tif"] if first else tif_text
     view["market"] = order.market
     if first is not None:
         view["fills"] = first["fills"]
     else:  # a restart forgot the first reply: its fills are those with this order as taker
-        fills = node.exchange.engine.fills
-        view["fills"] = [fill_view(node, i, f) for i, f in enumerate(fills) if f[0] == oid]
+        fills, seq = node.exchange.fills_of(oid)
+        view["fills"] = _fills_of_order(node, oid, seq, fills)
     view["cid"] = cid
     view["repeat"] = True
     return view
+
+
+def _wait_final(request: web.Request) -> float | None:
+    """``?wait=final[&timeout=S]``: seconds to wait for the outcome to be final."""
+    wait = request.query.get("wait")
+    if wait is None:
+        return None
+    if wait != "final":
+        raise BadRequest("wait must be 'final'", code="bad_wait")
+    text = request.query.get("timeout", str(WAIT_FINAL_S))
+    try:
+        timeout = float(text)
+    except ValueError:
+        raise BadRequest("timeout must be a number of seconds", code="bad_timeout") from None
+    if not 0 < timeout <= MAX_WAIT_FINAL_S:
+        raise BadRequest(f"timeout must be in (0, {MAX_WAIT_FINAL_S:g}] seconds", code="bad_timeout")
+    return timeout
+
+
+async def _until_final(node: Node, hlc: int, timeout: float) -> bool:
+    """Wait until everything stamped at or below ``hlc`` is final here."""
+    deadline = time.monotonic() + timeout
+    while node.exchange.frontiers().final < hlc:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            await asyncio.wait_for(node.finality_changed.wait(), left)
+        except TimeoutError:
+            return False
+    return True
 
 
 async def delete_order(request: web.Request) -> web.Response:
@@ -314,20 +404,25 @@ async def delete_order(request: web.Request) -> web.Response:
         if prior is not None:
             if prior.order_id != oid:
                 raise Conflict(f"cid {cid} already cancelled order {prior.order_id.hex()}", code="cid_reused")
-            st = node.exchange.status(oid)
-            assert st is not None
-            return reply(request, {**status_view(node, oid, st), "cid": cid, "repeat": True})
+            view = order_view(node, oid)
+            assert view is not None
+            return reply(request, {**view, "cid": cid, "repeat": True})
     try:
-        result = node.submit(Cancel(order_id=oid), cid=cid)
+        node.submit(Cancel(order_id=oid), cid=cid)
     except UnknownOrder as exc:
+        if node.store.final_order(oid) is not None:
+            raise Conflict(f"order {oid.hex()} is no longer resting", code="not_cancellable") from None
         raise NotFound(str(exc), code="unknown_order") from None
+    except NotMember as exc:
+        raise ApiError(str(exc), code="not_member", status=503, retry_after=1) from None
+    except ClockUnhealthy as exc:
+        raise ApiError(str(exc), code="clock_unhealthy", status=503, retry_after=5) from None
     except ForeignCancel as exc:
         raise Conflict(str(exc), code="foreign_order") from None
     except NotCancellable as exc:
         raise Conflict(str(exc), code="not_cancellable") from None
-    st = result.status
-    assert st is not None
-    view = status_view(node, oid, st)
+    view = order_view(node, oid)
+    assert view is not None
     if cid is not None:
         view["cid"] = cid
     return reply(request, view)
@@ -336,10 +431,10 @@ async def delete_order(request: web.Request) -> web.Response:
 async def get_order(request: web.Request) -> web.Response:
     node = _node(request)
     oid = _order_id(request)
-    st = node.exchange.status(oid)
-    if st is None:
+    view = order_view(node, oid)
+    if view is None:
         raise NotFound(f"no order {oid.hex()}", code="unknown_order")
-    return reply(request, status_view(node, oid, st))
+    return reply(request, view)
 
 
 def _query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -367,29 +462,48 @@ async def get_book(request: web.Request) -> web.Response:
 
 
 async def get_fills(request: web.Request) -> web.Response:
+    """Fills by seq: the final ones (from SQLite; their seq never changes), then
+    the provisional ones (from memory; they may still be revised).  With
+    ``final=true`` only final fills, and ``next`` is a cursor that never needs
+    to be read again."""
     node = _node(request)
-    fills = node.exchange.engine.fills
     since = _query_int(request, "since", 0, 0, 1 << 62)
     limit = _query_int(request, "limit", 100, 1, MAX_FILLS_PAGE)
-    chunk = fills[since: since + limit]
+    final_only = request.query.get("final") in ("1", "true")
+    base = node.exchange.engine.fills_base
+    provisional = [] if final_only else node.exchange.engine.fills
+    total = base + len(provisional)
+    views: list[Any] = []
+    if since < base:
+        for f in node.store.final_fills(since, min(limit, base - since)):
+            views.append(f)
+    start = max(since, base)
+    for i, fill in enumerate(provisional[start - base: start - base + limit - len(views)], start=start):
+        views.append((i, fill))
+    nxt = since + len(views)
     if wants_msgpack(request):
-        return reply(request, {
-            "fills": [fill_view(node, since + i, f) for i, f in enumerate(chunk)],
-            "next": since + len(chunk), "total": len(fills),
-        })
-    # JSON rows are encoded once and kept: a page is mostly a join of cached bytes
+        rows_obj = [_final_fill_view(node, v) if not isinstance(v, tuple) else fill_view(node, v[0], v[1])
+                    for v in views]
+        return reply(request, {"fills": rows_obj, "next": nxt, "total": total})
+    # final rows never change: their JSON is encoded once and kept
     cache = request.app[FILL_ROWS]
     rows = []
-    for i, f in enumerate(chunk, start=since):
-        hit = cache.get(i)
-        if hit is None or hit[0] != f:  # new, or a revised fill at that position
-            hit = (f, json.dumps(fill_view(node, i, f), separators=(",", ":")).encode())
-            cache[i] = hit
+    for v in views:
+        if isinstance(v, tuple):
+            rows.append(json.dumps(fill_view(node, v[0], v[1]), separators=(",", ":")).encode())
+            continue
+        hit = cache.get(v.seq)
+        if hit is None:
+            hit = cache[v.seq] = json.dumps(_final_fill_view(node, v), separators=(",", ":")).encode()
             if len(cache) > FILL_ROWS_KEPT:
                 del cache[next(iter(cache))]
-        rows.append(hit[1])
-    body = b'{"fills":[' + b",".join(rows) + b'],"next":%d,"total":%d}' % (since + len(chunk), len(fills))
+        rows.append(hit)
+    body = b'{"fills":[' + b",".join(rows) + b'],"next":%d,"total":%d}' % (nxt, total)
     return web.Response(body=body, content_type="application/json")
+
+
+def _final_fill_view(node: Node, f: Any) -> dict[str, Any]:
+    return fill_view(node, f.seq, (f.taker, f.maker, f.price, f.qty), final=True, taker_side=f.taker_side)
 
 
 def status_data(node: Node) -> dict[str, Any]:
@@ -397,8 +511,9 @@ def status_data(node: Node) -> dict[str, Any]:
     engine = ex.engine
     vv = ex.replica.version_vector()
     own = vv.get(node.node_id, 0)
-    own_orders, own_cancels = ex.own_orders, ex.own_cancels
+    own_orders, own_cancels = node.own_orders, node.own_cancels
     lat = sorted(node.latencies)
+    fin = sorted(node.final_latencies)
     return {
         "node_id": node.node_id.hex(), "short_id": node.short, "name": node.config.name,
         "url": node.url, "trading": node.config.trading, "ready": node.ready,
@@ -409,18 +524,61 @@ def status_data(node: Node) -> dict[str, Any]:
         "version_vector": {o.hex(): s for o, s in sorted(vv.items())},
         "state_hash": ex.state_hash().hex(),
         "counts": {
-            "entries": ex.replica.entry_count(), "own_entries": own, "own_orders": own_orders,
-            "own_cancels": own_cancels, "orders": len(engine.orders), "fills": len(engine.fills),
-            "traded_qty": sum(f[3] for f in engine.fills), "resting": engine.resting_count(),
-            "buffered": ex.replica.buffered(), "rebuilds": ex.rebuilds,
+            "entries": ex.replica.entry_count(), "records": node.records, "own_entries": own,
+            "own_orders": own_orders,
+            "own_cancels": own_cancels, "orders": len(engine.orders),
+            "fills": engine.fills_base + len(engine.fills), "final_fills": engine.fills_base,
+            "provisional_fills": len(engine.fills), "resting": engine.resting_count(),
+            "traded_qty": node.final_traded + sum(f[3] for f in engine.fills),
+            "buffered": ex.replica.buffered(), "entries_in_memory": ex.replica.memory_entries(),
             "equivocating_origins": len(ex.replica.evidence()),
         },
+        "finality": finality_data(node),
+        "clock": {"offset_ms": ex.clock_offset_ms, "healthy": ex.clock_healthy(),
+                  "limit_ms": node.config.max_clock_offset_ms},
         "replication": {
             **node.counters,
             "latency_samples": len(lat),
             "latency_p50_ms": percentile(lat, 50) if lat else None,
             "latency_p99_ms": percentile(lat, 99) if lat else None,
+            "final_samples": len(fin),
+            "final_p50_ms": percentile(fin, 50) if fin else None,
+            "final_p99_ms": percentile(fin, 99) if fin else None,
         },
+    }
+
+
+def _stamp_at(ex: Exchange, origin: bytes, seq: int) -> int | None:
+    try:
+        return ex.replica.point(origin, seq)[1]
+    except KeyError:  # pruned and not pinned: the end is below the final frontier anyway
+        return None
+
+
+def finality_data(node: Node) -> dict[str, Any]:
+    """Members, the frontiers, how far finality lags and who holds it back."""
+    ex = node.exchange
+    fr = ex.frontiers()
+    now = node.clock_ms()
+    pending = ex.pending()
+    holding = ex.finality.holding(node.mono_ms()) if pending else None
+    votes = {x.hex(): [v.voter.hex() for v in vs if v.cut is not None] for x, vs in ex.finality.votes().items()}
+    return {
+        "network": ex.network.hex() if ex.network else None,
+        "member": ex.is_member(),
+        "members": [m.hex() for m in ex.membership.members()],
+        "frontier": fr.final, "frontier_ms": physical_ms(fr.final) if fr.final else None,
+        "stable": fr.stable, "complete": fr.complete,
+        "final_fills": ex.engine.fills_base,
+        "lag_ms": max(now - physical_ms(pending), 0) if pending else 0,
+        "pending": bool(pending),
+        "holding": None if holding is None else {"member": holding[0].hex(), "for_ms": holding[1]},
+        "votes": votes,
+        "voided": [{"cut": v.cut, "entries": v.entries, "orders": len(v.orders), "at_ms": v.at_ms}
+                   for v in node.voided],
+        "decisions": [{"member": d.member.hex(), "at": d.at.hex(), "cut": d.cut}
+                      for d in ex.membership.decisions()],
+        "forks": {o.hex(): {"end": end, "end_hlc": _stamp_at(ex, o, end)} for o, end in ex.finality.ends().items()},
     }
 
 
@@ -434,11 +592,14 @@ async def get_status(request: web.Request) -> web.Response:
 
 
 async def get_latency(request: web.Request) -> web.Response:
-    """Raw acceptance-to-visibility delays (ms) of entries from other nodes."""
+    """Raw delays (ms): acceptance to visibility of entries from other nodes
+    (``samples``), and acceptance to final of orders and cancels here
+    (``final_samples``)."""
     node = _node(request)
-    lat = list(node.latencies)
+    lat, fin = list(node.latencies), list(node.final_latencies)
     return reply(request, {
-        "samples": lat, "median_ms": statistics.median(lat) if lat else None})
+        "samples": lat, "median_ms": statistics.median(lat) if lat else None,
+        "final_samples": fin, "final_median_ms": statistics.median(fin) if fin else None})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -451,6 +612,10 @@ async def readyz(request: web.Request) -> web.Response:
     node = _node(request)
     if not node.ready:
         detail = node.readiness.detail if node.serving else "the node is stopping"
+        if node.serving and node.readiness.ready and not node.exchange.is_member():
+            net = node.exchange.network
+            detail = (f"waiting to be admitted to network {net.hex()[:16]}" if net
+                      else "looking for a network to join")
         return _not_ready(request, detail)
     r = node.readiness
     out: dict[str, Any] = {"ready": True, "peers": len(node.peers.peers), "detail": r.detail}
@@ -469,8 +634,63 @@ def _require_ready(node: Node) -> None:
     """Orders wait for readiness: one placed before the node caught up would
     match against a stale book and be revised moments later."""
     if not node.ready:
-        raise ApiError(f"not ready to take orders yet: {node.readiness.detail}", code="not_ready", status=503,
-                       retry_after=1)
+        detail = node.readiness.detail if not node.readiness.ready else "not a member of the network yet"
+        raise ApiError(f"not ready to take orders yet: {detail}", code="not_ready", status=503, retry_after=1)
+
+
+# ---- the event stream ------------------------------------------------------------
+
+
+async def stream(request: web.Request) -> web.WebSocketResponse:
+    """``GET /v1/stream`` (WebSocket): one JSON event per message: ``fill``
+    (provisional), ``revoked`` (a provisional fill that went away), ``final``
+    (fills that became final, with the frontier), ``order`` (accepted here),
+    ``book`` (top of book, coalesced, at most 10 a second)."""
+    node = _node(request)
+    ws = web.WebSocketResponse(heartbeat=20.0)
+    await ws.prepare(request)
+    sub = node.subscribe()
+    await ws.send_str(json.dumps({"type": "hello", "node": node.node_id.hex(), "frontier":
+                                  node.exchange.frontiers().final, "book": _top(node)}))
+    reader = asyncio.create_task(_drain_ws(ws))
+    last_book: Any = None
+    try:
+        while not ws.closed and not reader.done():
+            try:
+                ev = await asyncio.wait_for(sub.queue.get(), 0.1)
+            except TimeoutError:
+                ev = None
+            if sub.dropped:
+                await ws.send_str(json.dumps({"type": "error", "error": "too_slow",
+                                              "detail": "the stream fell too far behind; reconnect"}))
+                break
+            if ev is not None:
+                await ws.send_str(json.dumps(ev))
+            book = _top(node)
+            if book != last_book:
+                last_book = book
+                await ws.send_str(json.dumps({"type": "book", **book}))
+    except (ConnectionResetError, RuntimeError):
+        pass
+    finally:
+        node.subscribers.discard(sub)
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await ws.close()
+    return ws
+
+
+async def _drain_ws(ws: web.WebSocketResponse) -> None:
+    """Read (and ignore) what the client sends, so that a close is seen."""
+    async for msg in ws:
+        if msg.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
+            break
+
+
+def _top(node: Node, depth: int = 10) -> dict[str, Any]:
+    bids, asks = node.exchange.engine.depth(depth)
+    return {"bids": [[lv.price, lv.qty] for lv in bids], "asks": [[lv.price, lv.qty] for lv in asks],
+            "frontier": node.exchange.frontiers().final}
 
 
 # ---- peer API --------------------------------------------------------------------
@@ -496,16 +716,46 @@ async def peer_sync(request: web.Request) -> web.Response:
     limit = body.get("max", 4000)
     if type(limit) is not int or not 1 <= limit <= 4000:
         raise BadRequest("max must be in [1, 4000]", code="bad_max")
-    entries, more = node.exchange.replica.delta(vv, max_entries=limit)
-    data = pack({"entries": [e.to_wire() for e in entries], "more": more,
-                 "vv": node.exchange.replica.version_vector()})
-    return web.Response(body=data, content_type="application/msgpack")
+    _same_network(node, body)
+    entries, more = node.delta_wires(vv, limit)
+    out = {"entries": entries, "more": more, "vv": node.exchange.replica.version_vector(),
+           "evidence": node.evidence_for(body.get("ev")), **_stamp(node)}
+    return web.Response(body=pack(out), content_type="application/msgpack")
+
+
+def _stamp(node: Node) -> dict[str, Any]:
+    """What every peer reply carries: this node's wall clock and network."""
+    return {"t": node.clock_ms(), "net": node.exchange.network}
+
+
+def _same_network(node: Node, body: dict[str, Any]) -> None:
+    theirs = body.get("net")
+    ours = node.exchange.network
+    if type(theirs) is bytes and ours is not None and theirs != ours:
+        raise ApiError(f"this node belongs to network {ours.hex()[:16]}, not {theirs.hex()[:16]}",
+                       code="wrong_network", status=409)
+
+
+async def peer_join(request: web.Request) -> web.Response:
+    """A node asks to be admitted: a member writes ``Admit`` for it (it must have
+    proven its key to this node first) and names the network either way."""
+    node = _node(request)
+    body = await read_peer_body(request)
+    _same_network(node, body)
+    joiner = body.get("from")
+    after = body.get("after", 0)
+    if type(joiner) is not bytes or len(joiner) != 32 or type(after) is not int or not 0 <= after < 1 << 62:
+        raise BadRequest("from must be a 32-byte node id and after a log length", code="bad_join")
+    admitted = node.admit(joiner, after)
+    out = {"admitted": admitted, "member": node.exchange.is_member(), **_stamp(node)}
+    return web.Response(body=pack(out), content_type="application/msgpack")
 
 
 async def peer_push(request: web.Request) -> web.Response:
     node = _node(request)
     body = await read_peer_body(request)
     addr, nid = _peer_label(request, body)
+    _same_network(node, body)
     entries = body.get("entries")
     if not isinstance(entries, list):
         raise BadRequest("entries must be an array", code="bad_entries")
@@ -519,7 +769,7 @@ async def peer_push(request: web.Request) -> web.Response:
     rejected += [{"origin": m.origin.hex() if m.origin else None, "seq": m.seq, "error": m.error.code}
                  for m in result.malformed]
     data = pack({"accepted": len(result.merge.accepted), "rejected": rejected,
-                 "buffered": result.merge.buffered})
+                 "buffered": result.merge.buffered, **_stamp(node)})
     return web.Response(body=data, content_type="application/msgpack")
 
 
@@ -530,7 +780,8 @@ async def peer_peers(request: web.Request) -> web.Response:
     body = await read_peer_body(request)
     addr, _ = _peer_label(request, body)
     node.offer_records(body.get("records", []), source=addr)
-    out: dict[str, Any] = {"records": node.records_for(is_loopback_host(addr)), "observed": addr}
+    out: dict[str, Any] = {"records": node.records_for(is_loopback_host(addr)), "observed": addr,
+                           **_stamp(node)}
     nonce = body.get("nonce")
     if type(nonce) is bytes and len(nonce) == NONCE_LEN and node.url is not None:
         out["proof"] = prove(node.key, nonce, node.url)
@@ -560,9 +811,11 @@ def build_app(node: Node) -> web.Application:
     app.router.add_get("/v1/latency", get_latency)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/v1/stream", stream)
     app.router.add_post("/peer/v1/sync", peer_sync)
     app.router.add_post("/peer/v1/push", peer_push)
     app.router.add_post("/peer/v1/peers", peer_peers)
+    app.router.add_post("/peer/v1/join", peer_join)
     return app
 
 

@@ -36,6 +36,12 @@ class NodeConfig:
     read_limit: Rate | None = DEFAULT_RATE  # per client address
     peer_limit: Rate | None = DEFAULT_RATE  # per peer address
     ready_timeout: float = 3.0  # seconds to find a live peer to sync with before declaring "alone"
+    genesis: bool = False  # found a new network even with bootstrap addresses (only with no state yet)
+    evict_after: float = 10.0  # seconds of silence before the members vote a member out
+    heartbeat_ms: int = 50  # spacing of the entries that move finality while something is not final
+    clock_offset_ms: int = 0  # added to the wall clock (tests that skew clocks)
+    max_clock_offset_ms: int = 1_000  # off the peers' median by more than this: refuse orders
+    max_foreign_origins: int = 1_000  # origins held that are not members
 
     @property
     def udp_port(self) -> int:

@@ -211,15 +211,23 @@ class Demo:
             books = {p.name: (await self.get(p, "/v1/status?verify=1"))["book_hash"] for p in self.procs}
             same_books = len(set(books.values())) == 1
             latencies: list[int] = []
+            finals: list[int] = []
             for p in self.procs:
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    latencies += (await self.get(p, "/v1/latency"))["samples"]
-            self.summary(stats, converged and same_books, t_conv, latencies, books)
+                    got = await self.get(p, "/v1/latency")
+                    latencies += got["samples"]
+                    finals += got["final_samples"]
+            self.summary(stats, converged and same_books, t_conv, latencies, finals, books)
         return 0 if converged and same_books else 1
 
     def converged(self) -> bool:
-        hashes = {p.status.get("state_hash") for p in self.procs}
-        return len(hashes) == 1 and None not in hashes
+        """Every node holds the same entries, and has made all of them final
+        (so the same fills are final everywhere)."""
+        sts = [p.status for p in self.procs]
+        hashes = {s.get("state_hash") for s in sts}
+        return (len(hashes) == 1 and None not in hashes
+                and not any(s["finality"]["pending"] for s in sts)
+                and len({s["counts"]["final_fills"] for s in sts}) == 1)
 
     async def trade(self, traders: list[Proc]) -> list[TradeStats]:
         tokens = [(p.data_dir / ".cookie").read_text().strip() for p in traders]
@@ -248,18 +256,21 @@ class Demo:
         entries = [s["counts"]["entries"] for s in sts]
         orders = sum(s["counts"]["own_orders"] for s in sts)
         fills = max(s["counts"]["fills"] for s in sts)
-        print(f"[{elapsed:5.1f} s] orders {orders:6d}  fills {fills:6d}  entries {max(entries):6d}  "
-              f"lag {max(entries) - min(entries):4d} entries", flush=True)
+        final = min(s["counts"]["final_fills"] for s in sts)
+        lag = max(s["finality"]["lag_ms"] for s in sts)
+        print(f"[{elapsed:5.1f} s] orders {orders:6d}  fills {fills:6d}  final {final:6d}  "
+              f"entries {max(entries):6d}  lag {max(entries) - min(entries):4d} entries, "
+              f"finality {lag / 1000:.1f} s behind", flush=True)
 
     def summary(
         self, stats: list[TradeStats], converged: bool, t_conv: float, latencies: list[int],
-        books: dict[str, str],
+        finals: list[int], books: dict[str, str],
     ) -> None:
         secs = self.args.seconds
         print()
         print("activity summary (from each node's /v1/status)")
         head = f"{'node':<10} {'id':<8} {'entries':>7} {'orders':>6} {'cancels':>7} {'fills':>6} " \
-               f"{'resting':>7} {'peers':>5}  state hash"
+               f"{'final':>6} {'revoked':>7} {'resting':>7} {'peers':>5}  state hash"
         print(head)
         for p in self.procs:
             s = p.status
@@ -269,7 +280,8 @@ class Demo:
             c = s["counts"]
             up = sum(1 for q in s["peers"] if q["state"] == "up")
             print(f"{p.name:<10} {s['short_id']:<8} {c['own_entries']:>7} {c['own_orders']:>6} "
-                  f"{c['own_cancels']:>7} {c['fills']:>6} {c['resting']:>7} {up:>2}/{len(s['peers']):<2}  "
+                  f"{c['own_cancels']:>7} {c['fills']:>6} {c['final_fills']:>6} "
+                  f"{s['replication']['revoked_fills']:>7} {c['resting']:>7} {up:>2}/{len(s['peers']):<2}  "
                   f"{s['state_hash'][:16]}")
         sts = [p.status for p in self.procs if p.status]
         ref = max(sts, key=lambda s: s["counts"]["entries"])["counts"]
@@ -287,10 +299,17 @@ class Demo:
             p50, p99 = percentile(lat, 50), percentile(lat, 99)
             print(f"replication latency, acceptance to visibility at every other node: p50 {p50} ms, "
                   f"p99 {p99} ms ({len(lat)} samples)")
+        if finals:
+            fin = sorted(finals)
+            print(f"time to final, acceptance to final at every node: p50 {percentile(fin, 50)} ms, "
+                  f"p99 {percentile(fin, 99)} ms ({len(fin)} samples)")
+        revoked = sum(s["replication"]["revoked_fills"] for s in sts)
+        print(f"finality: {ref['final_fills']} of {ref['fills']} fills final; {revoked} provisional fills "
+              f"revised before they became final (summed over nodes); no final fill ever changes")
         if converged:
             print(f"all {len(self.procs)} state hashes equal {sts[0]['state_hash'][:16]} "
-                  f"{t_conv:.2f} s after the last order, and so do their fills and books "
-                  f"({next(iter(books.values()))[:16]})")
+                  f"{t_conv:.2f} s after the last order, every fill is final, and the final fills and "
+                  f"books are equal too ({next(iter(books.values()))[:16]})")
             print(f"logs: {self.log_dir}/")
             print("converged")
         else:

@@ -1,10 +1,12 @@
 """The node process: wires the pure core to storage, HTTP and discovery.
 
-Owns the lifecycle (start, clean stop), ingesting entries from clients and
-peers (validate in the core, commit to SQLite, then acknowledge), pushing new
-entries to every peer at once, periodic pull anti-entropy, peer exchange and
-DHT publishing.  Every peer call runs under its own timeout; every task is
-kept in ``self._tasks``.
+Owns the lifecycle (start from the last checkpoint, clean stop), founding a
+network or asking a member to be admitted, ingesting entries from clients and
+peers (validate in the core, commit to SQLite, then acknowledge), the ticks
+that write heartbeats and votes, persisting what becomes final, pushing new
+entries to every peer at once, periodic pull anti-entropy with equivocation
+evidence, measuring peers' clocks, peer exchange and DHT publishing.  Every
+peer call runs under its own timeout; every task is kept in ``self._tasks``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import random
 import secrets
 import socket
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -24,12 +27,24 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from crdt.entry import BadWireEntry, Body, Cancel, Entry, decode_entries, encode_entry
-from crdt.errors import ValidationError
+from crdt.entry import (
+    Admit,
+    BadWireEntry,
+    Body,
+    Cancel,
+    Entry,
+    Heartbeat,
+    Order,
+    decode_entries,
+    decode_entry,
+    encode_entry,
+)
+from crdt.errors import ExchangeError, ValidationError
 from crdt.hlc import physical_ms
 from crdt.keys import short_id
 from crdt.replica import MergeResult
-from matching.exchange import Exchange, Submitted
+from matching.engine import Fill
+from matching.exchange import Exchange, Params, Received, Submitted
 from net import logs
 from net.addresses import (
     AddressGuard,
@@ -71,6 +86,10 @@ COOL_REFUSED_S = 300.0  # a URL the address policy refuses
 EXCHANGE_MIN_S = 0.2  # peer-exchange period while membership changes
 EXCHANGE_MAX_S = 5.0
 ENDPOINT_FILE = "endpoint"  # the local URL of the node, for the CLI
+JOIN_EVERY_S = 0.5  # how often a node that is not a member asks a peer to admit it
+EVIDENCE_PER_REPLY = 8  # equivocation proofs handed out in one sync reply
+OFFSET_TTL_S = 30.0  # a peer's clock reading older than this is not used
+STREAM_QUEUE = 10_000  # events buffered per stream subscriber before it is dropped
 
 
 def wall_ms() -> int:
@@ -88,6 +107,26 @@ class Readiness:
     synced_with: str | None = None
     alone: bool = False
     detail: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Void:
+    """This node's own entries that an eviction made void (reported to the operator)."""
+
+    at_ms: int
+    cut: int
+    orders: tuple[str, ...]  # ids of the void orders
+    entries: int
+
+
+class Subscriber:
+    """One reader of the event stream: its queue, and whether it fell behind."""
+
+    __slots__ = ("dropped", "queue")
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=STREAM_QUEUE)
+        self.dropped = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -118,7 +157,11 @@ class Node:
         self.node_id = self.key.public
         self.short = short_id(self.node_id)
         self.store = Store(data_dir)
-        self.exchange = Exchange(self.key, max_skew_ms=config.max_skew_ms)
+        evict_ms = int(config.evict_after * 1000)
+        self.exchange = Exchange(self.key, params=Params(
+            max_skew_ms=config.max_skew_ms, evict_after_ms=evict_ms, heartbeat_ms=config.heartbeat_ms,
+            liveness_ms=min(3_000, max(evict_ms // 3, 1)), max_clock_offset_ms=config.max_clock_offset_ms,
+            max_foreign_origins=config.max_foreign_origins))
         self.token = write_cookie(data_dir)
         self.http_guard = Guard(ConnectionLimits(
             max_connections=config.max_connections, header_timeout=config.header_timeout,
@@ -147,9 +190,18 @@ class Node:
         self._policy_settled = False
         # acceptance-to-visibility delays (ms) of entries from other origins
         self.latencies: deque[int] = deque(maxlen=LATENCY_SAMPLES)
-        self._evidence_saved = 0
+        # acceptance-to-final delays (ms) of orders and cancels, here
+        self.final_latencies: deque[int] = deque(maxlen=LATENCY_SAMPLES)
         self.counters = {"pushed": 0, "pulled": 0, "push_failures": 0, "pull_failures": 0,
-                         "rejected": 0}
+                         "rejected": 0, "revoked_fills": 0, "heartbeats": 0, "votes": 0, "admitted": 0}
+        self.records = 0  # entries held that are not heartbeats
+        self.own_orders = 0  # orders in this node's own log
+        self.own_cancels = 0
+        self.voided: list[Void] = []
+        self.finality_changed = asyncio.Event()  # set (and replaced) whenever something becomes final
+        self.subscribers: set[Subscriber] = set()
+        self._final_seen = 0  # the final frontier when the last batch was reported
+        self.final_traded = 0  # lots traded in final fills
 
     # ---- lifecycle ---------------------------------------------------------
 
@@ -158,18 +210,17 @@ class Node:
 
         now = self.clock_ms()
         self.started_ms = now
-        for first, second in self.store.load_evidence():
-            self.exchange.replica.restore_evidence(first, second)
-        self._evidence_saved = len(self.exchange.replica.evidence())
-        loaded = self.store.load_entries()
-        if loaded:
-            self.exchange.restore(loaded)
+        loaded = self._load()
         stored = 0
         for raw in self.store.load_peers():  # known before, but each proves its key again
             rec = PeerRecord.decode(raw)
             if rec is not None and self.peers.fresh(rec, now) and self.candidates.offer(rec, self.monotonic()):
                 stored += 1
-        log.info("%s: loaded %d entries, %d peers to prove", self.config.name, len(loaded), stored)
+        log.info("%s: loaded the final state and %d entries above it, %d peers to prove", self.config.name,
+                 loaded, stored)
+        if self.exchange.network is None and not self.exchange.replica.length(self.node_id) and (
+                self.config.genesis or (not self.config.bootstrap and not stored)):
+            self._found()
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.config.peer_timeout),
             connector=aiohttp.TCPConnector(limit=64, limit_per_host=4, resolver=PeerResolver(self.guard)),
@@ -201,6 +252,8 @@ class Node:
         self._spawn(self._exchange_loop(), "peer-exchange")
         self._spawn(self._prove_loop(), "prove")
         self._spawn(self._log_summary_loop(), "log-summaries")
+        self._spawn(self._tick_loop(), "tick")
+        self._spawn(self._join_loop(), "join")
 
     async def run_until_stopped(self) -> None:
         await self._stopping.wait()
@@ -210,7 +263,46 @@ class Node:
 
     @property
     def ready(self) -> bool:
-        return self.serving and self.readiness.ready
+        return self.serving and self.readiness.ready and self.exchange.is_member()
+
+    def mono_ms(self) -> int:
+        return int(self.monotonic() * 1000)
+
+    def _load(self) -> int:
+        """The final state at the last checkpoint, then the entries above it;
+        how many entries were replayed."""
+        cp = self.store.load_checkpoint()
+        network = self.store.load_network() or (cp.network if cp else None)
+        if network is not None:
+            self.exchange.set_network(network)
+        if cp is not None:
+            entries = self.store.load_entries({o: b[0] for o, b in cp.bases.items()})
+            resting = self.store.resting_orders()
+        else:
+            entries, resting = self.store.load_entries(), []
+        result = self.exchange.load(cp, resting, entries, mono_ms=self.mono_ms())
+        for first, second in self.store.load_evidence():
+            more = self.exchange.add_evidence(first, second, now_ms=self.clock_ms())
+            if more is not None:
+                self._after(more, peer_id=None)
+        self._after(result, peer_id=None, stored=True)
+        self.records = self.store.count_records()
+        kinds = self.store.count_kinds(self.node_id)
+        self.own_orders = kinds.get(1, 0)
+        self.own_cancels = kinds.get(2, 0)
+        self._final_seen = self.exchange.frontiers().final
+        self.final_traded = self.store.final_traded()
+        return len(entries)
+
+    def _found(self) -> None:
+        """The first node of a new network: its genesis entry admits itself."""
+        entry = self.exchange.found(now_ms=self.clock_ms())
+        self.store.save_entries([entry])
+        assert self.exchange.network is not None
+        self.store.save_network(self.exchange.network)
+        self._after(self.exchange.apply_own(entry, now_ms=self.clock_ms(), mono_ms=self.mono_ms()).received,
+                    peer_id=None, own=entry)
+        log.info("%s: founded network %s", self.config.name, self.exchange.network.hex()[:16])
 
     def _become_ready(self, readiness: Readiness) -> None:
         if self.readiness.ready:
@@ -316,9 +408,181 @@ class Node:
             kind, oid = (CID_CANCEL, body.order_id) if isinstance(body, Cancel) else (CID_ORDER, entry.hash)
             client_id = ClientId(kind=kind, cid=cid, entry=entry.hash, order_id=oid)
         self.store.save_entries([entry], client_id=client_id)  # committed before any state or peer sees it
-        result = self.exchange.apply_own(entry, now_ms=now)
-        self._push_new([entry], exclude=None)
+        result = self.exchange.apply_own(entry, now_ms=now, mono_ms=self.mono_ms())
+        if isinstance(body, Order):
+            self.own_orders += 1
+        elif isinstance(body, Cancel):
+            self.own_cancels += 1
+        self._after(result.received, peer_id=None, own=entry)
         return result
+
+    def _after(self, result: Received | None, *, peer_id: bytes | None, own: Entry | None = None,
+               stored: bool = False) -> None:
+        """Carry out what a core call returned: commit what it merged (unless it
+        came from storage), keep equivocation evidence, push, persist what
+        became final, and tell the stream."""
+        if result is None:
+            return
+        accepted = [e for e in result.merge.accepted if e is not own]
+        if accepted and not stored:
+            self.store.save_entries(accepted)
+        if not stored:
+            self.records += sum(1 for e in result.merge.accepted if not isinstance(e.body, Heartbeat))
+        for origin in result.merge.evidence:
+            ev = self.exchange.replica.evidence()[origin]
+            self.store.save_evidence(origin, encode_entry(ev.first), encode_entry(ev.second))
+            log.warning("origin %s equivocated (two entries at seq %d): its log ends before that seq",
+                        short_id(origin), ev.seq)
+        if not stored:
+            self._push_new([*([own] if own is not None else []), *accepted], exclude=peer_id)
+        for d in result.decisions:
+            log.warning("member %s voted out: its entries past seq %d are void", short_id(d.member), d.cut)
+        if result.voided:
+            orders = tuple(e.hash.hex() for e in result.voided if isinstance(e.body, Order))
+            void = Void(at_ms=self.clock_ms(), cut=result.voided[0].seq - 1, orders=orders,
+                        entries=len(result.voided))
+            self.voided.append(void)
+            log.error("this node was voted out of the network: its %d entries past seq %d are void, among "
+                      "them %d orders (%s); it asks to be admitted again", void.entries, void.cut, len(orders),
+                      ", ".join(o[:16] for o in orders[:10]) + (" ..." if len(orders) > 10 else ""))
+        if result.revoked:
+            self.counters["revoked_fills"] += len(result.revoked)
+            self._publish([{"type": "revoked", "fill": self.fill_event(f)} for f in result.revoked])
+        if result.added:
+            self._publish([{"type": "fill", "fill": self.fill_event(f)} for f in result.added])
+        if result.finalized:
+            self._persist_finals()
+
+    def _persist_finals(self) -> None:
+        batches = self.exchange.take_finalized()
+        if not batches:
+            return
+        self.store.save_finals(batches, self.exchange.checkpoint())
+        self.final_traded += sum(f[3] for b in batches for f in b.fills)
+        now = self.clock_ms()
+        before = self._final_seen
+        for b in batches:
+            for fo in b.orders:
+                hlc = int.from_bytes(fo.key[:8], "big")
+                if hlc > before and fo.owner is not None:
+                    self.final_latencies.append(now - physical_ms(hlc))
+        self._final_seen = self.exchange.frontiers().final
+        events: list[dict[str, Any]] = []
+        for b in batches:
+            fills = [self.fill_event(f, seq=b.first_seq + i, final=True) for i, f in enumerate(b.fills)]
+            if fills:
+                events.append({"type": "final", "frontier": self._final_seen, "fills": fills})
+        self._publish(events)
+        self.finality_changed.set()
+        self.finality_changed = asyncio.Event()
+
+    def fill_event(self, fill: Fill, *, seq: int | None = None, final: bool = False) -> dict[str, Any]:
+        taker, maker, price, qty = fill
+        return {"taker": taker.hex(), "maker": maker.hex(), "price": price, "qty": qty, "final": final,
+                **({"seq": seq} if seq is not None else {})}
+
+    def _publish(self, events: list[dict[str, Any]]) -> None:
+        """Hand events to every stream subscriber; one that cannot keep up is dropped."""
+        if not events or not self.subscribers:
+            return
+        for sub in list(self.subscribers):
+            for ev in events:
+                try:
+                    sub.queue.put_nowait(ev)
+                except asyncio.QueueFull:
+                    sub.dropped = True
+                    self.subscribers.discard(sub)
+                    break
+
+    def subscribe(self) -> Subscriber:
+        sub = Subscriber()
+        self.subscribers.add(sub)
+        return sub
+
+    def write(self, body: Body) -> Submitted | None:
+        """A heartbeat, vote or admission from this node; None when the core refuses it."""
+        try:
+            return self.submit(body)
+        except ExchangeError as exc:
+            log.debug("could not write %s: %s", type(body).__name__, exc)
+            return None
+
+    async def _tick_loop(self) -> None:
+        """Time for the core: entries from the future fall due, heartbeats that
+        move finality, votes against silent members."""
+        interval = max(self.config.heartbeat_ms / 2000, 0.005)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self._tick()
+            except Exception:  # a loop that dies would stall finality without a word
+                log.exception("tick failed")
+
+    def _tick(self) -> None:
+        self._update_clock_offset()
+        received, body = self.exchange.tick(now_ms=self.clock_ms(), mono_ms=self.mono_ms())
+        self._after(received, peer_id=None)
+        if body is None:
+            return
+        if isinstance(body, Order | Cancel):
+            return
+        if self.write(body) is not None:
+            self.counters["heartbeats" if isinstance(body, Heartbeat) else "votes"] += 1
+
+    def _update_clock_offset(self) -> None:
+        mono = self.monotonic()
+        fresh = [p.offset_ms for p in self.peers.peers.values()
+                 if p.offset_ms is not None and mono - p.offset_at < OFFSET_TTL_S]
+        offset = int(statistics.median_low([0, *fresh]))
+        if abs(offset) > self.config.max_clock_offset_ms and self.exchange.clock_healthy():
+            log.warning("this node's clock is %d ms off its peers' median (limit %d ms): it refuses orders "
+                        "until the clock is fixed", -offset, self.config.max_clock_offset_ms)
+        elif abs(offset) <= self.config.max_clock_offset_ms and not self.exchange.clock_healthy():
+            log.warning("this node's clock is back within %d ms of its peers'", self.config.max_clock_offset_ms)
+        self.exchange.clock_offset_ms = offset
+
+    async def _join_loop(self) -> None:
+        """While this node is not a member, ask a proven peer to admit it."""
+        while True:
+            await asyncio.sleep(JOIN_EVERY_S * (0.75 + self.rng.random() / 2))
+            if self.exchange.is_member():
+                continue
+            live = [p for p in self.peers.ready(self.monotonic()) if p.failures == 0]
+            if not live:
+                continue
+            peer = self.rng.choice(live)
+            try:
+                reply = await self._call(peer, "/peer/v1/join", {
+                    "from": self.node_id, "after": self.exchange.replica.length(self.node_id),
+                    "net": self.exchange.network})
+            except PeerError:
+                continue
+            except Exception:
+                log.exception("join request failed")
+                continue
+            network = reply.get("net") if isinstance(reply, dict) else None
+            if self.exchange.network is None and type(network) is bytes and len(network) == 32:
+                self.exchange.set_network(network)
+                self.store.save_network(network)
+                log.info("%s: joining network %s (admitted by %s)", self.config.name, network.hex()[:16],
+                         peer.short)
+                self._spawn(self._probe(peer), f"sync-{peer.short}")
+
+    def admit(self, joiner: bytes, after: int) -> bool:
+        """A proven peer asks to be admitted: write ``Admit`` for it if this node
+        is a member and the joiner may join (not already a member, not proven to
+        equivocate, its log not shorter than what it says)."""
+        ex = self.exchange
+        if not ex.is_member() or ex.membership.is_member(joiner) or joiner in ex.replica.evidence():
+            return False
+        if joiner not in self.peers.peers:
+            return False
+        after = max(after, ex.replica.length(joiner))
+        if self.write(Admit(member=joiner, after=after)) is None:
+            return False
+        self.counters["admitted"] += 1
+        log.info("admitted %s to the network (its entries after seq %d count)", short_id(joiner), after)
+        return True
 
     def client_request(self, kind: int, cid: str) -> ClientId | None:
         """What an earlier request with this client id wrote, if any."""
@@ -330,20 +594,56 @@ class Node:
         self._warn_refused("malformed", peer, peer_id,
                            [(m.origin, m.seq, m.error.code, str(m.error)) for m in malformed])
         now = self.clock_ms()
-        result = self.exchange.receive(entries, now_ms=now)
+        result = self.exchange.receive(entries, now_ms=now, mono_ms=self.mono_ms(), source=peer)
         self.counters["rejected"] += len(result.merge.rejected)
         self._warn_refused("rejected", peer, peer_id,
                            [(r.origin, r.seq, r.error.code, str(r.error)) for r in result.merge.rejected])
-        if len(self.exchange.replica.evidence()) != self._evidence_saved:
-            self._save_evidence()
-        accepted = result.merge.accepted
-        if accepted:
-            self.store.save_entries(accepted)
-            for e in accepted:
-                if e.origin != self.node_id:
-                    self.latencies.append(now - physical_ms(e.hlc))
-            self._push_new(accepted, exclude=peer_id)
+        for e in result.merge.accepted:
+            if e.origin != self.node_id:
+                self.latencies.append(now - physical_ms(e.hlc))
+        self._after(result, peer_id=peer_id)
         return Ingested(merge=result.merge, malformed=tuple(malformed))
+
+    def ingest_evidence(self, raw: Any, *, peer: str) -> int:
+        """Equivocation proofs a peer handed over: pairs of wire entries."""
+        if not isinstance(raw, list):
+            return 0
+        taken = 0
+        for pair in raw[:EVIDENCE_PER_REPLY]:
+            try:
+                first, second = (decode_entry(x) for x in pair)
+            except (ValidationError, TypeError, ValueError):
+                log.warning("peer %s sent malformed equivocation evidence", peer,
+                            extra={"repeat_key": ("bad evidence", peer)})
+                continue
+            result = self.exchange.add_evidence(first, second, now_ms=self.clock_ms())
+            if result is not None:
+                taken += 1
+                self._after(result, peer_id=None)
+        return taken
+
+    def evidence_for(self, known: Any) -> list[list[Any]]:
+        """Proofs to hand a peer that lists the origins it already has proof of."""
+        have = {o for o in known if type(o) is bytes} if isinstance(known, list) else set()
+        out = []
+        for origin, ev in sorted(self.exchange.replica.evidence().items()):
+            if origin not in have:
+                out.append([ev.first.to_wire(), ev.second.to_wire()])
+            if len(out) >= EVIDENCE_PER_REPLY:
+                break
+        return out
+
+    def delta_wires(self, vv: dict[bytes, int], limit: int) -> tuple[list[Any], bool]:
+        """What a peer with version vector ``vv`` lacks, as wire arrays: from
+        memory, and from SQLite below what memory holds."""
+        segments, more = self.exchange.replica.delta(vv, max_entries=limit)
+        out: list[Any] = []
+        for seg in segments:
+            if seg.entries is None:
+                out.extend(self.store.wire_range(seg.origin, seg.lo, seg.hi))
+            else:
+                out.extend(e.to_wire() for e in seg.entries)
+        return out, more
 
     @staticmethod
     def _warn_refused(what: str, peer: str, peer_id: bytes | None,
@@ -361,14 +661,6 @@ class Node:
             log.warning("peer %s (%s) sent a %s entry %s#%s: %s: %s%s", sender, peer, what,
                         short_id(origin) if origin else "?", seq, code, error[:200], more,
                         extra={"repeat_key": (what, sender, peer, code)})
-
-    def _save_evidence(self) -> None:
-        evidence = self.exchange.replica.evidence()
-        for origin, ev in evidence.items():
-            self.store.save_evidence(origin, encode_entry(ev.first), encode_entry(ev.second))
-            log.warning("origin %s equivocated (two entries at seq %d); no longer merging it",
-                        short_id(origin), ev.first.seq)
-        self._evidence_saved = len(evidence)
 
     # ---- replication -----------------------------------------------------------
 
@@ -435,8 +727,11 @@ class Node:
                 raise BadReply(str(exc)) from None
 
     async def _call(self, peer: Peer, path: str, body: dict[str, Any]) -> Any:
-        """One request to a table peer; updates the peer's health."""
+        """One request to a table peer; updates the peer's health and the
+        estimate of its clock (each side stamps its wall clock, ``t``)."""
         start = self.monotonic()
+        sent = self.clock_ms()
+        body = {**body, "t": sent, "net": self.exchange.network}
         try:
             result = await self._request(peer.record.url, path, body)
         except BadReply as exc:  # a reply we cannot decode
@@ -457,6 +752,15 @@ class Node:
         if peer.failures:
             log.info("peer %s (%s) is back", peer.short, peer.record.url)
         self.peers.ok(peer, self.monotonic(), (self.monotonic() - start) * 1000)
+        if isinstance(result, dict):
+            their = result.get("t")
+            if type(their) is int:
+                peer.offset_ms = their - (sent + self.clock_ms()) // 2
+                peer.offset_at = self.monotonic()
+            net = result.get("net")
+            if type(net) is bytes and self.exchange.network is not None and net != self.exchange.network:
+                self._forget(peer.record.node_id, f"it belongs to another network ({net.hex()[:16]})")
+                raise PeerError(f"peer {peer.short} belongs to another network")
         return result
 
     async def sync_with(self, peer: Peer) -> None:
@@ -466,9 +770,12 @@ class Node:
         complete = False
         for _ in range(MAX_PAGES_PER_PULL):
             reply = await self._call(peer, "/peer/v1/sync", {
-                "from": self.node_id, "vv": self.exchange.replica.digest_for_sync(), "max": SYNC_PAGE})
+                "from": self.node_id, "vv": self.exchange.replica.digest_for_sync(), "max": SYNC_PAGE,
+                "ev": sorted(self.exchange.replica.evidence())})
             if not isinstance(reply, dict):
                 raise PeerError("sync reply is not a map")
+            if reply.get("evidence"):
+                self.ingest_evidence(reply.get("evidence"), peer=peer.record.url)
             raw_vv = reply.get("vv", {})
             theirs = {k: v for k, v in raw_vv.items() if type(k) is bytes and type(v) is int} \
                 if isinstance(raw_vv, dict) else {}
@@ -488,10 +795,9 @@ class Node:
                 break
         if complete and not self.readiness.ready:
             self._become_ready(Readiness(ready=True, synced_with=peer.short, detail=f"synced with {peer.record.url}"))
-        missing, _ = self.exchange.replica.delta(theirs, max_entries=SYNC_PAGE)
+        missing, _ = self.delta_wires(theirs, SYNC_PAGE)
         if missing:
-            await self._call(peer, "/peer/v1/push", {
-                "from": self.node_id, "entries": [e.to_wire() for e in missing]})
+            await self._call(peer, "/peer/v1/push", {"from": self.node_id, "entries": missing})
 
     async def _pull_loop(self) -> None:
         while True:
@@ -708,6 +1014,8 @@ class Node:
                 "failures": p.failures, "last_error": p.last_error,
                 "last_ok_s_ago": None if p.last_ok is None else round(mono - p.last_ok, 3),
                 "rtt_ms": None if p.rtt_ms is None else round(p.rtt_ms, 2),
+                "clock_offset_ms": p.offset_ms if p.offset_ms is not None and mono - p.offset_at < OFFSET_TTL_S
+                else None,
                 "record_age_s": round((self.clock_ms() - p.record.last_seen) / 1000, 1),
             })
         return out

@@ -132,6 +132,8 @@ class Peer:
     last_ok: float | None = None
     last_error: str = ""
     rtt_ms: float | None = None
+    offset_ms: int | None = None  # its wall clock minus ours, from the last call
+    offset_at: float = 0.0  # monotonic seconds of that measurement
 
     @property
     def state(self) -> str:

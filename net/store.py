@@ -1,8 +1,11 @@
 """Persistence in the data dir: identity key, API cookie, SQLite (WAL) for
-entries, peer records and client order ids.
+entries, peer records, client order ids, and what finality made final.
 
-An entry is committed here before the node acknowledges it.  Nothing read from
-disk is unpickled: entries are msgpack wire bytes decoded by ``crdt.entry``.
+An entry is committed here before the node acknowledges it.  What became
+final (fills, the final state of the orders they touched, and the
+checkpoint a restart starts from) is written in one transaction.  Nothing
+read from disk is unpickled: entries are msgpack wire bytes decoded by
+``crdt.entry``, the checkpoint a msgpack map.
 """
 
 from __future__ import annotations
@@ -14,8 +17,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgpack
+
 from crdt.entry import Entry, decode_entry_bytes, encode_entry
 from crdt.keys import SEED_LEN, SigningKey
+from matching.engine import FinalBatch, OrderStatus
+from matching.exchange import Checkpoint
 from net.errors import StorageError
 
 KEY_FILE = "node.key"
@@ -31,6 +38,27 @@ class ClientId:
     cid: str
     entry: bytes  # hash of the entry it wrote
     order_id: bytes  # the order placed or cancelled
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FinalFill:
+    seq: int
+    taker: bytes
+    maker: bytes
+    price: int
+    qty: int
+    taker_side: int | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoredOrder:
+    """An order's final state, as the last finalize that touched it left it."""
+
+    oid: bytes
+    owner: bytes
+    key: bytes
+    status: OrderStatus
+
 
 COOKIE_FILE = ".cookie"
 DB_FILE = "node.sqlite"
@@ -77,10 +105,27 @@ class Store:
         self._db = sqlite3.connect(self.path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        old = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'entries'").fetchone() is not None
         self._db.execute(
-            "CREATE TABLE IF NOT EXISTS entries (origin BLOB, seq INTEGER, wire BLOB NOT NULL,"
-            " PRIMARY KEY (origin, seq)) WITHOUT ROWID"
+            "CREATE TABLE IF NOT EXISTS entries (origin BLOB, seq INTEGER, kind INTEGER NOT NULL,"
+            " wire BLOB NOT NULL, PRIMARY KEY (origin, seq)) WITHOUT ROWID"
         )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(entries)")}
+        if old and "kind" not in columns:
+            self._db.close()
+            raise StorageError(f"{self.path} was written by an older version (entries without "
+                               "acknowledgements); start with a fresh --data-dir")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS final_fills (seq INTEGER PRIMARY KEY, taker BLOB NOT NULL,"
+            " maker BLOB NOT NULL, price INTEGER NOT NULL, qty INTEGER NOT NULL, taker_side INTEGER)"
+        )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS final_orders (oid BLOB PRIMARY KEY, owner BLOB NOT NULL,"
+            " key BLOB NOT NULL, side INTEGER, price INTEGER, qty INTEGER, filled INTEGER,"
+            " remaining INTEGER, state TEXT) WITHOUT ROWID"
+        )
+        self._db.execute("CREATE INDEX IF NOT EXISTS resting ON final_orders (remaining) WHERE remaining > 0")
+        self._db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS peers (node_id BLOB PRIMARY KEY, record BLOB NOT NULL)"
         )
@@ -97,13 +142,13 @@ class Store:
     def save_entries(self, entries: Iterable[Entry], *, client_id: ClientId | None = None) -> None:
         """Commit entries; with ``client_id``, the client's id of the request
         that wrote them in the same transaction (both or neither survive)."""
-        rows = [(e.origin, e.seq, encode_entry(e)) for e in entries]
+        rows = [(e.origin, e.seq, e.body.to_wire()[0], encode_entry(e)) for e in entries]
         if not rows:
             return
         with self._db:
             self._db.execute("BEGIN")
             # a plain INSERT: a second entry at one (origin, seq) must fail loudly
-            self._db.executemany("INSERT INTO entries VALUES (?, ?, ?)", rows)
+            self._db.executemany("INSERT INTO entries VALUES (?, ?, ?, ?)", rows)
             if client_id is not None:
                 self._db.execute("INSERT INTO client_ids VALUES (?, ?, ?, ?)",
                                  (client_id.kind, client_id.cid, client_id.entry, client_id.order_id))
@@ -115,12 +160,97 @@ class Store:
             return None
         return ClientId(kind=kind, cid=cid, entry=bytes(row[0]), order_id=bytes(row[1]))
 
-    def load_entries(self) -> list[Entry]:
-        cur = self._db.execute("SELECT wire FROM entries ORDER BY origin, seq")
-        return [decode_entry_bytes(bytes(row[0])) for row in cur]
+    def load_entries(self, bases: dict[bytes, int] | None = None) -> list[Entry]:
+        """Every stored entry, or with ``bases`` only those above each origin's
+        base (the entries a checkpoint does not cover)."""
+        if not bases:
+            cur = self._db.execute("SELECT wire FROM entries ORDER BY origin, seq")
+            return [decode_entry_bytes(bytes(row[0])) for row in cur]
+        out: list[Entry] = []
+        for (origin,) in self._db.execute("SELECT DISTINCT origin FROM entries").fetchall():
+            origin = bytes(origin)
+            cur = self._db.execute("SELECT wire FROM entries WHERE origin = ? AND seq > ? ORDER BY seq",
+                                   (origin, bases.get(origin, 0)))
+            out.extend(decode_entry_bytes(bytes(row[0])) for row in cur)
+        return out
+
+    def wire_range(self, origin: bytes, lo: int, hi: int) -> list[object]:
+        """Entries ``lo..hi`` of ``origin`` as wire arrays (for a peer's delta; not re-verified)."""
+        cur = self._db.execute("SELECT wire FROM entries WHERE origin = ? AND seq BETWEEN ? AND ? ORDER BY seq",
+                               (origin, lo, hi))
+        return [msgpack.unpackb(bytes(row[0]), raw=False) for row in cur]
+
+    def count_records(self) -> int:
+        """Entries that are not heartbeats: what changes when anything happens."""
+        row = self._db.execute("SELECT COUNT(*) FROM entries WHERE kind != 3").fetchone()
+        return int(row[0])
+
+    def count_kinds(self, origin: bytes) -> dict[int, int]:
+        """How many entries of each body kind ``origin``'s log holds."""
+        return {int(k): int(n) for k, n in self._db.execute(
+            "SELECT kind, COUNT(*) FROM entries WHERE origin = ? GROUP BY kind", (origin,))}
 
     def save_evidence(self, origin: bytes, first: bytes, second: bytes) -> None:
-        self._db.execute("INSERT OR IGNORE INTO evidence VALUES (?, ?, ?)", (origin, first, second))
+        self._db.execute("INSERT OR REPLACE INTO evidence VALUES (?, ?, ?)", (origin, first, second))
+
+    # ---- what is final --------------------------------------------------------
+
+    def save_finals(self, batches: list[FinalBatch], checkpoint: Checkpoint) -> None:
+        """Final fills, the final state of the orders they touched, and the new
+        checkpoint, in one transaction."""
+        fills = []
+        orders = []
+        for b in batches:
+            sides = {fo.oid: fo.status.side for fo in b.orders}
+            for i, (taker, maker, price, qty) in enumerate(b.fills):
+                fills.append((b.first_seq + i, taker, maker, price, qty, sides.get(taker)))
+            for fo in b.orders:
+                st = fo.status
+                orders.append((fo.oid, fo.owner, fo.key, st.side, st.price, st.qty, st.filled, st.remaining,
+                               st.state))
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT INTO final_fills VALUES (?, ?, ?, ?, ?, ?)", fills)
+            self._db.executemany("INSERT OR REPLACE INTO final_orders VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", orders)
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('checkpoint', ?)", (encode_checkpoint(checkpoint),))
+
+    def load_checkpoint(self) -> Checkpoint | None:
+        row = self._db.execute("SELECT value FROM meta WHERE name = 'checkpoint'").fetchone()
+        return None if row is None else decode_checkpoint(bytes(row[0]))
+
+    def save_network(self, network: bytes) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('network', ?)", (network,))
+
+    def load_network(self) -> bytes | None:
+        row = self._db.execute("SELECT value FROM meta WHERE name = 'network'").fetchone()
+        return None if row is None else bytes(row[0])
+
+    def resting_orders(self) -> list[list[object]]:
+        """The final book, as engine order lists."""
+        cur = self._db.execute("SELECT oid, owner, key, side, price, qty, filled, remaining FROM final_orders"
+                               " WHERE remaining > 0")
+        return [[remaining, bytes(oid), qty, qty - filled - remaining, side, price, bytes(key), bytes(owner)]
+                for oid, owner, key, side, price, qty, filled, remaining in cur]
+
+    def final_order(self, oid: bytes) -> StoredOrder | None:
+        row = self._db.execute("SELECT owner, key, side, price, qty, filled, remaining, state FROM final_orders"
+                               " WHERE oid = ?", (oid,)).fetchone()
+        if row is None:
+            return None
+        owner, key, side, price, qty, filled, remaining, state = row
+        return StoredOrder(oid=oid, owner=bytes(owner), key=bytes(key), status=OrderStatus(
+            state=state, qty=qty, filled=filled, remaining=remaining, side=side, price=price))
+
+    def final_fills(self, since: int, limit: int) -> list[FinalFill]:
+        cur = self._db.execute("SELECT seq, taker, maker, price, qty, taker_side FROM final_fills"
+                               " WHERE seq >= ? ORDER BY seq LIMIT ?", (since, limit))
+        return [FinalFill(seq=seq, taker=bytes(t), maker=bytes(m), price=p, qty=q, taker_side=side)
+                for seq, t, m, p, q, side in cur]
+
+    def final_traded(self) -> int:
+        """Lots traded in final fills (read once at start; the node counts on)."""
+        row = self._db.execute("SELECT COALESCE(SUM(qty), 0) FROM final_fills").fetchone()
+        return int(row[0])
 
     def load_evidence(self) -> list[tuple[Entry, Entry]]:
         rows = self._db.execute("SELECT first, second FROM evidence")
@@ -137,3 +267,30 @@ class Store:
 
     def close(self) -> None:
         self._db.close()
+
+
+def encode_checkpoint(cp: Checkpoint) -> bytes:
+    packed: bytes = msgpack.packb({
+        "network": cp.network, "final": cp.final, "stable": cp.stable, "fills_base": cp.fills_base,
+        "final_digest": cp.final_digest,
+        "bases": [[o, s, h, t] for o, (s, h, t) in cp.bases.items()],
+        "membership": [[o, ivs] for o, ivs in cp.membership.items()],
+        "forks": [[o, s, f] for o, (s, f) in cp.forks.items()],
+        "pins": [[o, s, h, t] for (o, s), (h, t) in cp.pins.items()],
+    }, use_bin_type=True)
+    return packed
+
+
+def decode_checkpoint(data: bytes) -> Checkpoint:
+    try:
+        raw = msgpack.unpackb(data, raw=False)
+        return Checkpoint(
+            network=raw["network"], final=raw["final"], stable=raw["stable"], fills_base=raw["fills_base"],
+            final_digest=raw["final_digest"],
+            bases={o: (s, h, t) for o, s, h, t in raw["bases"]},
+            membership={o: ivs for o, ivs in raw["membership"]},
+            forks={o: (s, f) for o, s, f in raw["forks"]},
+            pins={(o, s): (h, t) for o, s, h, t in raw["pins"]},
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StorageError(f"the stored checkpoint does not decode: {exc}") from None
