@@ -254,12 +254,16 @@ class NodeProc:
         return str(self.status()["state_hash"])
 
     def snapshot(self) -> dict[str, Any]:
-        """What must be equal on converged replicas: hash, version vector, book, fills."""
+        """What must be equal on converged replicas: the entries that are not
+        heartbeats, the book, the fills.  (Members write a heartbeat every few
+        seconds, so the state hash and version vector move on their own; which
+        fills are final yet may differ for a moment.)"""
         st = self.status()
         book = self.get("/v1/book?depth=1000")
+        book.pop("state_hash", None)
         fills = self.all_fills()
-        return {"state_hash": st["state_hash"], "version_vector": st["version_vector"],
-                "book": book, "fills": fills}
+        fills["fills"] = [{k: v for k, v in f.items() if k != "final"} for f in fills["fills"]]
+        return {"records": st["counts"]["records"], "book": book, "fills": fills}
 
     def all_fills(self, max_pages: int = 1000) -> dict[str, Any]:
         """Every fill, page by page (a page holds at most 1,000)."""
@@ -367,13 +371,16 @@ def wait_full_mesh(nodes: list[NodeProc], timeout: float = CONVERGE_TIMEOUT) -> 
 
 def wait_converged(nodes: list[NodeProc], timeout: float = CONVERGE_TIMEOUT,
                    min_entries: int = 0) -> dict[str, Any]:
-    """Wait until every node has the same state hash (and at least ``min_entries``);
-    then check book, fills and version vector are equal too.  Returns the snapshot."""
+    """Wait until every node has the same state hash (and at least ``min_entries``)
+    with nothing left to make final; then check records, book and fills are
+    equal too.  Returns the snapshot."""
 
     def same() -> bool:
         sts = [n.status() for n in nodes]
         return (len({s["state_hash"] for s in sts}) == 1
-                and all(s["counts"]["entries"] >= min_entries for s in sts))
+                and all(s["counts"]["entries"] >= min_entries for s in sts)
+                and not any(s["finality"]["pending"] for s in sts)
+                and len({s["counts"]["final_fills"] for s in sts}) == 1)
 
     try:
         wait_until(same, timeout=timeout, what="equal state hashes", nodes=nodes, interval=0.1)
@@ -418,3 +425,28 @@ def logs_on_failure(request: pytest.FixtureRequest, nodes: Iterable[NodeProc]) -
     yield
     if request.session.testsfailed > before:
         report(request, f"\n===== node logs after {request.node.nodeid} =====\n" + all_logs(nodes))
+
+
+def write_history(data_dir: Path, bodies: Iterable[Any], *, start_ms: int) -> None:
+    """Give a node that has not started yet a past: the data dir of the founder
+    of a one-node network whose log holds ``bodies`` (orders, cancels), one
+    millisecond apart from ``start_ms``, each committed as the node would have."""
+    from matching.exchange import Exchange
+    from net.store import Store, load_or_create_key
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ex = Exchange(load_or_create_key(data_dir))
+    store = Store(data_dir)
+    try:
+        genesis = ex.found(now_ms=start_ms)
+        ex.apply_own(genesis, now_ms=start_ms)
+        assert ex.network is not None
+        store.save_network(ex.network)
+        entries = [genesis]
+        for i, body in enumerate(bodies):
+            e = ex.prepare(body, now_ms=start_ms + 1 + i)
+            ex.apply_own(e, now_ms=start_ms + 1 + i)
+            entries.append(e)
+        store.save_entries(entries)
+    finally:
+        store.close()

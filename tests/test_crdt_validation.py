@@ -17,7 +17,6 @@ from crdt.entry import (
     MAX_ENTRY_BYTES,
     MAX_PRICE,
     MAX_QTY,
-    MAX_SEQ,
     SELL,
     Cancel,
     Entry,

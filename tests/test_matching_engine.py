@@ -397,7 +397,8 @@ class TestScenarios:
 
     def test_depth_is_limited_and_aggregated(self) -> None:
         e = Engine()
-        e.add_many([(1, GTC, "a", SELL, 105, 1, "x"), (2, GTC, "b", SELL, 103, 2, "x"), (3, GTC, "c", SELL, 103, 4, "x"),
+        e.add_many([(1, GTC, "a", SELL, 105, 1, "x"), (2, GTC, "b", SELL, 103, 2, "x"),
+                    (3, GTC, "c", SELL, 103, 4, "x"),
                     (4, GTC, "d", BUY, 99, 7, "x"), (5, GTC, "e", BUY, 98, 1, "x")])
         bids, asks = e.depth(1)
         assert [(x.price, x.qty, x.orders) for x in bids] == [(99, 7, 1)]

@@ -24,7 +24,7 @@ from crdt.entry import BUY, GENESIS, IOC, SELL, Admit, Cancel, Entry, Heartbeat,
 from crdt.errors import ClockUnhealthy, ForeignCancel, NotMember, WrongNetwork
 from crdt.hlc import physical_ms
 from crdt.keys import SigningKey
-from matching.engine import CANCELLED, FILLED, OPEN, PARTIAL, FinalOrder, Fill
+from matching.engine import CANCELLED, FILLED, OPEN, PARTIAL, Fill, FinalOrder
 from matching.exchange import Exchange, NotCancellable, Params, Received, UnknownOrder, fill_id, record_of
 from tests.conftest import (
     NOW_MS,

@@ -14,16 +14,14 @@ import statistics
 import threading
 import time
 from collections.abc import Iterator
-from hashlib import blake2b
 from pathlib import Path
 
 import msgpack
 import pytest
 
-from crdt.entry import GENESIS, Order, make_entry
-from crdt.keys import SigningKey
+from crdt.entry import Order
 from net.ratelimit import Buckets, Rate, parse_rate
-from tests.nodes import NodeProc, free_port, http, logs_on_failure, report
+from tests.nodes import NodeProc, free_port, http, logs_on_failure, report, wait_until, write_history
 
 MSGPACK = "application/msgpack"
 
@@ -100,30 +98,17 @@ class TestLimits:
             parse_rate("fast")
 
 
-def _fills(node: NodeProc, pairs: int) -> None:
-    key = SigningKey(blake2b(b"p2pex test: many fills", digest_size=32).digest())
-    now = time.time_ns() // 1_000_000
-    prev, wires = GENESIS, []
-    for seq in range(1, 2 * pairs + 1):
-        e = make_entry(key, seq=seq, hlc=(now - 30_000 + seq) << 16, prev=prev,
-                       body=Order(side=seq % 2, price=100, qty=1))
-        prev = e.hash
-        wires.append(e.to_wire())
-    for start in range(0, len(wires), 4000):
-        r = http("POST", node.url + "/peer/v1/push", msgpack.packb({"entries": wires[start:start + 4000]}),
-                 headers={"Content-Type": MSGPACK}, timeout=30)
-        assert r.status == 200, r
-
-
 class TestPages:
     def test_healthz_stays_fast_while_four_clients_read_fills(self, tmp_path: Path,
                                                              request: pytest.FixtureRequest) -> None:
         n = NodeProc(name="reader", port=free_port(), data_dir=tmp_path / "reader")
         with logs_on_failure(request, [n]):
             try:
+                write_history(n.data_dir, (Order(side=i % 2, price=100, qty=1) for i in range(20_000)),
+                              start_ms=time.time_ns() // 1_000_000 - 60_000)
                 n.start()
-                _fills(n, 10_000)
-                assert n.get("/v1/fills?limit=1")["total"] == 10_000
+                wait_until(lambda: n.get("/v1/fills?limit=1")["total"] == 10_000, timeout=30,
+                           what="10,000 fills", nodes=[n])
                 r = http("GET", n.url + "/v1/fills?limit=10000")
                 assert r.status == 400 and r.json()["error"] == "bad_limit", r
                 assert len(n.get("/v1/fills?limit=1000")["fills"]) == 1000

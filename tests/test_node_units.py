@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from crdt.entry import BUY, SELL, Heartbeat, Order, encode_entry, make_entry
-from crdt.hlc import Hlc
 from matching.exchange import Exchange
 from net.addresses import AddressGuard, AddressPolicy, classify, parse_networks, parse_peer_url
 from net.config import NodeConfig
@@ -56,6 +55,8 @@ class TestCommitBeforeApply:
         was reused after a restart."""
         node = Node(NodeConfig(data_dir=tmp_path / "n", port=1), clock_ms=lambda: NOW_MS)
         try:
+            node._load()
+            node._found()  # a one-member network: its orders may be written
             node.submit(Order(side=BUY, price=100, qty=1))
 
             def failing(entries: object, **_: object) -> None:
@@ -79,18 +80,23 @@ class TestRestore:
         data = tmp_path / "n"
         key = key_for(6)
         store = Store(data)
-        hlc, prev, seq = Hlc(), b"\0" * 32, 0
         later = NOW_MS + 3_600_000  # written while the clock was an hour ahead
+        first = Exchange(key)
+        e = first.found(now_ms=later)
+        first.apply_own(e, now_ms=later)
+        store.save_entries([e])
         for _ in range(3):
-            seq += 1
-            e = make_entry(key, seq=seq, hlc=hlc.now(later), prev=prev, body=Heartbeat())
+            e = first.prepare(Heartbeat(), now_ms=later)
+            first.apply_own(e, now_ms=later)
             store.save_entries([e])
-            prev = e.hash
+        assert first.network is not None
         ex = Exchange(key)
-        ex.restore(store.load_entries())
-        assert ex.replica.version_vector() == {key.public: 3}
+        ex.set_network(first.network)
+        ex.load(None, [], store.load_entries(), mono_ms=0)
+        assert ex.replica.version_vector() == {key.public: 4}
+        assert ex.is_member()
         nxt = ex.prepare(Heartbeat(), now_ms=NOW_MS)  # the clock is now back
-        assert nxt.seq == 4 and nxt.prev == prev and nxt.hlc > e.hlc
+        assert nxt.seq == 5 and nxt.prev == e.hash and nxt.hlc > e.hlc
         store.close()
 
     def test_store_refuses_a_second_entry_at_one_seq(self, tmp_path: Path) -> None:
