@@ -20,7 +20,7 @@ What it measures
 3. **Memory per resting order** on a book of 1,000,000 resting non-crossing GTC orders (bids at
    prices 1..5000, asks at 10001..15000, 100 orders per level), measured with ``tracemalloc``:
    everything the engine keeps alive after the caller dropped its input, once including the
-   checkpoint journal (the applied records) and once after ``engine.compact(1)`` (the book only).
+   checkpoint journal (the applied records) and once after ``engine.finalize(n)`` (the book only).
 
 How
 ---
@@ -72,7 +72,7 @@ if str(REPO) not in sys.path:
 
 from sortedcontainers import SortedDict  # noqa: E402
 
-from crdt.entry import GENESIS, Cancel, Entry, Order, check_body, entry_hash  # noqa: E402
+from crdt.entry import GENESIS, Admit, Cancel, Entry, Order, check_body, entry_hash  # noqa: E402
 from crdt.keys import SigningKey  # noqa: E402
 from matching.engine import BUY, CANCEL, GTC, SELL, Engine, Record  # noqa: E402
 from matching.exchange import Exchange  # noqa: E402
@@ -188,7 +188,7 @@ def timed(fn: Callable[[], object]) -> float:
 
 def engine_records(ops: Sequence[Op]) -> list[Record]:
     return [
-        (i, CANCEL, oid, 0, 0, 0) if op == CANCEL_OP else (i, GTC, oid, side, price, qty)
+        (i, CANCEL, oid, 0, 0, 0, None) if op == CANCEL_OP else (i, GTC, oid, side, price, qty, None)
         for i, (op, oid, side, price, qty) in enumerate(ops)
     ]
 
@@ -354,6 +354,19 @@ def replay_core(ex: Exchange, ops: Sequence[Op], origins: Sequence[bytes], batch
     entries: list[Entry] = []
     pending: list[Entry] = []
     hlc = CORE_BASE_MS << 16  # one global stamp per op: canonical order = arrival order
+    # membership first: origin 0 founds the network and admits the others
+    prelude: list[Entry] = []
+    for k in range(n):
+        seq, hlc = seqs[0] + 1, hlc + 1
+        body0 = Admit(member=origins[k], after=1 if k == 0 else 0)
+        h = entry_hash(origins[0], seq, hlc, prevs[0], body0)
+        prelude.append(Entry(origin=origins[0], seq=seq, hlc=hlc, prev=prevs[0], body=body0,
+                             sig=DUMMY_SIG, hash=h))
+        seqs[0], prevs[0] = seq, h
+    ex.set_network(prelude[0].hash)
+    got = ex.receive(prelude, now_ms=hlc >> 16, trusted=True)
+    if got.merge.rejected or not all(ex.membership.is_member(o) for o in origins):
+        raise AssertionError(f"core path: membership prelude refused {got.merge.rejected[:1]}")
     for op, oid, side, price, qty in ops:
         body: Order | Cancel
         if op == CANCEL_OP:
@@ -373,13 +386,13 @@ def replay_core(ex: Exchange, ops: Sequence[Op], origins: Sequence[bytes], batch
         pending.append(e)
         if len(pending) == batch:
             got = ex.receive(pending, now_ms=hlc >> 16, trusted=True)
-            if got.merge.rejected or got.rebuilt:
-                raise AssertionError(f"core path: {got.merge.rejected[:1]} rebuilt={got.rebuilt}")
+            if got.merge.rejected or got.revoked:
+                raise AssertionError(f"core path: {got.merge.rejected[:1]} revoked={len(got.revoked)}")
             pending = []
     if pending:
         got = ex.receive(pending, now_ms=hlc >> 16, trusted=True)
-        if got.merge.rejected or got.rebuilt:
-            raise AssertionError(f"core path: {got.merge.rejected[:1]} rebuilt={got.rebuilt}")
+        if got.merge.rejected or got.revoked:
+            raise AssertionError(f"core path: {got.merge.rejected[:1]} revoked={len(got.revoked)}")
     return entries
 
 
@@ -398,9 +411,8 @@ def run_core(ops: Sequence[Op], batch: int) -> tuple[float, list[IdFill], list[R
         "entries": ex.replica.entry_count(),
         "origins": len(ex.replica.origins()),
         "batch": batch,
-        "rebuilds": ex.rebuilds,
     }
-    if extra["entries"] != len(ops) or extra["origins"] != CORE_ORIGINS:
+    if extra["entries"] != len(ops) + CORE_ORIGINS or extra["origins"] != CORE_ORIGINS:
         raise AssertionError(f"core path: replica holds {extra}")
     return seconds, fills, resting, extra
 
@@ -421,9 +433,9 @@ def resting_records(n: int) -> list[Record]:
     for i in range(n):
         level = (i >> 1) % levels
         if i & 1:
-            out.append((i, GTC, i + 1, SELL, 10_001 + level, 1 + i % 100))
+            out.append((i, GTC, i + 1, SELL, 10_001 + level, 1 + i % 100, None))
         else:
-            out.append((i, GTC, i + 1, BUY, 1 + level, 1 + i % 100))
+            out.append((i, GTC, i + 1, BUY, 1 + level, 1 + i % 100, None))
     return out
 
 
@@ -442,7 +454,7 @@ def measure_memory(n: int) -> dict[str, Any]:
         del records  # what stays is what the engine keeps alive
         gc.collect()
         with_journal = tracemalloc.get_traced_memory()[0] - base
-        engine.compact(1)
+        engine.finalize(n)
         gc.collect()
         book_only = tracemalloc.get_traced_memory()[0] - base
     finally:
@@ -630,7 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_book = mem["per_order_book_only"]
         print(f"memory     {mem['orders']:,} resting orders (tracemalloc): "
               f"{mem['per_order_with_journal']:.0f} bytes/order with the checkpoint journal, "
-              f"{per_book:.0f} bytes/order book only after compact(1) (target <= {TARGET_BYTES_PER_ORDER})")
+              f"{per_book:.0f} bytes/order book only after finalize (target <= {TARGET_BYTES_PER_ORDER})")
         if per_book > TARGET_BYTES_PER_ORDER:
             msg = f"MEMORY TARGET MISSED: {per_book:.0f} bytes per resting order > {TARGET_BYTES_PER_ORDER}"
             print(msg if not a.no_target else msg + " (ignored: --no-target)")
