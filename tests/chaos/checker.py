@@ -360,13 +360,15 @@ class _Judge:
 
         # the independent replay
         mismatches = 0
-        replays: dict[tuple[tuple[str, int], ...], Any] = {}
+        replays: dict[tuple[tuple[tuple[str, int], ...], str], Any] = {}
         for n in live:
             if n.node not in held:
                 continue
-            vv_key = tuple(sorted(n.version_vector.items()))
+            fin = n.finality or {}
+            vv_key = (tuple(sorted(n.version_vector.items())),
+                      repr((fin.get("decisions"), sorted(dict(fin.get("forks") or {}).items()))))
             if vv_key not in replays:
-                replays[vv_key] = replay(held[n.node])
+                replays[vv_key] = replay(held[n.node], n.finality)
             ref = replays[vv_key]
             got = node_fills[n.node]
             miss = _replay_mismatch(got, ref.fills, n, ref.bids, ref.asks)

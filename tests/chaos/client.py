@@ -75,7 +75,7 @@ def _fills(raw: Any) -> tuple[ShownFill, ...]:
 
 class Client:
     def __init__(self, *, node: str, url: str, token: Callable[[], str], rec: Recorder, clock: Callable[[], float],
-                 seed: int, options: ClientOptions, cid: CidSupport,
+                 seed: int, options: ClientOptions, cid: CidSupport, phase: str = "",
                  on_fills: Callable[[str, list[tuple[int, ShownFill]]], None] | None = None,
                  on_cancel: Callable[[str, str, bool | None], None] | None = None) -> None:
         self.node = node
@@ -92,6 +92,7 @@ class Client:
         self.calls = 0
         self.failures = 0
         self._next_cid = 0
+        self._cid_prefix = f"{node}-{phase}-" if phase else f"{node}-"  # a client per phase: cids never repeat
 
     async def run(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
         next_at = self.clock() + self.rng.random() / self.opt.rate  # clients do not start in step
@@ -152,7 +153,7 @@ class Client:
     async def _order(self, session: aiohttp.ClientSession) -> bool:
         body = self._order_body()
         self._next_cid += 1
-        cid = f"{self.node}-{self._next_cid:06d}"
+        cid = f"{self._cid_prefix}{self._next_cid:06d}"
         t0 = self.clock()
         retries = 0
         error = "none"
@@ -191,7 +192,8 @@ class Client:
                                   "cid": cid if isinstance(cid, str) else None, "side": body["side"],
                                   "qty": body["qty"], "price": body.get("price"), "tif": body.get("tif", "IOC"),
                                   "retries": retries}
-        if status != 201 or not isinstance(data, dict) or not isinstance(data.get("id"), str):
+        # 201 placed; 200 is the answer to a retried cid: the order the first attempt placed
+        if status not in (200, 201) or not isinstance(data, dict) or not isinstance(data.get("id"), str):
             code = data.get("error") if isinstance(data, dict) else None
             self.rec.acks.append(Ack(**common, ok=False, error=f"http {status} {code or ''}".strip()))
             return False

@@ -45,12 +45,14 @@ class NodeFlags:
 
     evict_after: bool
     clock_offset: bool
+    genesis: bool = False  # membership: one node founds the network
 
 
 def node_flags() -> NodeFlags:
     out = subprocess.run([sys.executable, str(CLI), "node", "--help"], cwd=ROOT, capture_output=True, text=True,
                          timeout=60, check=False).stdout
-    return NodeFlags(evict_after="--evict-after" in out, clock_offset="--clock-offset-ms" in out)
+    return NodeFlags(evict_after="--evict-after" in out, clock_offset="--clock-offset-ms" in out,
+                     genesis="--genesis" in out)
 
 
 def _env() -> dict[str, str]:
@@ -126,7 +128,7 @@ class Node:
 
 class Cluster:
     def __init__(self, lab: NetLab, *, data_root: Path, log_dir: Path, rec: Recorder, clock: Callable[[], float],
-                 extra: list[str]) -> None:
+                 extra: list[str], genesis: bool = False) -> None:
         self.lab = lab
         self.rec = rec
         self.clock = clock
@@ -137,7 +139,8 @@ class Cluster:
             boot = lab.hosts[names[1 if i == 0 else 0]].ip
             self.nodes[name] = Node(
                 name=name, ns_argv=functools.partial(lab.exec_argv, name), ip=lab.hosts[name].ip,
-                data_dir=data_root / name, log_dir=log_dir, bootstrap=f"{boot}:{PORT}", extra=list(extra))
+                data_dir=data_root / name, log_dir=log_dir, bootstrap=f"{boot}:{PORT}",
+                extra=[*extra, *(["--genesis"] if i == 0 and genesis else [])])  # the first node founds the network
 
     def _event(self, node: Node, kind: str, detail: str = "", *, expected: bool = True) -> None:
         self.rec.node_events.append(NodeEvent(t=round(self.clock(), 3), node=node.name, kind=kind, detail=detail,

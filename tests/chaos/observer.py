@@ -288,7 +288,7 @@ class Observer:
             fills: list[ShownFill] = []
             since = 0
             for _ in range(MAX_PAGES * 10):
-                page = await get_json(session, f"{node.url}/v1/fills?since={since}&limit=10000", SNAPSHOT_TIMEOUT_S)
+                page = await get_json(session, f"{node.url}/v1/fills?since={since}&limit=1000", SNAPSHOT_TIMEOUT_S)
                 fills += [shown_fill(raw) for raw in page.get("fills", [])]
                 since = int(page.get("next", 0))
                 if since >= int(page.get("total", 0)) or not page.get("fills"):

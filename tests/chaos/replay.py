@@ -2,11 +2,15 @@
 naive reference matcher (``tests/reference_matcher.py``) makes of them.
 
 ``counted_entries`` is THE rule, and the only place it lives: the checker
-replays what it returns, in the order it returns it.  Today every Order and
-Cancel entry a node holds counts, in canonical order ``(hlc, entry hash)``
-(DESIGN.md, "Matching").  Finality changes the rule (only members' entries
-stamped inside their membership count; entries voided by an eviction do
-not); that change belongs in this one function, and the checker follows.
+replays what it returns, in the order it returns it.  An Order or Cancel
+entry counts when its origin was a member when it was stamped (admissions
+and eviction decisions recomputed from scratch by ``sim.checker``'s naive
+membership, not by ``crdt.membership``), it is not past its origin's
+eviction cut, and not past the end of an equivocating origin's log; counted
+entries apply in canonical order ``(hlc, entry hash)`` (docs/FINALITY.md).
+The decisions and the ends of forked logs come from the node's
+``/v1/status`` finality object: they are derived from the entries by vote
+counting that the replay does not redo.
 
 Nothing here uses the engine: entries become reference records by the
 record format alone (kinds and sides are constants of that format).
@@ -14,13 +18,16 @@ record format alone (kinds and sides are constants of that format).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import msgpack
 
 from crdt.entry import BUY, IOC, SELL, Cancel, Entry, Order, decode_entry
+from crdt.membership import Decision
 from matching.engine import CANCEL, GTC, MARKET
+from sim.checker import naive_validity
 from tests.chaos.history import FillKey
 from tests.reference_matcher import Record, reference
 
@@ -30,15 +37,23 @@ def decode_wire_hex(wire: str) -> Entry:
     return decode_entry(msgpack.unpackb(bytes.fromhex(wire), raw=False, strict_map_key=False))
 
 
-def counted_entries(entries: Iterable[Entry]) -> list[Entry]:
+def counted_entries(entries: Iterable[Entry], finality: Mapping[str, Any] | None = None) -> list[Entry]:
     """The entries that make the book and the fills, in the order they apply.
 
-    Rule today: every Order and Cancel entry (heartbeats change nothing),
-    sorted by canonical key ``(hlc, hash)``.  Finality will narrow it: keep
-    only entries of members stamped inside their membership, and drop the
-    entries an eviction voided.
+    Without ``finality`` (a node that reports none) every Order and Cancel
+    entry counts.  With it, only members' entries inside their membership,
+    up to eviction cuts and the ends of forked logs.
     """
-    chosen = [e for e in entries if isinstance(e.body, (Order, Cancel))]
+    held = list(entries)
+    chosen = [e for e in held if isinstance(e.body, (Order, Cancel))]
+    if finality is not None and finality.get("network"):
+        decisions = [Decision(member=bytes.fromhex(d["member"]), at=bytes.fromhex(d["at"]), cut=int(d["cut"]))
+                     for d in finality.get("decisions", ())]
+        forks = {bytes.fromhex(o): f for o, f in dict(finality.get("forks", {})).items()}
+        ends = {o: int(f["end"]) for o, f in forks.items()}
+        banned = {o: int(f["end_hlc"]) for o, f in forks.items() if f.get("end_hlc") is not None}
+        valid = naive_validity(held, decisions, bytes.fromhex(finality["network"]), banned, ends)
+        chosen = [e for e in chosen if e.seq <= ends.get(e.origin, e.seq) and valid(e)]
     chosen.sort(key=lambda e: (e.hlc, e.hash))
     return chosen
 
@@ -47,10 +62,10 @@ def to_record(position: int, entry: Entry) -> Record:
     """A reference record keyed by its position in the rule's order."""
     body = entry.body
     if isinstance(body, Cancel):
-        return (position, CANCEL, body.order_id.hex(), 0, 0, 0)
+        return (position, CANCEL, body.order_id.hex(), 0, 0, 0, entry.origin)
     assert isinstance(body, Order)
     kind = MARKET if body.market else (IOC if body.tif == IOC else GTC)
-    return (position, kind, entry.hash.hex(), body.side, body.price, body.qty)
+    return (position, kind, entry.hash.hex(), body.side, body.price, body.qty, entry.origin)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -60,9 +75,9 @@ class Replayed:
     asks: tuple[tuple[int, int, int], ...]
 
 
-def replay(entries: Iterable[Entry]) -> Replayed:
+def replay(entries: Iterable[Entry], finality: Mapping[str, Any] | None = None) -> Replayed:
     """Replay the counted entries through the reference matcher."""
-    counted = counted_entries(entries)
+    counted = counted_entries(entries, finality)
     result = reference(to_record(i, e) for i, e in enumerate(counted))
     return Replayed(
         fills=tuple((str(t), str(m), int(p), int(q)) for t, m, p, q in result.fills),

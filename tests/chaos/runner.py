@@ -131,7 +131,8 @@ def run_suite(opt: Options) -> Outcome:
             except OSError as exc:
                 shaper, shaper_reason = None, str(exc)
         extra = ["--evict-after", f"{EVICT_AFTER_S:g}"] if flags.evict_after else []
-        cluster = Cluster(lab, data_root=data_root, log_dir=log_dir, rec=rec, clock=clock, extra=extra)
+        cluster = Cluster(lab, data_root=data_root, log_dir=log_dir, rec=rec, clock=clock, extra=extra,
+                          genesis=flags.genesis)
         timings["lab"] = round(time.monotonic() - t0, 1)
         play = _Play(opt, lab=lab, cluster=cluster, shaper=shaper, shaper_reason=shaper_reason, flags=flags, rec=rec,
                      clock=clock, timings=timings)
@@ -247,6 +248,7 @@ class _Play:
         stop_clients = asyncio.Event()
         clients = [Client(node=n.name, url=n.url, token=n.token, rec=rec, clock=clock,
                           seed=self.rng.randrange(1 << 30), options=ClientOptions(rate=self.opt.rate), cid=self.cid,
+                          phase=name,
                           on_fills=observer.note_ack, on_cancel=observer.note_cancel)
                    for n in self.cluster.nodes.values()]
         tasks = [asyncio.create_task(c.run(session, stop_clients), name=f"client-{c.node}") for c in clients]
