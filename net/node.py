@@ -193,7 +193,8 @@ class Node:
         # acceptance-to-final delays (ms) of orders and cancels, here
         self.final_latencies: deque[int] = deque(maxlen=LATENCY_SAMPLES)
         self.counters = {"pushed": 0, "pulled": 0, "push_failures": 0, "pull_failures": 0,
-                         "rejected": 0, "revoked_fills": 0, "heartbeats": 0, "votes": 0, "admitted": 0}
+                         "rejected": 0, "revoked_fills": 0, "heartbeats": 0, "votes": 0, "admitted": 0,
+                         "peer_bytes_sent": 0, "peer_bytes_received": 0}  # request and reply bodies of our calls
         self.records = 0  # entries held that are not heartbeats
         self.own_orders = 0  # orders in this node's own log
         self.own_cancels = 0
@@ -712,13 +713,16 @@ class Node:
             raise PeerError(f"{url} does not resolve: {exc}") from None
         if refusal is not None:
             raise PeerRefused(f"{url}: {refusal}")
+        out = pack(body)
+        self.counters["peer_bytes_sent"] += len(out)
         async with self._session.post(
-            url + path, data=pack(body), headers={"Content-Type": MSGPACK, "Accept": MSGPACK},
+            url + path, data=out, headers={"Content-Type": MSGPACK, "Accept": MSGPACK},
         ) as resp:
             try:
                 data = await read_capped(resp.content, PEER_BODY_CAP, resp.content_length)
             except TooLarge as exc:
                 raise PeerError(f"reply over the peer body cap: {exc}") from None
+            self.counters["peer_bytes_received"] += len(data)
             if resp.status != 200:
                 raise PeerError(f"HTTP {resp.status}: {data[:200]!r}")
             try:
