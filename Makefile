@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench chaos lint clean
+.PHONY: install test demo bench chaos lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -12,21 +12,25 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-lint: $(STAMP)
+# the virtualenv with the project and its test extra; then `. .venv/bin/activate`
+install: $(STAMP)
+
+lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest -q
 
-demo: $(STAMP)
+demo: install
 	$(BIN)/python cli.py demo
 
-bench: $(STAMP)
+bench: install
 	$(BIN)/python benchmarks/matching.py
+	$(BIN)/python benchmarks/finality.py
 
 # every nemesis against 5 nodes in network namespaces (about 7 minutes; needs root, iproute2, iptables)
-chaos: $(STAMP)
+chaos: install
 	$(BIN)/python -m tests.chaos
 
 clean:

@@ -537,6 +537,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cli.py", description="p2pex: a peer-to-peer order-book exchange")
+    parser.add_argument("--version", action="version", version=f"p2pex {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_node_parser(sub)
     add_trade_parser(sub)
@@ -582,7 +583,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def version() -> str:
+    """The installed package's version, else the one in pyproject.toml."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("p2pex")
+    except metadata.PackageNotFoundError:
+        import tomllib
+
+        with open(Path(__file__).resolve().parent / "pyproject.toml", "rb") as f:
+            return str(tomllib.load(f)["project"]["version"])
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] in ("crdt", "matching", "net", "sim", "tests"):
+            raise
+        print(f"error: this Python ({sys.executable}) lacks the project's dependencies (no module "
+              f"{exc.name!r}): run `make install && . .venv/bin/activate`, or use .venv/bin/python",
+              file=sys.stderr)
+        return 1
+
+
+def run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "node":

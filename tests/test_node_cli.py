@@ -6,6 +6,8 @@ few talk to one real node process.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -163,3 +165,20 @@ class TestErrorsFromANode:
             line = one_error_line(done.stderr)
             assert node.url in line and "timed out" in line
             assert node.status()["ready"]
+
+
+class TestStraightAfterSetup:
+    def test_interpreter_without_dependencies_gets_one_line(self, tmp_path: Path) -> None:
+        """Regression: ``python cli.py node`` outside the virtualenv printed an
+        ImportError traceback.  ``-S`` leaves site-packages (aiohttp...) out."""
+        out = subprocess.run([sys.executable, "-S", str(cli.__file__), "node", "--data-dir", str(tmp_path / "d")],
+                             capture_output=True, text=True, timeout=60, check=False)
+        assert out.returncode == 1
+        line = one_error_line(out.stderr)
+        assert "make install" in line and "dependencies" in line, line
+
+    def test_version(self, capsys: pytest.CaptureFixture[str]) -> None:
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["--version"])
+        assert exc.value.code == 0
+        assert capsys.readouterr().out.startswith("p2pex 0.")
