@@ -207,12 +207,13 @@ class Exchange:
                           ack=self.finality.own_ack())
 
     def apply_own(self, entry: Entry, *, now_ms: int, mono_ms: int | None = None) -> Submitted:
+        before = self.engine.fills_base + len(self.engine.fills)  # our entry is the newest: its fills come after
         result = self.receive([entry], now_ms=now_ms, mono_ms=mono_ms, trusted=True)
         if not result.merge.accepted:
             raise result.merge.rejected[0].error
         body = entry.body
         target = body.order_id if isinstance(body, Cancel) else entry.hash
-        fills, first = self.fills_of(entry.hash) if isinstance(body, Order) else ((), 0)
+        fills, first = self.fills_of(entry.hash, since=before) if isinstance(body, Order) else ((), 0)
         return Submitted(entry=entry, status=self._status_now(target), fills=fills, first_fill_seq=first,
                          received=result)
 
@@ -226,12 +227,15 @@ class Exchange:
                         return fo.status
         return st
 
-    def fills_of(self, taker: bytes) -> tuple[tuple[Fill, ...], int]:
+    def fills_of(self, taker: bytes, *, since: int = 0) -> tuple[tuple[Fill, ...], int]:
         """The fills of taker ``taker`` (provisional, or final and not yet handed
-        over) and the global seq of the first."""
+        over) and the global seq of the first; only fills from global seq
+        ``since`` on are searched."""
         for fills, base in ((self.engine.fills, self.engine.fills_base),
                             *((b.fills, b.first_seq) for b in reversed(self._batches))):
-            for i in range(len(fills) - 1, -1, -1):
+            if base + len(fills) <= since:
+                continue
+            for i in range(len(fills) - 1, max(since - base, 0) - 1, -1):
                 if fills[i][0] == taker:
                     j = i
                     while j and fills[j - 1][0] == taker:

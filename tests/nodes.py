@@ -446,6 +446,7 @@ def write_history(data_dir: Path, bodies: Iterable[Any], *, start_ms: int) -> No
         for i, body in enumerate(bodies):
             e = ex.prepare(body, now_ms=start_ms + 1 + i)
             ex.apply_own(e, now_ms=start_ms + 1 + i)
+            ex.take_finalized()  # the node recomputes what is final when it loads these entries
             entries.append(e)
         store.save_entries(entries)
     finally:
