@@ -8,6 +8,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_
 
 WORKDIR /app
 COPY pyproject.toml README.md cli.py ./
+COPY client ./client
 COPY crdt ./crdt
 COPY matching ./matching
 COPY net ./net

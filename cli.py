@@ -1,5 +1,6 @@
 """Command line: run a node, trade and inspect it.  Parses arguments and wires
-things together; the logic lives in net/ and the pure core."""
+things together; the logic lives in net/, client/ (the client commands) and the
+pure core."""
 
 from __future__ import annotations
 
@@ -14,14 +15,14 @@ import secrets
 import signal
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-DEFAULT_DATA_DIR = "data/node"
-DEFAULT_URL = "http://127.0.0.1:7001"
+if TYPE_CHECKING:
+    from client import ClientError, OrderView, SyncClient
+
+DEFAULT_DATA_DIR = "data/node"  # as client.DEFAULT_DATA_DIR, without importing the client here
 
 
 class CliError(Exception):
@@ -190,6 +191,8 @@ def run_node(args: argparse.Namespace) -> int:
 
 
 # ---- client commands -------------------------------------------------------------
+# The client library (client/) is imported inside the commands, so that `--version`
+# and the one-line message of an interpreter without aiohttp need none of it.
 
 
 def add_client_options(p: argparse.ArgumentParser) -> None:
@@ -202,38 +205,16 @@ def add_client_options(p: argparse.ArgumentParser) -> None:
 
 
 def node_url(args: argparse.Namespace) -> str:
-    if args.node:
-        url = str(args.node).strip().rstrip("/")
-        return url if "://" in url else f"http://{url}"  # --node 127.0.0.1:7001 means HTTP
-    endpoint = Path(args.data_dir) / "endpoint"
-    if endpoint.exists():
-        return endpoint.read_text().strip().rstrip("/")
-    return DEFAULT_URL
+    """--node (``HOST:PORT`` means http), else the data dir's ``endpoint`` file, else the default."""
+    from client import resolve_url
 
-
-def token(args: argparse.Namespace) -> str:
-    if args.token:
-        return str(args.token)
-    cookie = Path(args.data_dir) / ".cookie"
-    try:
-        return cookie.read_text().strip()
-    except OSError:
-        raise CliError(f"no API token: {cookie} not found (pass --token or --data-dir of the node)") from None
+    return resolve_url(args.node, args.data_dir)
 
 
 #: Attempts of a write that carries a client id (``cid``): a retry cannot place it twice.
 WRITE_ATTEMPTS = 4
-RETRY_PAUSES_S = (0.25, 0.5, 1.0)
+RETRY_PAUSE_S = 0.25  # doubling: 0.25, 0.5, 1 s
 RETRY_AFTER_MAX_S = 2.0
-
-
-class Retryable(CliError):
-    """A failure after which the same request may be sent again: a timeout, a
-    refused or reset connection, or 429/503 with Retry-After."""
-
-    def __init__(self, message: str, pause: float | None = None) -> None:
-        super().__init__(message)
-        self.pause = pause
 
 
 def new_cid() -> str:
@@ -241,56 +222,42 @@ def new_cid() -> str:
     return secrets.token_urlsafe(12)
 
 
-def call(args: argparse.Namespace, method: str, path: str, body: Any = None, *, auth: bool = False,
-         retry: bool = False) -> Any:
-    """One request; with ``retry`` (a write that carries a cid) up to WRITE_ATTEMPTS."""
-    attempts = WRITE_ATTEMPTS if retry else 1
-    for attempt in range(attempts):
-        try:
-            return call_once(args, method, path, body, auth=auth)
-        except Retryable as exc:
-            if attempt == attempts - 1:
-                raise CliError(str(exc)) from None
-            time.sleep(exc.pause if exc.pause is not None else RETRY_PAUSES_S[min(attempt, len(RETRY_PAUSES_S) - 1)])
-    raise AssertionError("unreachable")
+def error_line(exc: ClientError, url: str) -> str:
+    """What the user reads for a failed call."""
+    if exc.code == "bad_url":
+        return f"bad node URL {url!r}: {exc.detail}"
+    if exc.code == "no_token":
+        return f"no API token: {exc.detail} (pass --token or --data-dir of the node)"
+    if exc.network:
+        return f"cannot reach a node at {url} ({exc.detail}); start one with `python cli.py node`"
+    if exc.status is None or exc.code in ("bad_reply", "http_error"):
+        return exc.detail
+    return str(exc)  # "code: detail (HTTP status)"
 
 
-def call_once(args: argparse.Namespace, method: str, path: str, body: Any = None, *, auth: bool = False) -> Any:
-    url = node_url(args) + path
-    headers = {"Accept": "application/json"}
-    data = None
-    if body is not None:
-        data = json.dumps(body).encode()
-        headers["Content-Type"] = "application/json"
-    if auth:
-        headers["Authorization"] = f"Bearer {token(args)}"
+def client_command(args: argparse.Namespace) -> Any:
+    """Run a client command with a client of the node the options name; its
+    failures become one line.  Reads are retried; order and cancel send a
+    cid and are retried up to WRITE_ATTEMPTS times (see client/aio.py)."""
+    from client import ClientError, SyncClient
+
+    url = node_url(args)
+    if not args.timeout > 0:
+        raise CliError("--timeout must be positive")
     try:
-        req = urllib.request.Request(url, data=data, method=method, headers=headers)
-    except ValueError as exc:
-        raise CliError(f"bad node URL {node_url(args)!r}: {exc}") from None
-    try:
-        with urllib.request.urlopen(req, timeout=args.timeout) as resp:
-            raw = resp.read()
-    except urllib.error.HTTPError as exc:
-        try:
-            err = json.loads(exc.read())
-            message = f"{err.get('error')}: {err.get('detail')} (HTTP {exc.code})"
-        except (ValueError, AttributeError):
-            message = f"HTTP {exc.code} from {url}"
-        if exc.code in (429, 503):
-            after = exc.headers.get("Retry-After", "")
-            pause = min(float(after), RETRY_AFTER_MAX_S) if after.isdigit() else None
-            raise Retryable(message, pause) from None
-        raise CliError(message) from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise Retryable(
-            f"cannot reach a node at {node_url(args)} ({reason}); start one with `python cli.py node`"
-        ) from None
-    try:
-        return json.loads(raw or b"null")
-    except ValueError:
-        raise CliError(f"{url} did not answer with JSON: is {node_url(args)} a p2pex node?") from None
+        with SyncClient(url, args.token or (lambda: token(args)), timeout=args.timeout,
+                        write_attempts=WRITE_ATTEMPTS, retry_pause=RETRY_PAUSE_S,
+                        retry_after_max=RETRY_AFTER_MAX_S) as c:
+            return args.func(args, c)
+    except ClientError as exc:
+        raise CliError(error_line(exc, url)) from None
+
+
+def token(args: argparse.Namespace) -> str:
+    """--token, else the data dir's ``.cookie`` (ClientError no_token)."""
+    from client import read_token
+
+    return str(args.token) if args.token else read_token(args.data_dir)
 
 
 def parse_qty_price(text: str, market: bool) -> tuple[int, int | None]:
@@ -306,110 +273,85 @@ def parse_qty_price(text: str, market: bool) -> tuple[int, int | None]:
     return qty, price
 
 
-def fmt_order(o: dict[str, Any]) -> str:
-    if o.get("void"):
-        return f"order {o['id'][:16]}: void ({o.get('detail', '')})"
-    price = "market" if o.get("market") else str(o["price"])
-    return (f"order {o['id'][:16]} {o['side']} {o['qty']}@{price}: {o['status']}, "
-            f"filled {o['filled']}, remaining {o['remaining']}, {'final' if o.get('final') else 'provisional'}")
+def fmt_order(o: OrderView) -> str:
+    if o.void:
+        return f"order {o.id[:16]}: void ({o.detail or ''})"
+    price = "market" if o.market else str(o.price)
+    return (f"order {o.id[:16]} {o.side} {o.qty}@{price}: {o.status}, "
+            f"filled {o.filled}, remaining {o.remaining}, {'final' if o.final else 'provisional'}")
 
 
-def cmd_order(args: argparse.Namespace) -> Any:
+def cmd_order(args: argparse.Namespace, c: SyncClient) -> Any:
     qty, price = parse_qty_price(args.amount, args.market)
-    body: dict[str, Any] = {"side": args.side, "qty": qty, "cid": args.cid or new_cid()}
-    if args.market:
-        body["market"] = True
-    else:
-        body["price"] = price
-        body["tif"] = "IOC" if args.ioc else "GTC"
-    path = "/v1/orders"
-    if args.wait_final:
-        path += f"?wait=final&timeout={args.wait_timeout:g}"
-        args.timeout = max(args.timeout, args.wait_timeout + 5)
-    out = call(args, "POST", path, body, auth=True, retry=True)
+    out = c.place(args.side, qty, price, tif="IOC" if args.ioc else "GTC", market=args.market,
+                  cid=args.cid or new_cid(), wait_final=args.wait_timeout if args.wait_final else None)
     if not args.json:
         print(fmt_order(out))
-        print(f"id {out['id']}")
-        for f in out["fills"]:
-            print(f"  fill {f['qty']}@{f['price']} against {f['maker'][:16]}"
-                  f" ({'final' if f.get('final') else 'provisional'})")
-        if out.get("detail"):
-            print(out["detail"])
-    if args.wait_final and not out.get("final"):
-        raise CliError(f"order {out['id']} accepted, but not final within {args.wait_timeout:g} s")
-    return out
+        print(f"id {out.id}")
+        for f in out.fills:
+            print(f"  fill {f.qty}@{f.price} against {f.maker[:16]} ({'final' if f.final else 'provisional'})")
+        if out.detail:
+            print(out.detail)
+    if args.wait_final and not out.final:
+        raise CliError(f"order {out.id} accepted, but not final within {args.wait_timeout:g} s")
+    return out.raw
 
 
-def cmd_cancel(args: argparse.Namespace) -> Any:
-    cid = args.cid or new_cid()
-    out = call(args, "DELETE", f"/v1/orders/{urllib.parse.quote(args.id)}?cid={urllib.parse.quote(cid)}",
-               auth=True, retry=True)
+def cmd_cancel(args: argparse.Namespace, c: SyncClient) -> Any:
+    out = c.cancel(args.id, cid=args.cid or new_cid())
     if not args.json:
         print(fmt_order(out))
-    return out
+    return out.raw
 
 
-def cmd_show(args: argparse.Namespace) -> Any:
-    out = call(args, "GET", f"/v1/orders/{args.id}")
+def cmd_show(args: argparse.Namespace, c: SyncClient) -> Any:
+    out = c.order(args.id)
     if not args.json:
         print(fmt_order(out))
-    return out
+    return out.raw
 
 
-def cmd_book(args: argparse.Namespace) -> Any:
-    out = call(args, "GET", f"/v1/book?depth={args.depth}")
+def cmd_book(args: argparse.Namespace, c: SyncClient) -> Any:
+    from client.tables import book_table, show
+
+    out = c.book(args.depth)
     if not args.json:
-        print(f"{'bid qty':>10} {'orders':>6} {'price':>10} | {'price':<10} {'orders':<6} {'ask qty':<10}")
-        rows = max(len(out["bids"]), len(out["asks"]))
-        for i in range(rows):
-            b = out["bids"][i] if i < len(out["bids"]) else None
-            a = out["asks"][i] if i < len(out["asks"]) else None
-            left = f"{b['qty']:>10} {b['orders']:>6} {b['price']:>10}" if b else " " * 28
-            right = f"{a['price']:<10} {a['orders']:<6} {a['qty']:<10}" if a else ""
-            print(f"{left} | {right}")
-        if not rows:
+        if out.bids or out.asks:
+            show(book_table(out))
+        else:
             print("(book is empty)")
-    return out
+    return out.raw
 
 
-def cmd_fills(args: argparse.Namespace) -> Any:
-    final = "&final=true" if args.final else ""
-    out = call(args, "GET", f"/v1/fills?since={args.since}&limit={args.limit}{final}")
+def cmd_fills(args: argparse.Namespace, c: SyncClient) -> Any:
+    from client.tables import fills_table, show
+
+    out = c.fills_page(since=args.since, limit=args.limit, final=args.final)
     if not args.json:
-        for f in out["fills"]:
-            print(f"#{f['seq']} {f['taker_side'] or '?'} {f['qty']}@{f['price']} "
-                  f"taker {f['taker'][:12]} maker {f['maker'][:12]} {'final' if f.get('final') else 'provisional'}")
-        print(f"{len(out['fills'])} of {out['total']} {'final ' if args.final else ''}fills")
-    return out
+        if out.fills:
+            show(fills_table(out.fills))
+        print(f"{len(out.fills)} of {out.total} {'final ' if args.final else ''}fills")
+    return out.raw
 
 
-def cmd_watch(args: argparse.Namespace) -> Any:
+def cmd_watch(args: argparse.Namespace, c: SyncClient) -> Any:
     """Print the node's event stream (WebSocket /v1/stream), one line per event."""
-    import aiohttp
+    from client import ClientError
 
-    url = node_url(args).replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/v1/stream"
+    url = c.url.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/v1/stream"
     count = 0
-
-    async def run() -> None:
-        nonlocal count
-        async with aiohttp.ClientSession() as session, session.ws_connect(url, heartbeat=20.0) as ws:
-            async for msg in ws:
-                if msg.type != aiohttp.WSMsgType.TEXT:
-                    break
-                ev = json.loads(msg.data)
-                print(json.dumps(ev) if args.json else fmt_event(ev), flush=True)
-                count += 1
-                if args.count and count >= args.count:
-                    break
-
     try:
-        asyncio.run(run())
-    except (OSError, aiohttp.ClientError) as exc:
-        raise CliError(f"cannot stream from {url}: {exc}") from None
+        for ev in c.stream():
+            print(json.dumps(ev.raw) if args.json else fmt_event(ev.raw), flush=True)
+            count += 1
+            if args.count and count >= args.count:
+                break
+    except ClientError as exc:
+        raise CliError(f"cannot stream from {url}: {exc.detail}") from None
     return None
 
 
-def fmt_event(ev: dict[str, Any]) -> str:
+def fmt_event(ev: Mapping[str, Any]) -> str:
     kind = ev.get("type")
     if kind in ("fill", "revoked"):
         f = ev["fill"]
@@ -425,40 +367,25 @@ def fmt_event(ev: dict[str, Any]) -> str:
     return json.dumps(ev)
 
 
-def cmd_status(args: argparse.Namespace) -> Any:
-    out = call(args, "GET", "/v1/status")
+def cmd_status(args: argparse.Namespace, c: SyncClient) -> Any:
+    from client.tables import show, status_table
+
+    out = c.status()
     if not args.json:
-        c = out["counts"]
-        r = out["replication"]
-        print(f"node {out['short_id']} ({out['name']}) at {out['url']}"
-              f"{'' if out['trading'] else ' [seed]'}")
-        print(f"state hash {out['state_hash']}")
-        print(f"entries {c['entries']} (own {c['own_entries']}), orders {c['orders']}, fills {c['fills']}, "
-              f"resting {c['resting']}, buffered {c['buffered']}")
-        up = sum(1 for p in out["peers"] if p["state"] == "up")
-        print(f"peers {len(out['peers'])} ({up} up); replication p50 {r['latency_p50_ms']} ms, "
-              f"p99 {r['latency_p99_ms']} ms")
-        fin = out["finality"]
-        holding = fin["holding"]
-        print(f"network {str(fin['network'])[:16]}, {'member' if fin['member'] else 'NOT a member'} "
-              f"({len(fin['members'])} members); final fills {c['final_fills']}, provisional "
-              f"{c['provisional_fills']}; finality lag {fin['lag_ms']} ms"
-              + (f", held back by {holding['member'][:8]} (silent {holding['for_ms'] / 1000:.1f} s)"
-                 if holding else ""))
-        if not out["clock"]["healthy"]:
-            print(f"clock {-out['clock']['offset_ms']} ms off the peers' median: orders are refused")
-    return out
+        show(status_table(out))
+    return out.raw
 
 
-def cmd_peers(args: argparse.Namespace) -> Any:
-    out = call(args, "GET", "/v1/status")
+def cmd_peers(args: argparse.Namespace, c: SyncClient) -> Any:
+    from client.tables import peers_table, show
+
+    out = c.status()
     if not args.json:
-        for p in out["peers"]:
-            print(f"{p['short']}  {p['state']:<5} {p['url']:<32} failures {p['failures']}"
-                  f" rtt {p['rtt_ms']} ms clock {p['clock_offset_ms']} ms")
-        if not out["peers"]:
+        if out.peers:
+            show(peers_table(out.peers))
+        else:
             print("(no peers yet)")
-    return out["peers"]
+    return out.raw["peers"]
 
 
 # ---- trade ----------------------------------------------------------------------
@@ -480,6 +407,7 @@ def add_trade_parser(sub: Any) -> None:
 
 
 def run_trade(args: argparse.Namespace) -> int:
+    from client import ClientError
     from net.trader import TraderError, TradeStats, run_trader
 
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
@@ -510,6 +438,8 @@ def run_trade(args: argparse.Namespace) -> int:
         asyncio.run(main())
     except TraderError as exc:
         raise CliError(str(exc)) from None
+    except ClientError as exc:  # no token
+        raise CliError(error_line(exc, url)) from None
     return 0
 
 
@@ -600,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(argv)
     except ModuleNotFoundError as exc:
-        if exc.name is None or exc.name.split(".")[0] in ("crdt", "matching", "net", "sim", "tests"):
+        if exc.name is None or exc.name.split(".")[0] in ("client", "crdt", "matching", "net", "sim", "tests"):
             raise
         print(f"error: this Python ({sys.executable}) lacks the project's dependencies (no module "
               f"{exc.name!r}): run `make install && . .venv/bin/activate`, or use .venv/bin/python",
@@ -617,7 +547,7 @@ def run(argv: list[str] | None) -> int:
             return run_trade(args)
         if args.command == "demo":
             return run_demo(args)
-        out = args.func(args)
+        out = client_command(args)
         if args.json and out is not None:
             print(json.dumps(out, indent=2))
         return 0

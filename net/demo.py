@@ -2,8 +2,9 @@
 
 Owns starting 2 seed nodes, N exchange nodes and N trader nodes on free
 127.0.0.1 ports, driving the traders, live progress, the activity summary
-(every figure read from the nodes' own HTTP APIs) and stopping every process
-it started, by pid, also on Ctrl-C or when a process dies.
+(every figure read from the nodes' own HTTP APIs through ``client.Client``;
+the per-node rows as a rich table) and stopping every process it started, by
+pid, also on Ctrl-C or when a process dies.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
+from client import Client, ClientError
+from client.tables import row, show, table
 from net.ports import free_port, percentile
 from net.trader import TradeStats, trade
 
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 30.0
 MESH_TIMEOUT_S = 20.0
 QUIESCE_TIMEOUT_S = 30.0
-HTTP_TIMEOUT = aiohttp.ClientTimeout(total=3.0)
+HTTP_TIMEOUT_S = 3.0
 
 
 class DemoError(Exception):
@@ -45,7 +46,8 @@ class Proc:
     data_dir: Path
     log_path: Path
     popen: subprocess.Popen[bytes] | None = None
-    status: dict[str, Any] = field(default_factory=dict)
+    status: dict[str, Any] = field(default_factory=dict)  # the last /v1/status reply, {} if none
+    client: Client | None = None
 
     @property
     def url(self) -> str:
@@ -92,7 +94,6 @@ class Demo:
         self.log_dir = opts.logs.resolve()
         self.data_root = Path(tempfile.mkdtemp(prefix="p2pex-demo-"))
         self.procs: list[Proc] = []
-        self._session: aiohttp.ClientSession | None = None
 
     # ---- processes ------------------------------------------------------------
 
@@ -151,17 +152,22 @@ class Demo:
 
     # ---- HTTP -------------------------------------------------------------------
 
-    async def get(self, proc: Proc, path: str) -> Any:
-        assert self._session is not None
-        async with self._session.get(proc.url + path) as resp:
-            resp.raise_for_status()
-            return await resp.json()
+    @staticmethod
+    def client(proc: Proc) -> Client:
+        if proc.client is None:
+            proc.client = Client(proc.url, timeout=HTTP_TIMEOUT_S, read_attempts=1)
+        return proc.client
+
+    async def close_clients(self) -> None:
+        for p in self.procs:
+            if p.client is not None:
+                await p.client.close()
 
     async def poll_status(self) -> None:
         async def one(p: Proc) -> None:
             try:
-                p.status = await self.get(p, "/v1/status")
-            except (aiohttp.ClientError, TimeoutError):
+                p.status = dict((await self.client(p).status()).raw)
+            except ClientError:
                 p.status = {}
         await asyncio.gather(*(one(p) for p in self.procs))
 
@@ -190,8 +196,7 @@ class Demo:
             self.start(s, [seeds[0]])
         for p in others:
             self.start(p, seeds)
-        async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as session:
-            self._session = session
+        try:
             n = len(self.procs)
             t_ready = await self.wait_until("every node to be ready (/v1/status)", READY_TIMEOUT_S,
                                             lambda: all(p.status.get("ready") for p in self.procs))
@@ -208,16 +213,20 @@ class Demo:
                 t_conv = await self.wait_until("convergence", QUIESCE_TIMEOUT_S, self.converged)
             except DemoError:
                 converged, t_conv = False, time.monotonic() - t_last
-            books = {p.name: (await self.get(p, "/v1/status?verify=1"))["book_hash"] for p in self.procs}
+            books = {p.name: str((await self.client(p).status(verify=True)).book_hash) for p in self.procs}
             same_books = len(set(books.values())) == 1
             latencies: list[int] = []
             finals: list[int] = []
             for p in self.procs:
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    got = await self.get(p, "/v1/latency")
-                    latencies += got["samples"]
-                    finals += got["final_samples"]
+                with contextlib.suppress(ClientError):
+                    got = await self.client(p).latency()
+                    latencies += got.samples
+                    finals += got.final_samples
             self.summary(stats, converged and same_books, t_conv, latencies, finals, books)
+        except ClientError as exc:
+            raise DemoError(f"a node did not answer: {exc}") from None
+        finally:
+            await self.close_clients()
         return 0 if converged and same_books else 1
 
     def converged(self) -> bool:
@@ -268,21 +277,21 @@ class Demo:
     ) -> None:
         secs = self.args.seconds
         print()
-        print("activity summary (from each node's /v1/status)")
-        head = f"{'node':<10} {'id':<8} {'entries':>7} {'orders':>6} {'cancels':>7} {'fills':>6} " \
-               f"{'final':>6} {'revoked':>7} {'resting':>7} {'peers':>5}  state hash"
-        print(head)
+        print("activity summary (from each node's /v1/status)", flush=True)
+        rows = table("node", "id", ("entries", "right"), ("orders", "right"), ("cancels", "right"),
+                     ("fills", "right"), ("final", "right"), ("revoked", "right"), ("resting", "right"),
+                     ("peers", "right"), "state hash")
         for p in self.procs:
             s = p.status
             if not s:
-                print(f"{p.name:<10} (no answer)")
+                row(rows, p.name, "(no answer)", *[""] * 9)
                 continue
             c = s["counts"]
             up = sum(1 for q in s["peers"] if q["state"] == "up")
-            print(f"{p.name:<10} {s['short_id']:<8} {c['own_entries']:>7} {c['own_orders']:>6} "
-                  f"{c['own_cancels']:>7} {c['fills']:>6} {c['final_fills']:>6} "
-                  f"{s['replication']['revoked_fills']:>7} {c['resting']:>7} {up:>2}/{len(s['peers']):<2}  "
-                  f"{s['state_hash'][:16]}")
+            row(rows, p.name, s["short_id"], c["own_entries"], c["own_orders"], c["own_cancels"], c["fills"],
+                c["final_fills"], s["replication"]["revoked_fills"], c["resting"], f"{up}/{len(s['peers'])}",
+                s["state_hash"][:16])
+        show(rows)
         sts = [p.status for p in self.procs if p.status]
         ref = max(sts, key=lambda s: s["counts"]["entries"])["counts"]
         orders = sum(s["counts"]["own_orders"] for s in sts)

@@ -1,7 +1,7 @@
 """A trading loop against one node's client API, and the trader process.
 
-``trade()`` submits random orders around a mid price through a node's HTTP
-client API (JSON, ``Authorization: Bearer <token>``): GTC limit orders, a
+``trade()`` submits random orders around a mid price through a node's client
+API (with ``client.Client``, the one client library): GTC limit orders, a
 share of them priced to cross the book, some IOC and market orders, and
 cancels of its own resting orders.  It is paced at ``rate`` orders per second,
 every call runs under a timeout, an order or cancel that timed out is sent
@@ -30,13 +30,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-import aiohttp
+from client import Client, ClientError
 
 log = logging.getLogger("p2pex.trader")
 
 READY_POLL_MAX_S = 2.0
 WRITE_ATTEMPTS = 3  # an order or cancel that timed out is sent again, with the same cid
-RETRY_PAUSE_S = 0.1
+RETRY_PAUSE_S = 0.1  # before the first retry; doubling
 REPORT_EVERY_S = 30.0
 ERROR_BACKOFF_MAX_S = 2.0
 NODE_STOP_GRACE_S = 10.0
@@ -76,13 +76,6 @@ class _Counts:
         return TradeStats(**self.values, seconds=round(seconds, 3))
 
 
-class _CallFailed(Exception):
-    def __init__(self, status: int | None, code: str, detail: str) -> None:
-        super().__init__(f"{code}: {detail}" + (f" (HTTP {status})" if status else ""))
-        self.status = status
-        self.code = code
-
-
 async def _sleep_or_stop(seconds: float, stop: asyncio.Event | None) -> bool:
     """Sleep, waking early when ``stop`` is set; True when stopped."""
     if stop is None:
@@ -106,55 +99,21 @@ async def wait_ready(url: str, *, timeout: float, stop: asyncio.Event | None = N
     delay = 0.1
     last = "no answer yet"
     rng = random.Random()
-    async with aiohttp.ClientSession() as session:
+    async with Client(url, read_attempts=1) as client:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TraderError(f"node at {url} not ready after {timeout:g} s ({last})")
             try:
-                async with session.get(url + "/readyz", timeout=aiohttp.ClientTimeout(total=min(2.0, left))) as r:
-                    if r.status == 200:
-                        return True
-                    last = f"HTTP {r.status}"
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if await client.ready(timeout=min(2.0, left)):
+                    return True
+                last = "HTTP 503 not_ready"
+            except ClientError as exc:
+                last = str(exc)
             pause = min(delay * (0.5 + rng.random()), max(0.0, deadline - time.monotonic()))
             if await _sleep_or_stop(pause, stop):
                 return False
             delay = min(delay * 2, READY_POLL_MAX_S)
-
-
-class _Client:
-    def __init__(self, session: aiohttp.ClientSession, url: str, token: str) -> None:
-        self.session = session
-        self.url = url.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
-
-    async def write(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """A write that carries a client id: retried with the same id after a
-        timeout or a connection error (the node places it at most once)."""
-        for attempt in range(WRITE_ATTEMPTS):
-            try:
-                return await self.call(method, path, body)
-            except _CallFailed as exc:
-                if exc.status is not None or attempt == WRITE_ATTEMPTS - 1:
-                    raise
-                await asyncio.sleep(RETRY_PAUSE_S * 2 ** attempt)
-        raise AssertionError("unreachable")
-
-    async def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        try:
-            async with self.session.request(method, self.url + path, json=body, headers=self.headers) as resp:
-                try:
-                    data = await resp.json(content_type=None)
-                except ValueError:
-                    data = None
-                if resp.status >= 400:
-                    err = data if isinstance(data, dict) else {}
-                    raise _CallFailed(resp.status, str(err.get("error", "http_error")), str(err.get("detail", "")))
-                return data
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise _CallFailed(None, type(exc).__name__, str(exc)) from None
 
 
 async def trade(
@@ -207,23 +166,23 @@ async def trade(
                 or (deadline is not None and time.monotonic() >= deadline)
                 or (max_orders is not None and sent >= max_orders))
 
-    def order_body() -> tuple[str, dict[str, Any]]:
+    def pick() -> tuple[str, str, int, int | None]:
+        """The next order: its kind (gtc, ioc, market), side, qty and price (None: market)."""
         side = rng.choice(("buy", "sell"))
         sign = 1 if side == "buy" else -1
         qty = rng.randint(1, max_qty)
         roll = rng.random()
         if roll < market_share:
-            return "market", {"side": side, "qty": qty, "market": True}
+            return "market", side, qty, None
         if roll < market_share + ioc_share:
-            price = max(1, mid + sign * rng.randint(0, spread))
-            return "ioc", {"side": side, "qty": qty, "price": price, "tif": "IOC"}
+            return "ioc", side, qty, max(1, mid + sign * rng.randint(0, spread))
         if rng.random() < cross_share:
             price = mid + sign * rng.randint(0, spread)
         else:
             price = mid - sign * rng.randint(1, depth)
-        return "gtc", {"side": side, "qty": qty, "price": max(1, price), "tif": "GTC"}
+        return "gtc", side, qty, max(1, price)
 
-    async def failed(exc: _CallFailed) -> bool:
+    async def failed(exc: ClientError) -> bool:
         """Count and log a failed call, back off; True when trading should stop."""
         nonlocal failures
         counts.add("errors")
@@ -237,9 +196,10 @@ async def trade(
         pause = min(0.05 * 2 ** min(failures, 10), ERROR_BACKOFF_MAX_S) * (0.5 + rng.random())
         return await _sleep_or_stop(pause, stop)
 
-    timeouts = aiohttp.ClientTimeout(total=timeout)
-    async with aiohttp.ClientSession(timeout=timeouts, connector=aiohttp.TCPConnector(limit=4)) as session:
-        client = _Client(session, url, token)
+    # every order and cancel carries a fresh cid: the client sends it again after a
+    # timeout or a lost connection, and the node carries it out at most once
+    async with Client(url, token, timeout=timeout, write_attempts=WRITE_ATTEMPTS, retry_pause=RETRY_PAUSE_S,
+                      connections=4) as client:
         while not done():
             # pace: the n-th order goes out at paced_from + n / rate; never burst to catch up
             due = paced_from + paced_n / rate
@@ -254,30 +214,29 @@ async def trade(
             if now >= next_report:
                 next_report = now + REPORT_EVERY_S
                 log.info("trading: %s", counts.freeze(now - start).as_dict())
-            kind, body = order_body()
-            body["cid"] = secrets.token_urlsafe(12)
+            kind, side, qty, price = pick()
             sent += 1
             try:
-                out = await client.write("POST", "/v1/orders", body)
-            except _CallFailed as exc:
+                out = await client.place(side, qty, price, tif="IOC" if kind == "ioc" else "GTC",
+                                         market=kind == "market", cid=secrets.token_urlsafe(12))
+            except ClientError as exc:
                 if await failed(exc):
                     break
                 continue
             failures = 0
             counts.add("submitted")
             counts.add(kind)
-            filled = int(out.get("filled", 0)) if isinstance(out, dict) else 0
-            if filled:
+            if out.filled:
                 counts.add("filled_orders")
-                counts.add("filled_qty", filled)
-            if kind == "gtc" and isinstance(out, dict) and out.get("remaining"):
-                resting.append(str(out["id"]))
+                counts.add("filled_qty", out.filled)
+            if kind == "gtc" and out.remaining:
+                resting.append(out.id)
             if resting and (len(resting) > max_resting or rng.random() < cancel_share):
                 oid = resting.pop(0 if len(resting) > max_resting else rng.randrange(len(resting)))
                 try:
-                    await client.write("DELETE", f"/v1/orders/{oid}?cid={secrets.token_urlsafe(12)}")
+                    await client.cancel(oid, cid=secrets.token_urlsafe(12))
                     counts.add("cancels")
-                except _CallFailed as exc:
+                except ClientError as exc:
                     if exc.code in ("not_cancellable", "unknown_order"):
                         counts.add("cancel_misses")
                     elif await failed(exc):
