@@ -150,6 +150,7 @@ class Engine:
         self._cancels: list[tuple[Order, int, Record]] = []
         self._floor: Any = None  # key of the oldest record that can be undone
         self._forgotten = 0  # records compacted out of the journal
+        self.rewinds = 0  # times late records (or records taken out) rewound the book
 
     # ---- entry points ----------------------------------------------------
 
@@ -356,6 +357,7 @@ class Engine:
             raise RewindTooFar("record sorts at or before the final frontier")
         fills = self.fills
         n_before = len(fills)
+        self.rewinds += 1
         undone, revoked_all = self._rewind_to(first)
         cut = len(fills)
         gone = set(remove)

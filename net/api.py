@@ -36,11 +36,13 @@ from net.errors import (
     Unprocessable,
     UnsupportedMediaType,
 )
+from net.metrics import CONTENT_TYPE
 from net.peers import NONCE_LEN, is_loopback_host, prove
 from net.ports import percentile
 from net.ratelimit import Buckets
 from net.server import GUARD, guard_middleware
 from net.store import CID_CANCEL, CID_ORDER
+from net.webview import add_web_routes
 from net.wire import (
     CLIENT_BODY_CAP,
     MSGPACK,
@@ -67,6 +69,23 @@ FIRST_REPLIES: web.AppKey[OrderedDict[str, dict[str, Any]]] = web.AppKey("first_
 SIDES = {"buy": BUY, "sell": SELL}
 SIDE_NAMES = {BUY: "buy", SELL: "sell"}
 MAX_FILLS_PAGE = 1000  # fills per /v1/fills page (was 10,000: 2.6 MB replies that stalled the loop)
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count every request by route (its pattern, not the path) and status."""
+    info = request.match_info
+    route = info.route.resource.canonical if info.route.resource is not None else "unmatched"
+    status = 500
+    try:
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        _node(request).metrics.http_requests.labels(route, str(status)).inc()
 
 
 @web.middleware
@@ -602,6 +621,11 @@ async def get_latency(request: web.Request) -> web.Response:
         "final_samples": fin, "final_median_ms": statistics.median(fin) if fin else None})
 
 
+async def get_metrics(request: web.Request) -> web.Response:
+    """Prometheus text format (``net/metrics.py``)."""
+    return web.Response(body=_node(request).metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
 async def healthz(request: web.Request) -> web.Response:
     return reply(request, {"ok": True})
 
@@ -644,8 +668,8 @@ def _require_ready(node: Node) -> None:
 async def stream(request: web.Request) -> web.WebSocketResponse:
     """``GET /v1/stream`` (WebSocket): one JSON event per message: ``fill``
     (provisional), ``revoked`` (a provisional fill that went away), ``final``
-    (fills that became final, with the frontier), ``order`` (accepted here),
-    ``book`` (top of book, coalesced, at most 10 a second)."""
+    (fills that became final, with the frontier), ``book`` (top of book,
+    coalesced, at most 10 a second)."""
     node = _node(request)
     ws = web.WebSocketResponse(heartbeat=20.0)
     await ws.prepare(request)
@@ -790,7 +814,7 @@ async def peer_peers(request: web.Request) -> web.Response:
 
 
 def build_app(node: Node) -> web.Application:
-    app = web.Application(middlewares=[guard_middleware, errors_middleware, rate_limit_middleware,
+    app = web.Application(middlewares=[guard_middleware, metrics_middleware, errors_middleware, rate_limit_middleware,
                                        body_cap_middleware, peer_content_type_middleware],
                           client_max_size=PEER_BODY_CAP)
     app[NODE] = node
@@ -812,10 +836,12 @@ def build_app(node: Node) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/stream", stream)
+    app.router.add_get("/metrics", get_metrics)
     app.router.add_post("/peer/v1/sync", peer_sync)
     app.router.add_post("/peer/v1/push", peer_push)
     app.router.add_post("/peer/v1/peers", peer_peers)
     app.router.add_post("/peer/v1/join", peer_join)
+    add_web_routes(app)  # GET /: the web view (net/webview.py)
     return app
 
 

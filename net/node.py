@@ -58,6 +58,7 @@ from net.addresses import (
 from net.config import NodeConfig, split_host_port
 from net.discovery import Discovery
 from net.errors import BadReply, BadRequest, PeerError, PeerRefused, TooLarge
+from net.metrics import NodeMetrics
 from net.peers import (
     NONCE_LEN,
     Candidates,
@@ -195,8 +196,11 @@ class Node:
         self.counters = {"pushed": 0, "pulled": 0, "push_failures": 0, "pull_failures": 0,
                          "rejected": 0, "revoked_fills": 0, "heartbeats": 0, "votes": 0, "admitted": 0,
                          "peer_bytes_sent": 0, "peer_bytes_received": 0}  # request and reply bodies of our calls
+        self.metrics = NodeMetrics(self)
         self.records = 0  # entries held that are not heartbeats
         self.own_orders = 0  # orders in this node's own log
+        self.others_orders = 0  # orders in other origins' logs
+        self.others_cancels = 0
         self.own_cancels = 0
         self.voided: list[Void] = []
         self.finality_changed = asyncio.Event()  # set (and replaced) whenever something becomes final
@@ -254,6 +258,7 @@ class Node:
         self._spawn(self._prove_loop(), "prove")
         self._spawn(self._log_summary_loop(), "log-summaries")
         self._spawn(self._tick_loop(), "tick")
+        self._spawn(self.metrics.probe_loop(), "loop-lag")
         self._spawn(self._join_loop(), "join")
 
     async def run_until_stopped(self) -> None:
@@ -291,6 +296,9 @@ class Node:
         kinds = self.store.count_kinds(self.node_id)
         self.own_orders = kinds.get(1, 0)
         self.own_cancels = kinds.get(2, 0)
+        every = self.store.count_kinds(None)
+        self.others_orders = every.get(1, 0) - self.own_orders
+        self.others_cancels = every.get(2, 0) - self.own_cancels
         self._final_seen = self.exchange.frontiers().final
         self.final_traded = self.store.final_traded()
         return len(entries)
@@ -408,7 +416,8 @@ class Node:
         if cid is not None:
             kind, oid = (CID_CANCEL, body.order_id) if isinstance(body, Cancel) else (CID_ORDER, entry.hash)
             client_id = ClientId(kind=kind, cid=cid, entry=entry.hash, order_id=oid)
-        self.store.save_entries([entry], client_id=client_id)  # committed before any state or peer sees it
+        with self.metrics.commit("own"):  # orders, cancels, heartbeats, votes
+            self.store.save_entries([entry], client_id=client_id)  # committed before any state or peer sees it
         result = self.exchange.apply_own(entry, now_ms=now, mono_ms=self.mono_ms())
         if isinstance(body, Order):
             self.own_orders += 1
@@ -426,9 +435,17 @@ class Node:
             return
         accepted = [e for e in result.merge.accepted if e is not own]
         if accepted and not stored:
-            self.store.save_entries(accepted)
+            with self.metrics.commit("entries"):
+                self.store.save_entries(accepted)
         if not stored:
             self.records += sum(1 for e in result.merge.accepted if not isinstance(e.body, Heartbeat))
+            self.metrics.received(accepted, self.node_id)
+            for e in accepted:
+                if e.origin != self.node_id:
+                    if isinstance(e.body, Order):
+                        self.others_orders += 1
+                    elif isinstance(e.body, Cancel):
+                        self.others_cancels += 1
         for origin in result.merge.evidence:
             ev = self.exchange.replica.evidence()[origin]
             self.store.save_evidence(origin, encode_entry(ev.first), encode_entry(ev.second))
@@ -448,8 +465,11 @@ class Node:
                       ", ".join(o[:16] for o in orders[:10]) + (" ..." if len(orders) > 10 else ""))
         if result.revoked:
             self.counters["revoked_fills"] += len(result.revoked)
+            self.metrics.revoked.inc(len(result.revoked))
             self._publish([{"type": "revoked", "fill": self.fill_event(f)} for f in result.revoked])
         if result.added:
+            for f in result.added:
+                self.metrics.fills.labels("provisional", self._origin_label(self.exchange.owner(f[0]))).inc()
             self._publish([{"type": "fill", "fill": self.fill_event(f)} for f in result.added])
         if result.finalized:
             self._persist_finals()
@@ -458,15 +478,21 @@ class Node:
         batches = self.exchange.take_finalized()
         if not batches:
             return
-        self.store.save_finals(batches, self.exchange.checkpoint())
+        with self.metrics.commit("finals"):
+            self.store.save_finals(batches, self.exchange.checkpoint())
         self.final_traded += sum(f[3] for b in batches for f in b.fills)
         now = self.clock_ms()
         before = self._final_seen
         for b in batches:
+            owners = {fo.oid: fo.owner for fo in b.orders}
+            for f in b.fills:
+                self.metrics.fills.labels("final", self._origin_label(owners.get(f[0]))).inc()
             for fo in b.orders:
                 hlc = int.from_bytes(fo.key[:8], "big")
                 if hlc > before and fo.owner is not None:
                     self.final_latencies.append(now - physical_ms(hlc))
+                    if fo.owner == self.node_id:
+                        self.metrics.time_to_final.observe(max(now - physical_ms(hlc), 0) / 1000)
         self._final_seen = self.exchange.frontiers().final
         events: list[dict[str, Any]] = []
         for b in batches:
@@ -476,6 +502,9 @@ class Node:
         self._publish(events)
         self.finality_changed.set()
         self.finality_changed = asyncio.Event()
+
+    def _origin_label(self, owner: bytes | None) -> str:
+        return "self" if owner == self.node_id else "others"
 
     def fill_event(self, fill: Fill, *, seq: int | None = None, final: bool = False) -> dict[str, Any]:
         taker, maker, price, qty = fill
@@ -592,16 +621,19 @@ class Node:
     def ingest(self, raw_entries: Any, *, peer: str, peer_id: bytes | None = None) -> Ingested:
         entries, malformed = decode_entries(raw_entries, max_entries=SYNC_PAGE * 2)
         self.counters["rejected"] += len(malformed)
+        self.metrics.rejected([m.error.code for m in malformed])
         self._warn_refused("malformed", peer, peer_id,
                            [(m.origin, m.seq, m.error.code, str(m.error)) for m in malformed])
         now = self.clock_ms()
         result = self.exchange.receive(entries, now_ms=now, mono_ms=self.mono_ms(), source=peer)
         self.counters["rejected"] += len(result.merge.rejected)
+        self.metrics.rejected([r.error.code for r in result.merge.rejected])
         self._warn_refused("rejected", peer, peer_id,
                            [(r.origin, r.seq, r.error.code, str(r.error)) for r in result.merge.rejected])
         for e in result.merge.accepted:
             if e.origin != self.node_id:
                 self.latencies.append(now - physical_ms(e.hlc))
+                self.metrics.observe_replication(now, e.hlc)
         self._after(result, peer_id=peer_id)
         return Ingested(merge=result.merge, malformed=tuple(malformed))
 

@@ -185,8 +185,10 @@ class Store:
         row = self._db.execute("SELECT COUNT(*) FROM entries WHERE kind != 3").fetchone()
         return int(row[0])
 
-    def count_kinds(self, origin: bytes) -> dict[int, int]:
-        """How many entries of each body kind ``origin``'s log holds."""
+    def count_kinds(self, origin: bytes | None) -> dict[int, int]:
+        """How many entries of each body kind ``origin``'s log holds (None: all logs)."""
+        if origin is None:
+            return {int(k): int(n) for k, n in self._db.execute("SELECT kind, COUNT(*) FROM entries GROUP BY kind")}
         return {int(k): int(n) for k, n in self._db.execute(
             "SELECT kind, COUNT(*) FROM entries WHERE origin = ? GROUP BY kind", (origin,))}
 

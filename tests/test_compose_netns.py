@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -77,10 +78,14 @@ T = TypeVar("T")
 # ---- reading the compose file and the Dockerfile -----------------------------------
 
 
-def load_compose() -> dict[str, Any]:
+def load_compose(*, profiles: bool = False) -> dict[str, Any]:
+    """The compose file; services under a profile only with ``profiles`` (a plain
+    ``docker compose up`` starts none of them)."""
     yaml = pytest.importorskip("yaml", reason="PyYAML reads docker-compose.yml: pip install pyyaml")
     data = yaml.safe_load(COMPOSE.read_text())
     assert isinstance(data, dict) and isinstance(data.get("services"), dict)
+    if not profiles:
+        data["services"] = {k: v for k, v in data["services"].items() if not v.get("profiles")}
     return data
 
 
@@ -175,6 +180,18 @@ class TestComposeFile:
             assert services[name]["environment"].get("P2PEX_SEED") == "1", name
         for name in EXCHANGES + TRADERS:
             assert services[name]["environment"].get("P2PEX_SEED") in (None, "", "0"), name
+
+    def test_optional_prometheus_scrapes_every_node(self) -> None:
+        yaml = pytest.importorskip("yaml")
+        prom = load_compose(profiles=True)["services"]["prometheus"]
+        assert prom["profiles"] == ["monitoring"]
+        (mount,) = prom["volumes"]
+        source = mount.split(":")[0]
+        config = yaml.safe_load((ROOT / source).read_text())
+        (job,) = config["scrape_configs"]
+        assert job["metrics_path"] == "/metrics"
+        targets = {t for sc in job["static_configs"] for t in sc["targets"]}
+        assert targets == {f"{name}:7001" for name in NODES}
 
     def test_every_node_advertises_its_name_and_bootstraps_by_name(self) -> None:
         base = dockerfile_env()
@@ -628,6 +645,13 @@ class TestComposeRehearsal:
 
         lab.wait_for("both traders' orders and fills on every node, full mesh by name", SPREAD_TIMEOUT_S, spread)
         print(f"orders of both traders and fills on all {len(NODES)} nodes after {time.monotonic() - t0:.1f} s")
+
+        # what Prometheus would scrape: every node's /metrics parses
+        for name in NODES:
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with opener.open(lab.services[name].url + "/metrics", timeout=HTTP_TIMEOUT_S) as resp:
+                families = {f.name for f in text_string_to_metric_families(resp.read().decode())}
+            assert {"p2pex_orders", "p2pex_fills", "p2pex_peers", "p2pex_http_requests"} <= families, name
 
         # the client, from the "host" (the root namespace), like `cli.py status --node http://localhost:7101`
         out = subprocess.run(
