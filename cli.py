@@ -128,6 +128,9 @@ def add_node_parser(sub: Any) -> None:
     p.add_argument("--max-clock-offset-ms", type=positive_int, default=env("MAX_CLOCK_OFFSET_MS", "1000"),
                    help="a node whose clock is further than this from its peers' median refuses orders "
                         "[P2PEX_MAX_CLOCK_OFFSET_MS]")
+    p.add_argument("--max-loop-lag-ms", type=positive_int, default=env("MAX_LOOP_LAG_MS", "500"),
+                   help="while the event loop runs later than this, new orders and cancels get 503 busy with "
+                        "Retry-After instead of queueing [P2PEX_MAX_LOOP_LAG_MS]")
     p.add_argument("--clock-offset-ms", type=int, default=env("CLOCK_OFFSET_MS", "0"),
                    help="add this to the wall clock (for tests of skewed clocks) [P2PEX_CLOCK_OFFSET_MS]")
     p.add_argument("--max-foreign-origins", type=positive_int, default=env("MAX_FOREIGN_ORIGINS", "1000"),
@@ -165,6 +168,7 @@ def run_node(args: argparse.Namespace) -> int:
         write_limit=args.write_limit, read_limit=args.read_limit, peer_limit=args.peer_limit,
         genesis=args.genesis, evict_after=args.evict_after, heartbeat_ms=args.heartbeat_ms,
         clock_offset_ms=args.clock_offset_ms, max_clock_offset_ms=args.max_clock_offset_ms,
+        max_loop_lag_ms=args.max_loop_lag_ms,
         max_foreign_origins=args.max_foreign_origins,
     )
     offset = args.clock_offset_ms

@@ -182,6 +182,17 @@ class Replica:
         i = seq - log[0].seq
         return log[i] if 0 <= i < len(log) else None
 
+    def holds_wire(self, item: object) -> bool:
+        """Is this undecoded wire entry one we hold already?  The same origin and
+        seq in memory with the same signature: Ed25519 signatures are
+        deterministic, so the same signature means the same signed hash.  Lets
+        the shell drop relayed duplicates before decoding and hashing them; a
+        different entry at a held seq is not dropped (it is evidence)."""
+        if type(item) is not list or len(item) != 7 or type(item[0]) is not bytes or type(item[1]) is not int:
+            return False
+        held = self.entry(item[0], item[1])
+        return held is not None and held.sig == item[6]
+
     def log(self, origin: bytes) -> list[Entry]:
         """The entries of ``origin`` still in memory, oldest first."""
         return list(self._logs.get(origin, ()))

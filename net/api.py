@@ -292,6 +292,7 @@ async def post_order(request: web.Request) -> web.Response:
     if not node.config.trading:
         raise Conflict("this is a seed node; it does not take orders", code="seed_node")
     _require_ready(node)
+    _require_capacity(node)
     wait = _wait_final(request)
     body = await read_client_body(request)
     unknown = set(body) - {"side", "qty", "price", "tif", "market", "cid"}
@@ -416,6 +417,7 @@ async def delete_order(request: web.Request) -> web.Response:
     if not node.config.trading:
         raise Conflict("this is a seed node; it holds no orders of its own", code="seed_node")
     _require_ready(node)
+    _require_capacity(node)
     oid = _order_id(request)
     cid = _cid(request.query.get("cid"))
     if cid is not None:
@@ -652,6 +654,15 @@ async def readyz(request: web.Request) -> web.Response:
 
 def _not_ready(request: web.Request, detail: str) -> web.Response:
     return error_reply(request, ApiError(detail, code="not_ready", status=503, retry_after=1))
+
+
+def _require_capacity(node: Node) -> None:
+    """Backpressure: a node whose event loop runs late is over its capacity; a
+    new order or cancel would only queue behind the others."""
+    lag_ms = node.metrics.lag_s * 1000
+    if lag_ms > node.config.max_loop_lag_ms:
+        raise ApiError(f"the node is over its capacity (event loop {lag_ms:.0f} ms late); retry shortly",
+                       code="busy", status=503, retry_after=1)
 
 
 def _require_ready(node: Node) -> None:

@@ -41,6 +41,7 @@ class NodeConfig:
     heartbeat_ms: int = 50  # spacing of the entries that move finality while something is not final
     clock_offset_ms: int = 0  # added to the wall clock (tests that skew clocks)
     max_clock_offset_ms: int = 1_000  # off the peers' median by more than this: refuse orders
+    max_loop_lag_ms: int = 500  # event loop later than this: refuse new orders and cancels (503 busy)
     max_foreign_origins: int = 1_000  # origins held that are not members
 
     @property

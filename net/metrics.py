@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 COMMIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
-LOOP_PROBE_S = 0.5
+LOOP_PROBE_S = 0.1
 
 
 def entry_kind(e: Entry) -> str:
@@ -68,6 +68,7 @@ class NodeMetrics:
             "p2pex_http_requests", "HTTP requests served, by route and status", ["route", "status"], registry=r)
         self.loop_lag = Gauge("p2pex_event_loop_lag_seconds",
                               f"How late a {LOOP_PROBE_S:g} s sleep of the event loop woke up, last probe", registry=r)
+        self.lag_s = 0.0  # the last probe's lag
         r.register(_Snapshot(node))
 
     def received(self, entries: list[Entry], own: bytes) -> None:
@@ -96,7 +97,8 @@ class NodeMetrics:
         while True:
             t0 = loop.time()
             await asyncio.sleep(LOOP_PROBE_S)
-            self.loop_lag.set(max(loop.time() - t0 - LOOP_PROBE_S, 0.0))
+            self.lag_s = max(loop.time() - t0 - LOOP_PROBE_S, 0.0)
+            self.loop_lag.set(self.lag_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -12,6 +12,7 @@ peer call runs under its own timeout; every task is kept in ``self._tasks``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import random
 import secrets
@@ -195,7 +196,8 @@ class Node:
         self.final_latencies: deque[int] = deque(maxlen=LATENCY_SAMPLES)
         self.counters = {"pushed": 0, "pulled": 0, "push_failures": 0, "pull_failures": 0,
                          "rejected": 0, "revoked_fills": 0, "heartbeats": 0, "votes": 0, "admitted": 0,
-                         "peer_bytes_sent": 0, "peer_bytes_received": 0}  # request and reply bodies of our calls
+                         "peer_bytes_sent": 0, "peer_bytes_received": 0,  # request and reply bodies of our calls
+                         "duplicates": 0}  # relayed entries we held already, dropped before decoding
         self.metrics = NodeMetrics(self)
         self.records = 0  # entries held that are not heartbeats
         self.own_orders = 0  # orders in this node's own log
@@ -223,6 +225,10 @@ class Node:
                 stored += 1
         log.info("%s: loaded the final state and %d entries above it, %d peers to prove", self.config.name,
                  loaded, stored)
+        # what was loaded lives long: out of the collector's sight, so that full
+        # collections scan only what came since (they stalled every node at once)
+        gc.collect()
+        gc.freeze()
         if self.exchange.network is None and not self.exchange.replica.length(self.node_id) and (
                 self.config.genesis or (not self.config.bootstrap and not stored)):
             self._found()
@@ -619,6 +625,11 @@ class Node:
         return self.store.find_client_id(kind, cid)
 
     def ingest(self, raw_entries: Any, *, peer: str, peer_id: bytes | None = None) -> Ingested:
+        if type(raw_entries) is list and len(raw_entries) <= SYNC_PAGE * 2:
+            held = self.exchange.replica.holds_wire
+            fresh = [item for item in raw_entries if not held(item)]  # relayed duplicates: not decoded again
+            self.counters["duplicates"] += len(raw_entries) - len(fresh)
+            raw_entries = fresh
         entries, malformed = decode_entries(raw_entries, max_entries=SYNC_PAGE * 2)
         self.counters["rejected"] += len(malformed)
         self.metrics.rejected([m.error.code for m in malformed])
@@ -727,8 +738,12 @@ class Node:
                         "from": self.node_id, "entries": [e.to_wire() for e in batch]})
                     self.counters["pushed"] += len(batch)
                 except PeerError:
+                    # keep what was queued (one slow reply is not a lost peer): the next push
+                    # to this peer sends it, and pull repairs whatever the cap drops
                     self.counters["push_failures"] += 1
-                    self._push_queues.pop(nid, None)
+                    left = self._push_queues.get(nid)
+                    if left is not None and len(left) + len(batch) <= PUSH_QUEUE_CAP:
+                        left[:0] = batch
                     return
         finally:
             self._pushing.discard(nid)

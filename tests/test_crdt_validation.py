@@ -573,3 +573,27 @@ class TestBufferAbuse:
         assert r.expire(NOW_MS + 1_000) == 0
         assert r.expire(NOW_MS + 1_001) == 2 and r.buffered() == 0
         assert r.receive(a.entries, now_ms=NOW_MS + 2_000).accepted == tuple(a.entries)
+
+
+class TestHeldWire:
+    """The shell drops relayed duplicates before decoding them (each entry used
+    to be decoded, re-encoded and hashed on every one of its relays)."""
+
+    def test_a_held_entry_is_recognised_undecoded(self) -> None:
+        r, a, b = two_origins()
+        assert all(r.holds_wire(e.to_wire()) for e in [*a.entries, *b.entries])
+
+    def test_another_entry_at_a_held_seq_is_not_dropped(self) -> None:
+        r, _, _ = two_origins()
+        other = LogBuilder(key_for(0))
+        other.order(SELL, 99, 1)  # seq 1 of the same origin, different content: equivocation evidence
+        assert not r.holds_wire(other.entries[0].to_wire())
+
+    @pytest.mark.parametrize("item", [None, [], "x", [b"x", 1], [b"\x00" * 32, "1", 0, b"", [], [3], b""]])
+    def test_anything_else_goes_to_the_decoder(self, item: Any) -> None:
+        r, _, _ = two_origins()
+        assert not r.holds_wire(item)
+
+    def test_an_entry_not_held_yet_is_not_dropped(self) -> None:
+        r, a, _ = two_origins()
+        assert not r.holds_wire(a.order(BUY, 90, 1).to_wire())

@@ -13,7 +13,9 @@ import pytest
 from crdt.entry import BUY, SELL, Heartbeat, Order, encode_entry, make_entry
 from matching.exchange import Exchange
 from net.addresses import AddressGuard, AddressPolicy, classify, parse_networks, parse_peer_url
+from net.api import _require_capacity
 from net.config import NodeConfig
+from net.errors import ApiError
 from net.node import Node
 from net.peers import MAX_RECORD_SKEW_MS, Candidates, PeerRecord, PeerTable, url_ok
 from net.store import Store
@@ -221,3 +223,19 @@ class TestAddresses:
         assert parse_networks("link-local") == ("link_local",)
         with pytest.raises(ValueError, match="metadata"):
             parse_networks("public,metadata")
+
+
+class TestBackpressure:
+    def test_a_late_event_loop_refuses_new_writes_with_retry_after(self, tmp_path: Path) -> None:
+        """Regression: an overloaded node queued orders and acknowledged them 3-20 s
+        later; now past --max-loop-lag-ms it answers 503 busy with Retry-After."""
+        node = Node(NodeConfig(data_dir=tmp_path / "n", port=1, max_loop_lag_ms=200), clock_ms=lambda: NOW_MS)
+        try:
+            node.metrics.lag_s = 0.05
+            _require_capacity(node)  # within capacity: nothing raised
+            node.metrics.lag_s = 0.5
+            with pytest.raises(ApiError) as exc:
+                _require_capacity(node)
+            assert exc.value.status == 503 and exc.value.code == "busy" and exc.value.retry_after == 1
+        finally:
+            node.store.close()
