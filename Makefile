@@ -28,6 +28,9 @@ demo: install
 bench: install
 	$(BIN)/python benchmarks/matching.py
 	$(BIN)/python benchmarks/finality.py
+	$(BIN)/python benchmarks/cluster.py
+	$(BIN)/python benchmarks/sync.py
+	$(BIN)/python benchmarks/memory.py
 
 # every nemesis against 5 nodes in network namespaces (about 7 minutes; needs root, iproute2, iptables)
 chaos: install

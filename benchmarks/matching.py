@@ -21,6 +21,12 @@ What it measures
    prices 1..5000, asks at 10001..15000, 100 orders per level), measured with ``tracemalloc``:
    everything the engine keeps alive after the caller dropped its input, once including the
    checkpoint journal (the applied records) and once after ``engine.finalize(n)`` (the book only).
+4. **1% of records late**: the engine's records delivered through ``Engine.add_many`` one record a
+   call and in batches of 100, first in key order, then with 1% of the records (chosen with
+   ``random.Random(42)``) each delivered ``LATE_BY`` (50) records after its turn, so that each
+   rewinds the book past the records delivered before it and replays them.  The late runs must end
+   with the same fills and book as the in-order runs; the figure is ``late ÷ in order`` throughput
+   for one record a call and for batches of 100 (reported, not asserted).
 
 How
 ---
@@ -29,12 +35,15 @@ Every timed run happens in a fresh subprocess (``--worker NAME``), started with
 collector around the timed call exactly as ``timeit`` does, times it with ``time.perf_counter``,
 then checks the outcome against ``lob-seed42-200k.expected.json`` (maker fills, lots traded, the
 final book) and prints one JSON line that also carries digests of its fills and of its final book.
-The parent alternates the contenders (engine, reference, engine, reference, ...; the slower
-lightmatchingengine and core-path runs are interleaved for ``--extra-runs`` rounds), reports
-medians, and checks that every contender produced the same fills and the same book.  Nothing is
-random: the workload is fixed (generated with seed 42) and so is the memory book.
+The parent alternates the contenders (engine, reference, engine, reference, ...; the in-order and
+late deliveries are interleaved for ``--late-runs`` rounds, which of the pair goes first
+alternating, and the slower lightmatchingengine and core-path runs for ``--extra-runs`` rounds),
+reports medians, and checks that every contender produced the same fills and the same book.
+Nothing changes between runs: the workload is fixed (generated with seed 42), so are the memory
+book and the choice of late records (seed 42).
 
-The last line is ``engine_ops_per_s=N reference_ops_per_s=M ratio=R``.  The exit status is non-zero
+The line before the last is ``late_ratio=R`` (one record a call, late ÷ in order); the last line is
+``engine_ops_per_s=N reference_ops_per_s=M ratio=R``.  The exit status is non-zero
 when any outcome check fails, when the engine is less than 1.8 times as fast as the reference, or
 when the book needs more than 300 bytes per resting order (``--no-target`` disables the last two).
 
@@ -50,6 +59,7 @@ import gc
 import importlib
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -79,7 +89,7 @@ from matching.exchange import Exchange  # noqa: E402
 
 WORKLOAD_DIR: Final = REPO.parent / "shared" / "workloads"
 DEFAULT_WORKLOAD: Final = WORKLOAD_DIR / "lob-seed42-200k.csv"
-SEED: Final = 42  # the workload's seed; nothing in this file draws random numbers
+SEED: Final = 42  # the workload's seed, and the seed that chooses the late records
 TARGET_RATIO: Final = 1.8
 TARGET_BYTES_PER_ORDER: Final = 300
 MEMORY_ORDERS: Final = 1_000_000
@@ -88,6 +98,11 @@ CORE_BATCH: Final = 1_000
 CORE_BASE_MS: Final = 1_700_000_000_000
 DUMMY_SIG: Final = bytes(64)
 LME: Final = "lightmatchingengine"
+LATE_SHARE: Final = 0.01  # records delivered late
+LATE_BY: Final = 50  # a late record comes this many records after its turn
+LATE_RUNS: Final = 5
+#: delivery workers: name -> (late, records per add_many call)
+DELIVERIES: Final = {"inorder1": (False, 1), "late1": (True, 1), "inorder100": (False, 100), "late100": (True, 100)}
 
 LIMIT_OP: Final = 0
 CANCEL_OP: Final = 1
@@ -207,6 +222,55 @@ def run_engine(ops: Sequence[Op]) -> tuple[float, list[IdFill], list[Resting], d
     seconds = timed(lambda: engine.add_many(records))
     engine.check_invariants()
     return seconds, engine.fills, engine_resting(engine), {}
+
+
+def late_order(records: Sequence[Record], share: float = LATE_SHARE, late_by: int = LATE_BY,
+               seed: int = SEED) -> tuple[list[Record], int]:
+    """``records`` in delivery order with ``share`` of them (chosen with
+    ``random.Random(seed)``) each delivered right after the record ``late_by``
+    places after it (or last); the delivery order and how many are late."""
+    n = len(records)
+    chosen = set(random.Random(seed).sample(range(n), round(n * share)))
+    due: dict[int, list[int]] = {}
+    for i in sorted(chosen):
+        due.setdefault(min(i + late_by, n - 1), []).append(i)
+    out: list[Record] = []
+    for p, rec in enumerate(records):
+        if p not in chosen:
+            out.append(rec)
+        for i in due.get(p, ()):
+            out.append(records[i])
+    assert len(out) == n
+    return out, len(chosen)
+
+
+def run_delivery(ops: Sequence[Op], late: bool, batch: int) -> tuple[float, list[IdFill], list[Resting],
+                                                                        dict[str, Any]]:
+    """The engine's records through ``add_many``, ``batch`` records a call, in
+    key order or with some late; the calls' arguments are built before the clock starts."""
+    records = engine_records(ops)
+    n_late = 0
+    if late:
+        records, n_late = late_order(records)
+    calls = [records[i:i + batch] for i in range(0, len(records), batch)]
+    engine = Engine()
+    revisions: list[int] = []
+
+    def replay() -> None:
+        add_many, keep = engine.add_many, revisions.append
+        for recs in calls:
+            if add_many(recs):
+                keep(1)
+
+    seconds = timed(replay)
+    engine.check_invariants()
+    extra = {"late": n_late, "late_by": LATE_BY if late else 0, "batch": batch, "rewinds": engine.rewinds,
+             "revisions": len(revisions)}
+    if late and not engine.rewinds:
+        raise AssertionError("late delivery: no record rewound the book")
+    if not late and engine.rewinds:
+        raise AssertionError(f"in-order delivery rewound the book {engine.rewinds} times")
+    return seconds, engine.fills, engine_resting(engine), extra
 
 
 # ---- contender: the plain reference ----------------------------------------
@@ -499,6 +563,8 @@ def worker(name: str, workload: Path, core_batch: int) -> dict[str, Any]:
         seconds, fills, resting, extra = run_lme(ops)
     elif name == "core":
         seconds, fills, resting, extra = run_core(ops, core_batch)
+    elif name in DELIVERIES:
+        seconds, fills, resting, extra = run_delivery(ops, *DELIVERIES[name])
     else:
         raise SystemExit(f"unknown worker {name!r}")
     outcome = summarise(fills, resting)
@@ -540,6 +606,10 @@ LABELS: Final = {
     "reference": "reference",
     "lme": LME,
     "core": "core path",
+    "inorder1": "in order 1/call",
+    "late1": "1% late 1/call",
+    "inorder100": "in order 100/call",
+    "late100": "1% late 100/call",
 }
 
 
@@ -549,6 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="workload CSV; the expected outcome is NAME.expected.json beside it")
     p.add_argument("--runs", type=int, default=7, help="timed runs each for engine and reference (>= 5)")
     p.add_argument("--extra-runs", type=int, default=3, help=f"timed runs each for {LME} and the core path")
+    p.add_argument("--late-runs", type=int, default=LATE_RUNS,
+                   help="timed runs each for the in-order and late deliveries (one a call, batches of 100)")
     p.add_argument("--core-batch", type=int, default=CORE_BATCH,
                    help="entries per receive() on the core path")
     p.add_argument("--memory-orders", type=int, default=MEMORY_ORDERS,
@@ -568,6 +640,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     runs = 1 if a.quick else a.runs
     extra_runs = 1 if a.quick else min(a.extra_runs, runs)
+    late_runs = 1 if a.quick else max(1, min(a.late_runs, runs))
     if not a.quick and runs < 5:
         p.error("--runs must be at least 5 (use --quick for a smoke test)")
     if not workload.is_file() or not expected_path(workload).is_file():
@@ -582,10 +655,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not have_lme:
         print(f"note       {LME} is not importable here: skipped (pip install {LME} to include it)")
 
-    results: dict[str, list[dict[str, Any]]] = {"engine": [], "reference": [], "lme": [], "core": []}
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in LABELS}
     order = ["engine", "reference"]
     for r in range(runs):
-        names = order + ((["lme"] if have_lme else []) + ["core"] if r < extra_runs else [])
+        late = []
+        if r < late_runs:  # which of a pair goes first alternates from round to round
+            for pair in (["inorder1", "late1"], ["inorder100", "late100"]):
+                late += pair if r % 2 == 0 else pair[::-1]
+        names = order + late + ((["lme"] if have_lme else []) + ["core"] if r < extra_runs else [])
         for name in names:
             args = ["--worker", name, "--workload", str(workload), "--core-batch", str(a.core_batch)]
             res = spawn(args)
@@ -649,6 +726,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not a.no_target:
                 failed.append(msg)
 
+    late_ratio = 0.0
+    if all(name in medians for name in DELIVERIES):
+        late_ratio = round(medians["late1"] / medians["inorder1"], 2)
+        batch_ratio = medians["late100"] / medians["inorder100"]
+        one = next(x for x in results["late1"] if "crashed" not in x)
+        hundred = next(x for x in results["late100"] if "crashed" not in x)
+        print(f"late       {one['late']:,} of {one['ops']:,} records ({LATE_SHARE:.0%}, chosen with seed {SEED}) "
+              f"each delivered {LATE_BY} records after its turn, through Engine.add_many: "
+              f"late ÷ in order = {late_ratio:.2f} one record a call "
+              f"({fmt_rate(medians['late1'])} vs {fmt_rate(medians['inorder1'])} ops/s, "
+              f"{one['rewinds']:,} rewinds), {batch_ratio:.2f} in batches of 100 "
+              f"({fmt_rate(medians['late100'])} vs {fmt_rate(medians['inorder100'])} ops/s, "
+              f"{hundred['rewinds']:,} rewinds) (reported, not asserted)")
+    for batch in ("1", "100"):
+        same = digests.get("inorder" + batch, set()) | digests.get("late" + batch, set())
+        if len(same) > 1:
+            failed.append(f"1% late {batch}/call: fills or final book differ from the in-order run")
+    for name in DELIVERIES:
+        if name not in medians:
+            failed.append(f"{LABELS[name]}: no successful run")
+
     eng, ref = medians.get("engine", 0.0), medians.get("reference", 0.0)
     ratio = round(eng / ref, 2) if ref else 0.0
     if "lme" in medians and eng:
@@ -660,6 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed.append(msg)
     for f in failed:
         print(f"FAIL       {f}")
+    print(f"late_ratio={late_ratio:.2f}")
     print(f"engine_ops_per_s={eng:.0f} reference_ops_per_s={ref:.0f} ratio={ratio:.2f}")
     return 1 if failed else 0
 
