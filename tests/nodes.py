@@ -1,15 +1,22 @@
 """A small harness for tests with real node processes.
 
 Starts ``python cli.py node`` as subprocesses on free 127.0.0.1 ports, waits
-for ``/readyz``, talks HTTP with urllib and stops every process by pid
-(SIGTERM, then SIGKILL after a timeout).  Every wait loop is bounded in time
-and in iterations; a failed wait reports the tail of the node logs.  Nothing
-here mocks the network: the nodes replicate over real sockets.
+for ``/readyz`` and stops every process by pid (SIGTERM, then SIGKILL after a
+timeout).  The client API is used through the client library
+(``NodeProc.client()``, a ``client.SyncClient``), like every other program
+does; raw HTTP with urllib (``http``, ``NodeProc.request``, ``NodeProc.get``)
+is for tests that mean the bytes on the wire: malformed bodies, content
+types, headers, the msgpack peer routes, exact statuses and error bodies.
+Every wait loop is bounded in time and in iterations; a failed wait reports
+the tail of the node logs.  Nothing here mocks the network: the nodes
+replicate over real sockets.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -22,10 +29,11 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
+from client import ClientError, OrderView, SyncClient
 from net import ports
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +45,8 @@ STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
 CONVERGE_TIMEOUT = 30.0  # seconds for replicas to agree
 HTTP_TIMEOUT = 5.0
 POLL = 0.05
+
+T = TypeVar("T")
 
 _handed_out: set[int] = set()
 _live: dict[int, subprocess.Popen[bytes]] = {}  # pid -> process, for the atexit safety net
@@ -83,6 +93,40 @@ def get_json(url: str, *, timeout: float = HTTP_TIMEOUT) -> Any:
     r = http("GET", url, timeout=timeout)
     assert r.status == 200, f"GET {url}: {r!r}"
     return r.json()
+
+
+# ---- the client library -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a write through the client came to, for tests that expect a
+    refusal as often as a success: ``status`` 200 with the node's reply in
+    ``json()`` and ``view``, or the HTTP status of the ``ClientError`` with
+    ``json()`` ``{"error": code, "detail": detail}``.  A failure without a
+    status (network, timeout) raises.  A test of the exact reply on the wire
+    (content type, every key of the body) sends its request with
+    ``NodeProc.request``."""
+
+    status: int
+    body: dict[str, Any]
+    view: OrderView | None = None
+    error: ClientError | None = None
+
+    def json(self) -> dict[str, Any]:
+        return self.body
+
+
+def _blocking(fn: Callable[[], T]) -> T:
+    """``fn()``; in a thread of its own when called from a coroutine (an async
+    test), since a SyncClient runs an event loop of its own, which cannot run
+    inside another one.  The caller waits, as it did for urllib."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn()
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nodes-client") as pool:
+        return pool.submit(fn).result()
 
 
 # ---- processes ----------------------------------------------------------------------
@@ -170,8 +214,8 @@ class NodeProc:
                 raise AssertionError(f"{self.name} exited with {self.proc and self.proc.returncode}\n"
                                      + self.logs())
             try:
-                return http("GET", self.url + "/readyz", timeout=1.0).status == 200
-            except OSError:
+                return self.call(lambda c: c.ready(timeout=1.0), timeout=1.0)
+            except ClientError:  # not listening yet, or not answering in time
                 return False
 
         wait_until(ready, timeout=timeout, what=f"{self.name} ready", nodes=[self])
@@ -209,7 +253,7 @@ class NodeProc:
         if self.running():
             os.kill(self.pid, signal.SIGCONT)
 
-    # HTTP
+    # raw HTTP (urllib): for requests a test means byte for byte
 
     @property
     def token(self) -> str:
@@ -234,58 +278,95 @@ class NodeProc:
             headers["Content-Type"] = content_type
         return http(method, self.url + path, data, headers=headers, timeout=timeout)
 
-    def order(self, side: str, qty: int, price: int | None = None, **extra: Any) -> dict[str, Any]:
-        body: dict[str, Any] = {"side": side, "qty": qty, **extra}
-        if price is not None:
-            body["price"] = price
-        r = self.request("POST", "/v1/orders", body)
-        assert r.status == 201, f"POST /v1/orders at {self.name}: {r!r}"
-        out: dict[str, Any] = r.json()
-        return out
+    # the client API, through the client library
 
-    def cancel(self, oid: str) -> Reply:
-        return self.request("DELETE", f"/v1/orders/{oid}")
+    def client(self, **options: Any) -> SyncClient:
+        """A new client of this node; close it (``with node.client() as c:``).
+        The token is read from ``.cookie`` when a write needs it, so it is
+        the current one after a restart.  Like the urllib helpers before it,
+        it sends every request once (no retries, which could hide a refusal
+        or a lost request) and gives up after ``HTTP_TIMEOUT``; ``options``
+        (``Client``'s) override that."""
+        settings: dict[str, Any] = {"timeout": HTTP_TIMEOUT, "read_attempts": 1, "write_attempts": 1, **options}
+        return SyncClient(self.url, lambda: self.token, **settings)
+
+    def call(self, fn: Callable[[SyncClient], T], **options: Any) -> T:
+        """``fn(client)`` on a client of its own, closed after, so no loop,
+        session or connection outlives the call (nor meets a restarted
+        node).  Works from a coroutine too.  A ClientError says which node."""
+        def run() -> T:
+            try:
+                with self.client(**options) as c:
+                    return fn(c)
+            except ClientError as exc:
+                exc.add_note(f"at node {self.name} ({self.url})")
+                raise
+
+        return _blocking(run)
+
+    def order(self, side: str, qty: int, price: int | None = None, **extra: Any) -> dict[str, Any]:
+        """Place an order (``extra``: ``tif``, ``market``, ``cid``, ``wait_final``
+        as for ``Client.place``); the node's reply."""
+        view = self.call(lambda c: c.place(side, qty, price, **extra))
+        return dict(view.raw)
+
+    def cancel(self, oid: str) -> Outcome:
+        """Cancel ``oid``: ``status`` 200 and the order after, or the refusal."""
+        try:
+            view = self.call(lambda c: c.cancel(oid))
+        except ClientError as exc:
+            if exc.status is None:
+                raise
+            return Outcome(exc.status, {"error": exc.code, "detail": exc.detail}, error=exc)
+        return Outcome(200, dict(view.raw), view=view)
 
     def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = self.get("/v1/status")
-        return out
+        return dict(self.call(lambda c: c.status()).raw)
 
     def state_hash(self) -> str:
-        return str(self.status()["state_hash"])
+        return self.call(lambda c: c.status()).state_hash
 
     def snapshot(self) -> dict[str, Any]:
         """What must be equal on converged replicas: the entries that are not
         heartbeats, the book, the fills.  (Members write a heartbeat every few
         seconds, so the state hash and version vector move on their own; which
         fills are final yet may differ for a moment.)"""
-        st = self.status()
-        book = self.get("/v1/book?depth=1000")
-        book.pop("state_hash", None)
-        fills = self.all_fills()
-        fills["fills"] = [{k: v for k, v in f.items() if k != "final"} for f in fills["fills"]]
-        return {"records": st["counts"]["records"], "book": book, "fills": fills}
+        def read(c: SyncClient) -> dict[str, Any]:
+            st = c.status()
+            book = dict(c.book(depth=1000).raw)
+            book.pop("state_hash", None)
+            fills = _all_fills(c, 1000)
+            fills["fills"] = [{k: v for k, v in f.items() if k != "final"} for f in fills["fills"]]
+            return {"records": st.raw["counts"]["records"], "book": book, "fills": fills}
+
+        return self.call(read)
 
     def all_fills(self, max_pages: int = 1000) -> dict[str, Any]:
         """Every fill, page by page (a page holds at most 1,000)."""
-        fills: list[Any] = []
-        total = 0
-        for _ in range(max_pages):
-            page = self.get(f"/v1/fills?since={len(fills)}&limit=1000")
-            fills += page["fills"]
-            total = page["total"]
-            if not page["fills"] or len(fills) >= total:
-                break
-        return {"fills": fills, "next": len(fills), "total": total}
+        return self.call(lambda c: _all_fills(c, max_pages))
 
     def peer_ids(self) -> set[str]:
-        return {p["id"] for p in self.status()["peers"]}
+        return {p.id for p in self.call(lambda c: c.status()).peers}
 
     def node_id(self) -> str:
-        return str(self.status()["node_id"])
+        return self.call(lambda c: c.status()).node_id
 
     def logs(self, lines: int = 40) -> str:
         return (f"----- {self.name} log ({self.log_file}) -----\n{tail(self.log_file, lines)}\n"
                 f"----- {self.name} stdout/stderr -----\n{tail(self.out_file, 10)}")
+
+
+def _all_fills(c: SyncClient, max_pages: int) -> dict[str, Any]:
+    """Every fill the node holds, as it sent them, at most ``max_pages`` pages."""
+    fills: list[Any] = []
+    total = 0
+    for _ in range(max_pages):
+        page = c.fills_page(since=len(fills), limit=1000)
+        fills += page.raw["fills"]
+        total = page.total
+        if not page.fills or len(fills) >= total:
+            break
+    return {"fills": fills, "next": len(fills), "total": total}
 
 
 def stop_all(nodes: Iterable[NodeProc]) -> None:
@@ -361,7 +442,7 @@ def wait_full_mesh(nodes: list[NodeProc], timeout: float = CONVERGE_TIMEOUT) -> 
 
     def meshed() -> bool:
         for n in nodes:
-            up = {p["id"] for p in n.status()["peers"] if p["state"] == "up"}
+            up = {p.id for p in n.call(lambda c: c.status()).peers if p.state == "up"}
             if not {ids[m.name] for m in nodes if m is not n} <= up:
                 return False
         return True
@@ -376,11 +457,11 @@ def wait_converged(nodes: list[NodeProc], timeout: float = CONVERGE_TIMEOUT,
     equal too.  Returns the snapshot."""
 
     def same() -> bool:
-        sts = [n.status() for n in nodes]
-        return (len({s["state_hash"] for s in sts}) == 1
-                and all(s["counts"]["entries"] >= min_entries for s in sts)
-                and not any(s["finality"]["pending"] for s in sts)
-                and len({s["counts"]["final_fills"] for s in sts}) == 1)
+        sts = [n.call(lambda c: c.status()) for n in nodes]
+        return (len({s.state_hash for s in sts}) == 1
+                and all(s.entries >= min_entries for s in sts)
+                and not any(s.raw["finality"]["pending"] for s in sts)
+                and len({s.final_fills for s in sts}) == 1)
 
     try:
         wait_until(same, timeout=timeout, what="equal state hashes", nodes=nodes, interval=0.1)
@@ -394,13 +475,22 @@ def wait_converged(nodes: list[NodeProc], timeout: float = CONVERGE_TIMEOUT,
 
 
 def wait_order_everywhere(nodes: list[NodeProc], oid: str, timeout: float = CONVERGE_TIMEOUT) -> float:
-    """Seconds until GET /v1/orders/{oid} answers 200 on every node."""
+    """Seconds until every node knows order ``oid`` (GET /v1/orders/{oid} answers)."""
     start = time.monotonic()
     pending = list(nodes)
 
+    def known(n: NodeProc) -> bool:
+        try:
+            n.call(lambda c: c.order(oid))
+        except ClientError as exc:
+            if exc.status is None:  # the node did not answer: fail, as before
+                raise
+            return False  # 404 unknown_order (or a refusal): not yet
+        return True
+
     def seen() -> bool:
         for n in list(pending):
-            if http("GET", f"{n.url}/v1/orders/{oid}").status == 200:
+            if known(n):
                 pending.remove(n)
         return not pending
 
