@@ -129,8 +129,8 @@ def add_node_parser(sub: Any) -> None:
                    help="a node whose clock is further than this from its peers' median refuses orders "
                         "[P2PEX_MAX_CLOCK_OFFSET_MS]")
     p.add_argument("--max-loop-lag-ms", type=positive_int, default=env("MAX_LOOP_LAG_MS", "500"),
-                   help="while the event loop runs later than this, new orders and cancels get 503 busy with "
-                        "Retry-After instead of queueing [P2PEX_MAX_LOOP_LAG_MS]")
+                   help="while the event loop wakes later than this three probes in a row, new orders and "
+                        "cancels get 503 busy with Retry-After instead of queueing [P2PEX_MAX_LOOP_LAG_MS]")
     p.add_argument("--clock-offset-ms", type=int, default=env("CLOCK_OFFSET_MS", "0"),
                    help="add this to the wall clock (for tests of skewed clocks) [P2PEX_CLOCK_OFFSET_MS]")
     p.add_argument("--max-foreign-origins", type=positive_int, default=env("MAX_FOREIGN_ORIGINS", "1000"),

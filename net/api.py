@@ -659,7 +659,7 @@ def _not_ready(request: web.Request, detail: str) -> web.Response:
 def _require_capacity(node: Node) -> None:
     """Backpressure: a node whose event loop runs late is over its capacity; a
     new order or cancel would only queue behind the others."""
-    lag_ms = node.metrics.lag_s * 1000
+    lag_ms = node.metrics.sustained_lag_s * 1000
     if lag_ms > node.config.max_loop_lag_ms:
         raise ApiError(f"the node is over its capacity (event loop {lag_ms:.0f} ms late); retry shortly",
                        code="busy", status=503, retry_after=1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter as Tally
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -30,6 +31,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 COMMIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 LOOP_PROBE_S = 0.1
+SUSTAINED_PROBES = 3
 
 
 def entry_kind(e: Entry) -> str:
@@ -68,7 +70,7 @@ class NodeMetrics:
             "p2pex_http_requests", "HTTP requests served, by route and status", ["route", "status"], registry=r)
         self.loop_lag = Gauge("p2pex_event_loop_lag_seconds",
                               f"How late a {LOOP_PROBE_S:g} s sleep of the event loop woke up, last probe", registry=r)
-        self.lag_s = 0.0  # the last probe's lag
+        self.lags: deque[float] = deque([0.0] * SUSTAINED_PROBES, maxlen=SUSTAINED_PROBES)  # the last probes
         r.register(_Snapshot(node))
 
     def received(self, entries: list[Entry], own: bytes) -> None:
@@ -97,8 +99,15 @@ class NodeMetrics:
         while True:
             t0 = loop.time()
             await asyncio.sleep(LOOP_PROBE_S)
-            self.lag_s = max(loop.time() - t0 - LOOP_PROBE_S, 0.0)
-            self.loop_lag.set(self.lag_s)
+            lag = max(loop.time() - t0 - LOOP_PROBE_S, 0.0)
+            self.lags.append(lag)
+            self.loop_lag.set(lag)
+
+    @property
+    def sustained_lag_s(self) -> float:
+        """The least lag of the last few probes: a loop that is late every time
+        is over its capacity; one late probe is a pause (SIGSTOP, a full GC)."""
+        return min(self.lags)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
