@@ -102,7 +102,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from net.node import LATENCY_SAMPLES
-from tests.nodes import NodeProc, make_nodes, stop_all, wait_full_mesh, wait_until
+from tests.nodes import NodeProc, make_nodes, start_network, stop_all
 
 NAMES = ("a", "b", "c", "d", "e")
 MID = 1000
@@ -429,15 +429,7 @@ def start_cluster(base: Path) -> list[NodeProc]:
     once every node counts five members and all are peers of each other."""
     nodes = make_nodes(base, NAMES)
     try:
-        nodes[0].start(wait=False)
-        nodes[0].wait_ready()
-        for n in nodes[1:]:
-            n.start(wait=False)
-        for n in nodes[1:]:
-            n.wait_ready()
-        wait_full_mesh(nodes)
-        wait_until(lambda: all(len(n.status()["finality"]["members"]) == len(nodes) for n in nodes), timeout=60,
-                   what="five members", nodes=nodes, interval=0.2)
+        start_network(nodes, timeout=60)
     except BaseException:
         stop_all(nodes)
         raise

@@ -47,7 +47,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from crdt.entry import BUY, SELL, Order
-from tests.nodes import NodeProc, make_nodes, stop_all, wait_full_mesh, wait_until, write_history
+from tests.nodes import NodeProc, all_final, make_nodes, start_network, stop_all, wait_until, write_history
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -120,24 +120,10 @@ async def load(nodes: list[NodeProc], rate: float, seconds: float, seed: int) ->
     return counts
 
 
-def all_final(nodes: list[NodeProc]) -> bool:
-    sts = [n.status() for n in nodes]
-    return (not any(s["finality"]["pending"] for s in sts)
-            and len({s["counts"]["final_fills"] for s in sts}) == 1
-            and all(s["counts"]["provisional_fills"] == 0 for s in sts))
-
-
 def cluster_figures(base: Path, rate: float, seconds: float, idle_s: float, seed: int) -> dict[str, Any]:
     nodes = make_nodes(base, ("a", "b", "c", "d", "e"))
     try:
-        nodes[0].start()
-        for n in nodes[1:]:
-            n.start(wait=False)
-        for n in nodes[1:]:
-            n.wait_ready()
-        wait_full_mesh(nodes)
-        wait_until(lambda: all(len(n.status()["finality"]["members"]) == 5 for n in nodes), timeout=60,
-                   what="five members", nodes=nodes)
+        start_network(nodes, timeout=60)
         counts = asyncio.run(load(nodes, rate, seconds, seed))
         t_end = time.monotonic()
         wait_until(lambda: all_final(nodes), timeout=120, what="every fill final", nodes=nodes, interval=0.1)

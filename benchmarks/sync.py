@@ -54,8 +54,8 @@ from tests.nodes import (
     all_logs,
     http,
     make_nodes,
+    start_network,
     stop_all,
-    wait_full_mesh,
     wait_until,
     write_history,
 )
@@ -183,11 +183,7 @@ def idle_figures(base: Path, seconds: float, extra_args: list[str]) -> dict[str,
     a.extra_args = b.extra_args = list(extra_args)
     nodes = [a, b]
     try:
-        a.start()
-        b.start()
-        wait_full_mesh(nodes)
-        wait_until(lambda: all(len(n.status()["finality"]["members"]) == 2 for n in nodes), timeout=60,
-                   what="two members", nodes=nodes)
+        start_network(nodes, timeout=60)
         wait_until(lambda: not any(n.status()["finality"]["pending"] for n in nodes), timeout=60,
                    what="everything final", nodes=nodes, interval=0.2)
         time.sleep(5.0)  # let the peer exchange settle at its slowest period

@@ -398,16 +398,30 @@ def make_nodes(base: Path, names: Iterable[str]) -> list[NodeProc]:
     return nodes
 
 
+def start_network(nodes: list[NodeProc], *, members: bool = True, timeout: float = CONVERGE_TIMEOUT) -> None:
+    """Start the first node (no bootstrap: it founds the network), then the
+    others (they join it); wait until all are ready and peers of each other,
+    and (``members``) until every node counts all of them as members."""
+    nodes[0].start()
+    for n in nodes[1:]:
+        n.start(wait=False)
+    for n in nodes[1:]:
+        n.wait_ready()
+    wait_full_mesh(nodes, timeout)
+    if members:
+        def all_members() -> bool:
+            fins = [n.status()["finality"] for n in nodes]
+            return all(f["member"] and len(f["members"]) == len(nodes) for f in fins)
+
+        wait_until(all_members, timeout=timeout, what=f"{len(nodes)} members", nodes=nodes, interval=0.1)
+
+
 @contextlib.contextmanager
 def cluster(base: Path, names: Iterable[str] = ("a", "b", "c")) -> Iterator[list[NodeProc]]:
-    """Start nodes (the first is the bootstrap of the rest); stop them all on exit."""
+    """Start a network of nodes (``start_network``); stop them all on exit."""
     nodes = make_nodes(base, names)
     try:
-        for n in nodes:
-            n.start(wait=False)
-        for n in nodes:
-            n.wait_ready()
-        wait_full_mesh(nodes)
+        start_network(nodes)
         yield nodes
     finally:
         stop_all(nodes)
@@ -472,6 +486,15 @@ def wait_converged(nodes: list[NodeProc], timeout: float = CONVERGE_TIMEOUT,
     for n, s in zip(nodes[1:], snaps[1:], strict=True):
         assert s == snaps[0], f"{n.name} differs from {nodes[0].name} at equal state hash"
     return snaps[0]
+
+
+def all_final(nodes: list[NodeProc]) -> bool:
+    """Nothing pending anywhere and the same final fills on every node."""
+    sts = [n.status() for n in nodes]
+    if any(s["finality"]["pending"] for s in sts):
+        return False
+    counts = {s["counts"]["final_fills"] for s in sts}
+    return len(counts) == 1 and all(s["counts"]["provisional_fills"] == 0 for s in sts)
 
 
 def wait_order_everywhere(nodes: list[NodeProc], oid: str, timeout: float = CONVERGE_TIMEOUT) -> float:

@@ -25,9 +25,9 @@ from tests.nodes import (
     free_port,
     logs_on_failure,
     make_nodes,
+    start_network,
     stop_all,
     wait_converged,
-    wait_full_mesh,
     wait_order_everywhere,
     wait_until,
 )
@@ -40,11 +40,7 @@ CALL_TIMEOUT_S = 1.0  # and the client gives up on each attempt after this
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProc]]:
     nodes = make_nodes(tmp_path_factory.mktemp("client"), ("a", "b"))
     try:
-        for n in nodes:
-            n.start(wait=False)
-        for n in nodes:
-            n.wait_ready()
-        wait_full_mesh(nodes)
+        start_network(nodes)
         yield nodes
     finally:
         stop_all(nodes)

@@ -13,7 +13,7 @@ import msgpack
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.nodes import NodeProc, http, make_nodes, stop_all, wait_full_mesh, wait_until
+from tests.nodes import NodeProc, http, make_nodes, start_network, stop_all, wait_until
 
 
 def scrape(node: NodeProc) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -36,11 +36,7 @@ def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProc]]:
     nodes = make_nodes(tmp_path_factory.mktemp("metrics"), ("a", "b"))
     try:
-        nodes[0].start()
-        nodes[1].start()
-        wait_full_mesh(nodes)
-        wait_until(lambda: all(n.status()["finality"]["member"] for n in nodes), timeout=30, what="members",
-                   nodes=nodes)
+        start_network(nodes)
         yield nodes
     finally:
         stop_all(nodes)

@@ -24,13 +24,14 @@ from crdt.entry import BUY, GENESIS, SELL, Order, make_entry
 from crdt.keys import SigningKey
 from tests.nodes import (
     NodeProc,
+    all_final,
     http,
     logs_on_failure,
     make_nodes,
     report,
+    start_network,
     stop_all,
     wait_converged,
-    wait_full_mesh,
     wait_until,
 )
 
@@ -65,15 +66,6 @@ def finality(node: NodeProc) -> dict[str, Any]:
     return fin
 
 
-def all_final(nodes: list[NodeProc]) -> bool:
-    """Nothing pending anywhere and the same final fills on every node."""
-    sts = [n.status() for n in nodes]
-    if any(s["finality"]["pending"] for s in sts):
-        return False
-    counts = {s["counts"]["final_fills"] for s in sts}
-    return len(counts) == 1 and all(s["counts"]["provisional_fills"] == 0 for s in sts)
-
-
 def cross(maker: NodeProc, taker: NodeProc, price: int, qty: int = 2) -> tuple[str, str]:
     """A resting sell at ``maker`` and a buy at ``taker`` that fills it."""
     sell = maker.order("sell", qty, price)
@@ -93,15 +85,7 @@ def five(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProc]]:
     for n in nodes:
         n.extra_args = ["--evict-after", f"{EVICT_AFTER:g}"]
     try:
-        nodes[0].start()  # the founder first, so the others join its network
-        for n in nodes[1:]:
-            n.start(wait=False)
-        for n in nodes[1:]:
-            n.wait_ready()
-        wait_full_mesh(nodes)
-        wait_until(lambda: all(finality(n)["member"] for n in nodes) and
-                   all(len(finality(n)["members"]) == 5 for n in nodes),
-                   timeout=SETTLE, what="five members", nodes=nodes)
+        start_network(nodes, timeout=SETTLE)
         yield nodes
     finally:
         stop_all(nodes)
@@ -282,12 +266,7 @@ class TestClocks:
         nodes[2].extra_args = ["--clock-offset-ms", "4000"]
         try:
             with logs_on_failure(request, nodes):
-                nodes[0].start()
-                for n in nodes[1:]:
-                    n.start(wait=False)
-                for n in nodes[1:]:
-                    n.wait_ready()
-                wait_full_mesh(nodes)
+                start_network(nodes, members=False)  # c's clock is off: it may not be admitted
                 a, b, c = nodes
 
                 def c_unhealthy() -> bool:

@@ -12,7 +12,7 @@ placed through B's form shows in B's tape as provisional (while node C is
 frozen, finality cannot advance) and then as final once C is thawed; A's page
 cancels the rest.  Then C's page sees C stop and come back, and reconnects.
 It skips with the reason when the browser, its driver or selenium is missing.
-Every wait is bounded (``WebDriverWait`` with a timeout, ``wait_until``).
+Every wait is bounded (``WebDriverWait`` with a timeout).
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from tests.nodes import (
     logs_on_failure,
     make_nodes,
     report,
+    start_network,
     stop_all,
     wait_full_mesh,
-    wait_until,
 )
 
 CHROMIUM = "/usr/bin/chromium"
@@ -54,11 +54,6 @@ HOSTILE_NAME = "<b>bee</b> & <img src=x>"
 HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-def finality(node: NodeProc) -> dict[str, Any]:
-    fin: dict[str, Any] = node.status()["finality"]
-    return fin
-
-
 @pytest.fixture(scope="module")
 def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProc]]:
     nodes = make_nodes(tmp_path_factory.mktemp("web"), ("a", "b", "c"))
@@ -66,14 +61,7 @@ def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProc]]:
         n.extra_args = ["--evict-after", str(EVICT_AFTER)]
     nodes[1].extra_args += ["--name", HOSTILE_NAME]  # after start()'s own --name: this one counts
     try:
-        nodes[0].start()  # the founder first, so the others join its network
-        for n in nodes[1:]:
-            n.start(wait=False)
-        for n in nodes[1:]:
-            n.wait_ready()
-        wait_full_mesh(nodes)
-        wait_until(lambda: all(finality(n)["member"] and len(finality(n)["members"]) == 3 for n in nodes),
-                   timeout=SETTLE, what="three members", nodes=nodes)
+        start_network(nodes, timeout=SETTLE)
         yield nodes
     finally:
         stop_all(nodes)
