@@ -157,12 +157,19 @@ class Peer:
     last_error: str | None
     rtt_ms: float | None
     clock_offset_ms: float | None
+    behind_entries: int | None = None  # entries the node held that the peer lacked at its last sync
+    latency_p50_ms: float | None = None  # acceptance at the peer to merge at the node, its recent entries
+    latency_p99_ms: float | None = None
 
     @classmethod
     def from_json(cls, d: Json) -> Peer:
+        behind = d.get("behind_entries")
         return cls(id=str(d["id"]), short=str(d.get("short") or str(d["id"])[:8]), url=str(d["url"]),
                    state=str(d["state"]), failures=int(d.get("failures") or 0), last_error=d.get("last_error"),
-                   rtt_ms=_float_or_none(d.get("rtt_ms")), clock_offset_ms=_float_or_none(d.get("clock_offset_ms")))
+                   rtt_ms=_float_or_none(d.get("rtt_ms")), clock_offset_ms=_float_or_none(d.get("clock_offset_ms")),
+                   behind_entries=None if behind is None else int(behind),
+                   latency_p50_ms=_float_or_none(d.get("latency_p50_ms")),
+                   latency_p99_ms=_float_or_none(d.get("latency_p99_ms")))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

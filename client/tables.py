@@ -111,9 +111,10 @@ def status_table(st: Status) -> Table:
 
 def peers_table(peers: Iterable[Peer]) -> Table:
     t = table("peer", "state", "url", ("failures", "right"), ("rtt ms", "right"), ("clock ms", "right"),
-              "last error")
+              ("behind", "right"), ("latency p50/p99 ms", "right"), "last error")
     for p in peers:
-        row(t, p.short, p.state, p.url, p.failures, _num(p.rtt_ms), _num(p.clock_offset_ms), p.last_error)
+        row(t, p.short, p.state, p.url, p.failures, _num(p.rtt_ms), _num(p.clock_offset_ms), _num(p.behind_entries),
+            f"{_num(p.latency_p50_ms) or '-'}/{_num(p.latency_p99_ms) or '-'}", p.last_error)
     return t
 
 

@@ -82,6 +82,7 @@ LATENCY_SAMPLES = 20_000
 MAX_RECORDS_PER_CALL = 300  # peer records read from one request or reply
 MAX_GREETINGS = 8  # proofs of new peers under way at once
 PROVE_EVERY_S = 0.2  # how often waiting candidates are looked at
+PEER_LATENCY_KEPT = 1_000  # recent delays kept per peer
 COOL_FAILED_PROOF_S = 60.0  # a record whose node did not prove its key is not tried again for this long
 COOL_UNREACHABLE_S = 5.0
 COOL_REFUSED_S = 300.0  # a URL the address policy refuses
@@ -201,6 +202,7 @@ class Node:
         self.metrics = NodeMetrics(self)
         self.records = 0  # entries held that are not heartbeats
         self.own_orders = 0  # orders in this node's own log
+        self.peer_latencies: dict[bytes, deque[int]] = {}  # peer -> recent acceptance-to-merge delays (ms)
         self.others_orders = 0  # orders in other origins' logs
         self.others_cancels = 0
         self.own_cancels = 0
@@ -649,6 +651,9 @@ class Node:
         for e in result.merge.accepted:
             if e.origin != self.node_id:
                 self.latencies.append(now - physical_ms(e.hlc))
+                if e.origin in self.peers.peers:  # per peer too (peers only: their number is capped)
+                    self.peer_latencies.setdefault(e.origin, deque(maxlen=PEER_LATENCY_KEPT)).append(
+                        now - physical_ms(e.hlc))
                 self.metrics.observe_replication(now, e.hlc)
         self._after(result, peer_id=peer_id)
         return Ingested(merge=result.merge, malformed=tuple(malformed))
@@ -835,6 +840,8 @@ class Node:
             raw_vv = reply.get("vv", {})
             theirs = {k: v for k, v in raw_vv.items() if type(k) is bytes and type(v) is int} \
                 if isinstance(raw_vv, dict) else {}
+            ours = self.exchange.replica.version_vector()
+            peer.behind = sum(max(n - theirs.get(o, 0), 0) for o, n in ours.items())
             entries = reply.get("entries", [])
             if entries:
                 try:
@@ -1061,6 +1068,14 @@ class Node:
 
     # ---- views -------------------------------------------------------------------
 
+    def _peer_latency(self, node_id: bytes) -> dict[str, float | None]:
+        """Acceptance at the peer to merge here, for its recent entries (ms)."""
+        lat = sorted(self.peer_latencies.get(node_id, ()))
+        if not lat:
+            return {"latency_p50_ms": None, "latency_p99_ms": None}
+        return {"latency_p50_ms": lat[(len(lat) - 1) // 2],
+                "latency_p99_ms": lat[min(len(lat) - 1, len(lat) * 99 // 100)]}
+
     def peer_views(self) -> list[dict[str, Any]]:
         mono = self.monotonic()
         out = []
@@ -1073,5 +1088,7 @@ class Node:
                 "clock_offset_ms": p.offset_ms if p.offset_ms is not None and mono - p.offset_at < OFFSET_TTL_S
                 else None,
                 "record_age_s": round((self.clock_ms() - p.record.last_seen) / 1000, 1),
+                "behind_entries": p.behind,
+                **self._peer_latency(p.record.node_id),
             })
         return out

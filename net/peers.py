@@ -134,6 +134,7 @@ class Peer:
     rtt_ms: float | None = None
     offset_ms: int | None = None  # its wall clock minus ours, from the last call
     offset_at: float = 0.0  # monotonic seconds of that measurement
+    behind: int | None = None  # entries we held that it lacked, at its last sync reply
 
     @property
     def state(self) -> str:

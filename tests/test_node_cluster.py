@@ -27,6 +27,7 @@ from tests.nodes import (
     run_cli,
     wait_converged,
     wait_order_everywhere,
+    wait_until,
 )
 
 
@@ -222,6 +223,14 @@ class TestReplication:
             assert sum(st["version_vector"].values()) == st["counts"]["entries"]
         peers = cli_json("peers", "--node", trio[0].url)
         assert len(peers) == 2
+        # per peer: how far behind it was at its last sync reply, and how fast its entries arrive here
+        def measured() -> bool:
+            views = trio[0].status()["peers"]
+            return all(p["behind_entries"] is not None and p["latency_p50_ms"] is not None for p in views)
+
+        wait_until(measured, timeout=30, what="per-peer lag and latency at a", nodes=trio)
+        for p in trio[0].status()["peers"]:
+            assert 0 <= p["behind_entries"] and 0 <= p["latency_p50_ms"] <= p["latency_p99_ms"], p
 
 
 class TestFigures:

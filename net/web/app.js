@@ -475,11 +475,13 @@
       el("td", { class: "mono" }, p.url || ""),
       el("td", {}, el("span", { class: "badge", "data-state": p.state }, p.state)),
       el("td", {}, num(p.rtt_ms)),
+      el("td", {}, num(p.behind_entries)),
+      el("td", {}, `${num(p.latency_p50_ms)} / ${num(p.latency_p99_ms)}`),
       el("td", {}, p.last_ok_s_ago === null || p.last_ok_s_ago === undefined ? "never" : `${p.last_ok_s_ago} s ago`),
       el("td", {}, num(p.clock_offset_ms)),
       el("td", {}, num(p.failures)),
       el("td", { class: "error" }, p.last_error || "")));
-    if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: 8, class: "dim" }, "no peers")));
+    if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: 10, class: "dim" }, "no peers")));
     $("peers").tBodies[0].replaceChildren(...rows);
   }
 
