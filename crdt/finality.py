@@ -580,26 +580,23 @@ class Finality:
                 ack += (x, kx, self.stable_x.get(x, 0), dx)
         return ack
 
-    def next_body(self, mono_ms: int, *, pending_hlc: int, newest_hlc: int = 0) -> Evict | Retract | Heartbeat | None:
+    def next_body(self, mono_ms: int, *, pending_hlc: int) -> Evict | Retract | Heartbeat | None:
         """What this member should write now, if anything: a vote or a
-        retraction, else a heartbeat that moves finality (or shows it is alive).
-        ``pending_hlc``: the newest record not final here (0: none);
-        ``newest_hlc``: the newest record."""
+        retraction, else a heartbeat that moves finality (or shows it is alive)."""
         me = self.node_id
         members = self.membership.members()
         if me not in members:
             return None
         majority = self._hears_majority(mono_ms, members)
-        for x in self.contested():
-            if x == me or x not in members:
-                continue
+        contested = [x for x in self.contested() if x != me and x in members]
+        for x in contested:
             mine = self._live_vote(x)
             if mine is not None:
                 if self._alive(x, mono_ms) and self.last_heard.get(x, 0) > self._my_vote_mono.get(x, 0):
                     return Retract(member=x)
-            elif majority and self._silent(x, mono_ms):
-                return self._vote(x)  # join a vote under way
-        if majority and not any(self._live_vote(x) for x in self._votes):
+            elif majority and self._silent(x, mono_ms) and contested == [x]:
+                return self._vote(x)  # join the vote under way (one member contested at a time)
+        if majority and not contested and not any(self._live_vote(x) for x in self._votes):
             suspect = self._suspect(mono_ms, members)
             if suspect is not None:
                 return self._vote(suspect)
@@ -609,12 +606,6 @@ class Finality:
         if since < self.heartbeat_ms:
             return None
         if pending_hlc <= self.final and not self.contested():
-            # final here, but the others reach it only through our published
-            # frontiers: publish once more until they cover the newest record
-            published = self._acks.get(me)
-            last = published[-1] if published else ()
-            if newest_hlc and len(last) >= 2 and min(last[0], last[1]) < newest_hlc <= self.stable:
-                return Heartbeat()
             return None
         head = self.replica.head_info(me)[2]
         if head < pending_hlc or self._published() != self._ack_view(self.own_ack()):
@@ -649,7 +640,7 @@ class Finality:
         silent = [o for o in members if o != self.node_id and self._silent(o, mono_ms)]
         if not silent:
             return None
-        return min(silent, key=lambda o: (self.last_heard.get(o, 0), o))
+        return min(silent)  # the same choice on every node that sees the same members silent
 
     def holding(self, mono_ms: int) -> tuple[bytes, int] | None:
         """The member whose log stops completeness, and for how long it has been silent."""
