@@ -986,6 +986,7 @@ class Node:
             log.info("forgot peer %s: %s", short_id(node_id), why)
         self.store.delete_peer(node_id)
         self._push_queues.pop(node_id, None)
+        self.peer_latencies.pop(node_id, None)
 
     def records_for(self, caller_loopback: bool) -> list[list[Any]]:
         """Records to hand a caller: proven peers and our own, never a loopback
@@ -1072,6 +1073,8 @@ class Node:
                 "latency_p99_ms": lat[min(len(lat) - 1, len(lat) * 99 // 100)]}
 
     def peer_views(self) -> list[dict[str, Any]]:
+        for gone in [k for k in self.peer_latencies if k not in self.peers.peers]:
+            del self.peer_latencies[gone]  # peers the table dropped (expired or displaced)
         mono = self.monotonic()
         out = []
         for p in sorted(self.peers.peers.values(), key=lambda p: p.record.node_id):

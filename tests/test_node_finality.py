@@ -106,10 +106,7 @@ def members(request: pytest.FixtureRequest, five: list[NodeProc]) -> Iterator[li
 class TestFiveMembers:
     def test_fills_become_final_alike_everywhere(self, request: pytest.FixtureRequest,
                                                  members: list[NodeProc]) -> None:
-        a = members[0]
-        b = members[1]
-        c = members[2]
-        d = members[3]
+        a, b, c, d, _ = members
         before = len(final_fills(a))
         sell, buy = cross(a, b, 101)
         t0 = time.monotonic()
@@ -149,10 +146,7 @@ class TestFiveMembers:
 
     def test_killed_member_is_voted_out_and_finality_resumes(self, request: pytest.FixtureRequest,
                                                              members: list[NodeProc]) -> None:
-        a = members[0]
-        b = members[1]
-        c = members[2]
-        e = members[4]
+        a, b, c, _, e = members
         live = members[:4]
         e_id = e.node_id()
         wait_until(lambda: all_final(members), timeout=SETTLE, what="quiet start", nodes=members)
@@ -222,10 +216,7 @@ class TestFiveMembers:
                                                                  members: list[NodeProc]) -> None:
         """Regression: a fresh key's sell stamped in 1970 used to sort before every
         order, rewind the book and take an acknowledged trade for itself."""
-        a = members[0]
-        b = members[1]
-        c = members[2]
-        d = members[3]
+        a, b, c, d, _ = members
         cross(a, b, 107)
         wait_until(lambda: all_final(members), timeout=SETTLE, what="the trade final", nodes=members)
         finals = {n.name: final_fills(n) for n in members}
