@@ -9,6 +9,7 @@ timeouts are scaled down (eviction after 800 ms) so a run is short.
 from __future__ import annotations
 
 import random
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from hashlib import blake2b
@@ -190,6 +191,10 @@ def run(seed: int, *, trace: bool = False, storm: bool = False,
     except Violation as exc:
         violation = str(exc)
         log.append(f"{now}: VIOLATION {exc}")
+    except Exception as exc:  # the core raised: a bug, reported with its seed like a violation
+        violation = f"the core raised {exc!r}"
+        log.append(f"{now}: VIOLATION {violation}")
+        log.extend(traceback.format_exc().rstrip().splitlines())
     for nd in nodes:
         log.append(f"node {nd.index}: {'up' if nd.ex else 'down'}, final fills {len(nd.disk.final_fills)}, "
                    f"restarts {nd.restarts}, revoked {nd.revoked}, voided own {len(nd.voided)}"
