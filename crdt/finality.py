@@ -9,7 +9,8 @@ The argument is in ``docs/FINALITY.md``; in short:
 - *ack*: every entry a member writes carries ``(K, S, D)``: its completeness
   ``K``, its level-1 frontier ``S`` and ``D = digest(K)``, a hash over every
   member's log prefix up to ``K`` (origin, length, head hash: the hash chain
-  commits to the whole prefix).  An ack *matches* here when this node computes
+  commits to the whole prefix) and its memberships begun by ``K`` (admissions,
+  and the evictions that closed them).  An ack *matches* here when this node computes
   the same digest at ``K``: both hold the same history up to ``K``.
 - level 1, ``S``: the minimum over members of their newest matching ``K``:
   every member holds exactly this node's history up to ``S``.  A member never
@@ -114,12 +115,13 @@ class Finality:
         # apart so that a member that lags behind a decision about itself still finds them
         self._sacks: dict[tuple[bytes, bytes], deque[tuple[int, int, bytes]]] = {}
         self._votes: dict[bytes, list[Vote]] = {}  # member -> every vote and retraction against it
-        self._timelines: dict[bytes, tuple[tuple[int, int], list[Vote]]] = {}
+        self._timelines: dict[bytes, tuple[tuple[int, int, int], list[Vote]]] = {}
         self.my_votes: dict[bytes, int] = {}  # member -> cut at which this node's view of it is frozen
         self._my_vote_mono: dict[bytes, int] = {}  # member -> when this node last voted against it
         # decided evictions whose suspect acks this node keeps publishing until its
         # final frontier passes the decision: a member that has not decided yet needs them
         self.closing: dict[bytes, bytes] = {}
+        self._closing_from: dict[bytes, int] = {}  # decided member -> the final frontier when decided
         self.last_heard: dict[bytes, int] = {}
         self._heads: dict[bytes, int] = {}  # origin -> effective length when last heard
         self._admitted: dict[bytes, bytes | None] = {}  # origin -> start of the membership last heard
@@ -149,12 +151,13 @@ class Finality:
 
     def _fork_end(self, origin: bytes, fork: tuple[int, int]) -> int:
         """Just before the forked seq, but never below what is fixed (the floor),
-        and for a closed log nothing past its cut needs keeping."""
+        and for a closed log never past its cut: what lies past it is void, and
+        may be pruned (the cut itself stays pinned)."""
         seq, floor = fork
         keep = self._count_upto(origin, floor, cut_forks=False)
         cut = self.membership.closed_cut(origin)
         if cut is not None:
-            return max(seq - 1, min(keep if keep >= 0 else cut, cut))
+            return min(cut, max(seq - 1, keep if keep >= 0 else cut))
         return max(seq - 1, self.replica.base(origin)[0], keep)
 
     def _hlc_at(self, origin: bytes, seq: int) -> int:
@@ -258,12 +261,10 @@ class Finality:
         for o in self.membership.ever_members():
             if o == without:
                 continue
-            last = None
-            for iv in self.membership.intervals(o):
-                if hlc_of(iv.start) <= k:
-                    last = iv
-            if last is None:
+            ivs = [iv for iv in self.membership.intervals(o) if hlc_of(iv.start) <= k]
+            if not ivs:
                 continue
+            last = ivs[-1]
             cut = last.end_seq if last.closed_at is not None else None
             if cut is not None and cut <= self.replica.length(o) and self._hlc_at(o, cut) <= k:
                 n = min(cut, self.end(o)) if cut_forks else cut  # a closed log, wholly at or below k
@@ -274,7 +275,10 @@ class Finality:
                     return None
                 if cut is not None:
                     n = min(n, cut)
-            rows.append([o, n, self.replica.hash_at(o, n)])
+            # the memberships too, with the evictions that closed them: two nodes
+            # that derived different decisions from the same logs never match
+            rows.append([o, n, self.replica.hash_at(o, n),
+                         [[iv.start, iv.after, iv.end_seq, iv.closed_at] for iv in ivs]])
         d = blake2b(msgpack.packb([k, rows], use_bin_type=True), digest_size=32).digest()
         if len(self._digests) > 4096:
             self._digests.clear()
@@ -375,8 +379,11 @@ class Finality:
     def _recompute_contested(self, members: list[bytes]) -> None:
         me = self.node_id
         for x, at in list(self.closing.items()):
-            if hlc_of(at) <= self.final:
+            # past where it stood at the decision: every member's acks matched
+            # since, and digests commit to decisions, so every member decided too
+            if self.final > max(hlc_of(at), self._closing_from.get(x, 0)):
                 del self.closing[x]
+                self._closing_from.pop(x, None)
         contested = self.contested()
         for x in [x for x in self._votes if x not in contested and x not in self.closing
                   and self.membership.is_member(x)]:
@@ -433,13 +440,16 @@ class Finality:
         """Votes and retractions against ``x``'s current membership by members
         entitled to act, in key order."""
         votes = self._votes.get(x, ())
-        stamp = (self.membership.version, len(votes))
+        stamp = (self.membership.version, self.forks_version, len(votes))
         cached = self._timelines.get(x)
         if cached is not None and cached[0] == stamp:
             return cached[1]
         start = self.membership.admitted_at(x)
+        # a vote past the end of its writer's forked log never counts, whether
+        # or not membership has been told of that end yet
         out = [] if start is None else sorted(
-            (v for v in votes if v.key > start and self.membership.acts(v.voter, v.seq, v.key)),
+            (v for v in votes if v.key > start and self.membership.acts(v.voter, v.seq, v.key)
+             and (v.voter not in self._forks or v.seq <= self.end(v.voter))),
             key=lambda v: v.key)
         self._timelines[x] = (stamp, out)
         return out
@@ -482,8 +492,15 @@ class Finality:
         candidates: list[Decision] = []
         for x in list(self._votes):
             if x not in members:
+                # not a member here *yet* may still become one: its Admit can
+                # arrive after votes against it.  Only votes below the final
+                # frontier can never count (a later admission lies above it).
                 if x not in self.closing:
-                    del self._votes[x]
+                    keep = [v for v in self._votes[x] if hlc_of(v.key) > self.final]
+                    if keep:
+                        self._votes[x] = keep
+                    else:
+                        del self._votes[x]
                 continue
             d = self._decision(x, self.final_x.get(x, 0))
             if d is not None:
@@ -500,6 +517,7 @@ class Finality:
             del self._votes[d.member]
             self.my_votes.pop(d.member, None)
             self.closing[d.member] = d.at
+            self._closing_from[d.member] = self.final
             self._digests.clear()
             return [d]
         return []
@@ -589,14 +607,18 @@ class Finality:
             return None
         majority = self._hears_majority(mono_ms, members)
         contested = [x for x in self.contested() if x != me and x in members]
+        # a member whose votes are all retracted, waiting to settle, does not
+        # hold up a vote against another: that one may be the silent member
+        # whose log the settling waits for
+        voting = [x for x in contested if self._under_vote(x)]
         for x in contested:
             mine = self._live_vote(x)
             if mine is not None:
                 if self._alive(x, mono_ms) and self.last_heard.get(x, 0) > self._my_vote_mono.get(x, 0):
                     return Retract(member=x)
-            elif majority and self._silent(x, mono_ms) and contested == [x]:
-                return self._vote(x)  # join the vote under way (one member contested at a time)
-        if majority and not contested and not any(self._live_vote(x) for x in self._votes):
+            elif majority and self._silent(x, mono_ms) and voting == [x]:
+                return self._vote(x)  # join the vote under way (one member under vote at a time)
+        if majority and not voting and not any(self._live_vote(x) for x in self._votes):
             suspect = self._suspect(mono_ms, members)
             if suspect is not None:
                 return self._vote(suspect)
@@ -620,6 +642,15 @@ class Finality:
     def _ack_view(ack: Ack) -> tuple[object, ...]:
         """An ack without its digests: what changes when the frontiers move."""
         return tuple(x for i, x in enumerate(ack) if i not in (2, 6))
+
+    def _under_vote(self, x: bytes) -> bool:
+        """Is an eviction of ``x`` decided and closing, or some vote against it live?"""
+        if x in self.closing:
+            return True
+        last: dict[bytes, Vote] = {}
+        for v in self._timeline(x):
+            last[v.voter] = v
+        return any(v.cut is not None for v in last.values())
 
     def _vote(self, x: bytes) -> Evict:
         return Evict(member=x, cut=self.end(x))

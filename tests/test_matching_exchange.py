@@ -24,6 +24,7 @@ from crdt.entry import BUY, GENESIS, IOC, SELL, Admit, Cancel, Entry, Heartbeat,
 from crdt.errors import ClockUnhealthy, ForeignCancel, NotMember, WrongNetwork
 from crdt.hlc import physical_ms
 from crdt.keys import SigningKey
+from crdt.membership import Decision
 from matching.engine import CANCELLED, FILLED, OPEN, PARTIAL, Fill, FinalOrder
 from matching.exchange import Exchange, NotCancellable, Params, Received, UnknownOrder, fill_id, record_of
 from tests.conftest import (
@@ -313,6 +314,24 @@ class TestFinality:
             assert ex.frontiers().final >= bid.hlc
             assert net.finals[i][:len(before[i])] == before[i]  # nothing final changed
         assert len({tuple(net.finals[i]) for i in range(3)}) == 1
+
+    def test_digests_commit_to_eviction_decisions(self) -> None:
+        """Two nodes holding the same logs but not the same decisions must not
+        match each other's acks (storm seed 351: a node that had lost the votes
+        against itself finalized its own voided entries)."""
+        net = Lockstep(3)
+        net.write(0, Order(side=SELL, price=100, qty=5))
+        net.run(100)
+        ex = net.nodes[0]
+        fin = ex.finality
+        k = fin.complete
+        before = fin.digest(k)
+        x = net.nodes[2].node_id
+        last = ex.replica.tail(x)[-1]
+        ex.membership.add_decision(Decision(member=x, at=last.key, cut=last.seq))
+        fin.invalidate()
+        assert ex.replica.length(x) == last.seq  # the same log
+        assert fin.digest(k) != before
 
     def test_a_member_back_before_the_eviction_stays_a_member(self) -> None:
         net = Lockstep(3)

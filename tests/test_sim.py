@@ -47,6 +47,43 @@ class TestSimulatedNetworks:
         bad = [(s, v) for s, v, _ in results if v is not None]
         assert not bad, "\n".join(f"seed {s}: {v} (replay: python -m sim --seed {s} --storm)" for s, v in bad)
 
+    def test_storm_seed_292_a_vote_past_a_forked_end_decides_nothing(self) -> None:
+        """Regression: a node learned of an equivocation and, in the same step,
+        decided an eviction with a vote its writer had signed past the fork.
+        Membership had not been told of the fork's end yet and the vote timeline
+        was cached, so the void vote completed a majority.  The evicted node
+        never reached that decision; once the deciding node equivocated too,
+        the two finalized a different fill #65."""
+        r = run(292, storm=True)
+        assert r.violation is None, r.violation
+        assert r.finals > 100
+
+    def test_storm_seed_334_a_closed_forked_log_ends_at_its_cut(self) -> None:
+        """Regression: an evicted member that had also equivocated got an
+        effective end past its eviction's cut; the entries there were void and
+        already pruned, and banning it raised ``KeyError`` in the core."""
+        r = run(334, storm=True)
+        assert r.violation is None, r.violation
+
+    def test_storm_seed_351_votes_that_arrive_before_the_admission_are_kept(self) -> None:
+        """Regression: a paused node received two votes against itself before the
+        ``Admit`` that had made it a member, dropped them as votes against a
+        non-member, and never decided its own eviction.  It went on to match its
+        own voided entries and finalized a different fill #91."""
+        r = run(351, storm=True)
+        assert r.violation is None, r.violation
+        assert r.evictions == 2
+
+    def test_seed_721_a_retraction_waiting_to_settle_does_not_block_a_vote(self) -> None:
+        """Regression: a member suspected while its clock was skewed had its vote
+        retracted; the retraction could settle only with the acknowledgements of
+        another member, which had crashed meanwhile.  With one member contested
+        at a time, nobody joined the vote against the crashed one, and finality
+        stalled for good.  Now only a live vote holds up another vote."""
+        r = run(721)
+        assert r.violation is None, r.violation
+        assert r.evictions == 1
+
     def test_a_seed_replays_exactly(self) -> None:
         first, again = run(7, trace=True), run(7, trace=True)
         assert first.trace == again.trace and first.finals == again.finals
