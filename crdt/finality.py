@@ -598,9 +598,11 @@ class Finality:
                 ack += (x, kx, self.stable_x.get(x, 0), dx)
         return ack
 
-    def next_body(self, mono_ms: int, *, pending_hlc: int) -> Evict | Retract | Heartbeat | None:
+    def next_body(self, mono_ms: int, *, pending_hlc: int, newest_hlc: int = 0) -> Evict | Retract | Heartbeat | None:
         """What this member should write now, if anything: a vote or a
-        retraction, else a heartbeat that moves finality (or shows it is alive)."""
+        retraction, else a heartbeat that moves finality (or shows it is alive).
+        ``pending_hlc``: the newest record not final here (0: none);
+        ``newest_hlc``: the newest record."""
         me = self.node_id
         members = self.membership.members()
         if me not in members:
@@ -628,6 +630,12 @@ class Finality:
         if since < self.heartbeat_ms:
             return None
         if pending_hlc <= self.final and not self.contested():
+            # final here, but the others reach it only through our published
+            # frontiers: publish once more until they cover the newest record
+            published = self._acks.get(me)
+            last = published[-1] if published else ()
+            if newest_hlc and len(last) >= 2 and min(last[0], last[1]) < newest_hlc <= self.stable:
+                return Heartbeat()
             return None
         head = self.replica.head_info(me)[2]
         if head < pending_hlc or self._published() != self._ack_view(self.own_ack()):

@@ -258,7 +258,7 @@ class Exchange:
         merge = self.replica.drain_due(now_ms)
         received = self._after_merge(merge, mono, now_ms)
         self.finality.heard(mono)
-        return received, self.finality.next_body(mono, pending_hlc=self.pending())
+        return received, self.finality.next_body(mono, pending_hlc=self.pending(), newest_hlc=self._newest_record)
 
     # ---- receiving -----------------------------------------------------------------
 

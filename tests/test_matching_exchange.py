@@ -150,6 +150,25 @@ class Lockstep:
         return [ex for i, ex in enumerate(self.nodes) if i not in self.down]
 
 
+class Jittered(Lockstep):
+    """Like ``Lockstep``, but each entry reaches each node after 0 to 6 steps."""
+
+    def __init__(self, n: int, *, params: Params, rng: random.Random) -> None:
+        self.rng = rng
+        self.steps = 0
+        self.due: dict[int, dict[int, int]] = {}  # node -> log index -> step it arrives
+        super().__init__(n, params=params)
+
+    def deliver(self) -> None:
+        self.steps += 1
+        for i, ex in enumerate(self.nodes):
+            due = self.due.setdefault(i, {})
+            for k in range(len(due), len(self.log)):
+                due[k] = self.steps + self.rng.randint(0, 6)
+            ex.receive([self.log[k] for k, t in due.items() if t <= self.steps], now_ms=self.now)
+            self._collect(i)
+
+
 class TestConvergence:
     @given(
         n_origins=st.integers(2, 4),
@@ -297,6 +316,21 @@ class TestFinality:
         written = len(net.log)
         net.run(1_000)  # nothing to make final: only a liveness entry per member every 200 ms
         assert len(net.log) - written <= 3 * (1_000 // 200 + 1)
+
+    @pytest.mark.parametrize("seed", [22, 29, 34, 43])
+    def test_a_node_final_first_still_publishes_its_frontiers(self, seed: int) -> None:
+        """Regression: a member that reached the final frontier in the same step
+        as its own level-1 frontier wrote nothing more, so the others, who need
+        its published frontier, waited for its next liveness entry (3 s)."""
+        rng = random.Random(seed)
+        net = Jittered(4, params=Params(heartbeat_ms=10, liveness_ms=3_000, evict_after_ms=60_000), rng=rng)
+        net.run(300)
+        for _ in range(4):
+            net.write(rng.randrange(4), Order(side=rng.randrange(2), price=100 + rng.randint(-2, 2),
+                                              qty=rng.randint(1, 5)))
+            net.run(5)
+        net.run(1_000)  # simulated time: a third of the liveness interval
+        assert all(ex.pending() == 0 for ex in net.nodes)
 
     def test_a_silent_member_is_voted_out_and_finality_resumes(self) -> None:
         net = Lockstep(4)
