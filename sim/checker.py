@@ -1,7 +1,11 @@
 """The simulation's checker: the guarantees of finality, asserted after every step.
 
-- every node's final fill sequence is a prefix of every other's (or extends it);
-- a node's final fills never shrink or change, across restarts too;
+- every node's final fill sequence is a prefix of every other's (or extends it).
+  Under a storm several nodes may equivocate, leaving no honest majority or no
+  honest node at all, so there the nodes the plan makes equivocate are exempt
+  from agreement (``exempt``); in a plain run the one equivocator is held to it;
+- a node's final fills never shrink or change, across restarts too (an exempt
+  node's as well);
 - no member record ever arrives at or below a node's final frontier;
 - after healing, all live replicas converge: one state hash, one final-fill
   digest, one book;
@@ -32,12 +36,14 @@ class Violation(AssertionError):
 
 @dataclass(slots=True)
 class Checker:
-    canon: list[Fill]
+    canon: list[Fill]  # the longest final fill sequence of the nodes held to agreement
     seen: dict[int, int]
+    exempt: frozenset[int]  # nodes not held to agreement (they equivocate in a storm)
+    own: dict[int, list[Fill]]  # an exempt node's final fills as last seen
 
     @classmethod
-    def new(cls) -> Checker:
-        return cls(canon=[], seen={})
+    def new(cls, exempt: frozenset[int] = frozenset()) -> Checker:
+        return cls(canon=[], seen={}, exempt=exempt, own={})
 
     def step(self, nodes: Sequence[SimNode]) -> None:
         for n in nodes:
@@ -45,6 +51,13 @@ class Checker:
             k = self.seen.get(n.index, 0)
             if len(fills) < k:
                 raise Violation(f"node {n.index}: final fills shrank from {k} to {len(fills)}")
+            if n.index in self.exempt:
+                mine = self.own.setdefault(n.index, [])
+                if fills[:k] != mine:
+                    raise Violation(f"node {n.index}: one of its own final fills changed")
+                mine.extend(fills[k:])
+                self.seen[n.index] = len(fills)
+                continue
             common = min(len(fills), len(self.canon))
             for i in range(k, common):
                 if fills[i] != self.canon[i]:
@@ -52,7 +65,8 @@ class Checker:
             if len(fills) > len(self.canon):
                 self.canon.extend(fills[len(self.canon):])
             self.seen[n.index] = len(fills)
-        live = sorted((n for n in nodes if n.ex is not None), key=lambda n: n.ex.finality.final if n.ex else 0)
+        live = sorted((n for n in nodes if n.ex is not None and n.index not in self.exempt),
+                      key=lambda n: n.ex.finality.final if n.ex else 0)
         for a, b in pairwise(live):
             if len(a.disk.final_fills) > len(b.disk.final_fills) and a.ex and b.ex \
                     and a.ex.finality.final < b.ex.finality.final:

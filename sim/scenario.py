@@ -117,7 +117,7 @@ def run(seed: int, *, trace: bool = False, storm: bool = False,
         if rule is not None:
             rule(nd)
     faults = plan(rng, n, duration, storm=storm)
-    checker = Checker.new()
+    checker = Checker.new(frozenset(f.node for f in faults if f.kind == "equivocate") if storm else frozenset())
     log: list[str] = []
     rate = rng.choice((20, 60, 150))  # orders per simulated second, over all nodes
     nodes[0].found(0)
