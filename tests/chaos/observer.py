@@ -253,11 +253,18 @@ class Observer:
         suspects = [oid for oid in acked if oid not in self.order_ids][:MAX_SUSPECTS]
         orders = list(dict.fromkeys([*sample, *suspects]))
         nodes: list[NodeState] = []
-        for _ in range(3):  # a snapshot taken while something still moved is taken again
+        # a snapshot taken while something still moved is taken again, until the
+        # converge timeout: after convergence, work the heal set off (a voted-out
+        # node admitted again, a peer link still in backoff) can move the nodes
+        # apart for a while, and the check is of the state they come to rest in
+        deadline = t_heal + timeout
+        for attempt in range(int(timeout / 0.5) + 3):
             nodes = list(await asyncio.gather(*(self._snapshot(session, n, orders)
                                                 for n in self.cluster.nodes.values())))
             alive = [n for n in nodes if n.alive]
             if t_conv is None or len({(n.state_hash, n.bids, n.asks, n.fills) for n in alive}) <= 1:
+                break
+            if attempt >= 2 and self.clock() > deadline:
                 break
             await asyncio.sleep(0.5)
         entries += await self._pull_all(session)  # anything written while the snapshot was taken
