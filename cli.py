@@ -15,7 +15,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -131,6 +131,8 @@ def add_node_parser(sub: Any) -> None:
     p.add_argument("--max-loop-lag-ms", type=positive_int, default=env("MAX_LOOP_LAG_MS", "500"),
                    help="while the event loop wakes later than this three probes in a row, new orders and "
                         "cancels get 503 busy with Retry-After instead of queueing [P2PEX_MAX_LOOP_LAG_MS]")
+    p.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), default=env("EVENT_LOOP", "auto"),
+                   help="auto: uvloop where it is installed, else asyncio's own loop [P2PEX_EVENT_LOOP]")
     p.add_argument("--clock-offset-ms", type=int, default=env("CLOCK_OFFSET_MS", "0"),
                    help="add this to the wall clock (for tests of skewed clocks) [P2PEX_CLOCK_OFFSET_MS]")
     p.add_argument("--max-foreign-origins", type=positive_int, default=env("MAX_FOREIGN_ORIGINS", "1000"),
@@ -190,8 +192,22 @@ def run_node(args: argparse.Namespace) -> int:
         finally:
             await node.stop()
 
-    asyncio.run(main())
+    run_loop(main(), args.event_loop)
     return 0
+
+
+def run_loop(main: Coroutine[Any, Any, None], choice: str) -> None:
+    """Run ``main`` on uvloop (``auto``: where it is installed) or on asyncio's loop."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise CliError("--event-loop uvloop: uvloop is not installed") from None
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
 
 
 # ---- client commands -------------------------------------------------------------

@@ -29,7 +29,7 @@ import resource
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -75,7 +75,8 @@ class _Conn(asyncio.Protocol):
         self.made = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # a stream transport (uvloop's does not subclass asyncio.Transport, but has its methods)
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         if not self.guard.opened(self):
             transport.abort()

@@ -6,6 +6,7 @@ few talk to one real node process.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import threading
@@ -182,3 +183,26 @@ class TestStraightAfterSetup:
             cli.main(["--version"])
         assert exc.value.code == 0
         assert capsys.readouterr().out.startswith("p2pex 0.")
+
+
+class TestEventLoop:
+    """``--event-loop``: the node runs on uvloop where it is installed (``auto``),
+    or on the loop asked for."""
+
+    @staticmethod
+    def _loop_module(choice: str) -> str:
+        seen: list[str] = []
+
+        async def main() -> None:
+            seen.append(type(asyncio.get_running_loop()).__module__)
+
+        cli.run_loop(main(), choice)
+        return seen[0]
+
+    def test_asyncio_runs_on_asyncio_s_own_loop(self) -> None:
+        assert self._loop_module("asyncio").startswith("asyncio")
+
+    def test_auto_and_uvloop_run_on_uvloop_where_it_is_installed(self) -> None:
+        pytest.importorskip("uvloop")
+        assert self._loop_module("auto").startswith("uvloop")
+        assert self._loop_module("uvloop").startswith("uvloop")
