@@ -68,7 +68,7 @@ Intervals = dict[bytes, list[Interval]]
 
 class Membership:
     def __init__(self, network: bytes | None = None) -> None:
-        self.network = network
+        self._network = network
         self._base: Intervals = {}
         # pending events above the base, in key order:
         # (key, 0, admitter, seq, entry hash, member, after) or (key, 1, member, cut)
@@ -78,6 +78,19 @@ class Membership:
         self._banned: dict[bytes, int] = {}  # origin -> stamp after which it is never admitted
         self._ends: dict[bytes, int] = {}  # origin -> effective end of a log proven to equivocate
         self.version = 0  # bumped whenever the derived intervals change
+
+    @property
+    def network(self) -> bytes | None:
+        """The hash of the genesis entry that names the network (None: not known yet)."""
+        return self._network
+
+    @network.setter
+    def network(self, network: bytes | None) -> None:
+        # admissions held from before the network was known are judged again:
+        # the founder's genesis counts only once its hash is known to name the network
+        if network != self._network:
+            self._network = network
+            self._derive()
 
     # ---- inputs ------------------------------------------------------------
 
@@ -209,7 +222,7 @@ class Membership:
                 banned = self._banned.get(member)
                 if banned is not None and int.from_bytes(key[:8], "big") > banned:
                     continue
-                genesis = entry_hash == self.network and admitter == member and seq == 1
+                genesis = entry_hash == self._network and admitter == member and seq == 1
                 if seq > self._ends.get(admitter, seq):
                     continue
                 if genesis or any(iv.acts_at(seq, key) for iv in ivs.get(admitter, ())):

@@ -349,6 +349,22 @@ class TestFinality:
             assert net.finals[i][:len(before[i])] == before[i]  # nothing final changed
         assert len({tuple(net.finals[i]) for i in range(3)}) == 1
 
+    def test_entries_held_before_the_network_is_known_count_once_it_is(self) -> None:
+        """Regression: a joining node that received the founder's log before the
+        member's welcome named the network never saw the genesis as one, had no
+        members, and never became ready (a catch-up test through a slow link
+        failed whenever the member's log came early in the sync)."""
+        founder, joiner = Exchange(key_for(0)), Exchange(key_for(1))
+        genesis = founder.found(now_ms=NOW_MS)
+        founder.apply_own(genesis, now_ms=NOW_MS)
+        admit = founder.prepare(Admit(member=joiner.node_id, after=0), now_ms=NOW_MS)
+        founder.apply_own(admit, now_ms=NOW_MS)
+        joiner.receive([genesis, admit], now_ms=NOW_MS)
+        assert joiner.membership.members() == []
+        assert founder.network is not None
+        joiner.set_network(founder.network)
+        assert joiner.membership.is_member(founder.node_id) and joiner.is_member()
+
     def test_digests_commit_to_eviction_decisions(self) -> None:
         """Two nodes holding the same logs but not the same decisions must not
         match each other's acks (storm seed 351: a node that had lost the votes
