@@ -310,12 +310,17 @@ class Replica:
         self._doubt.pop(first.origin, None)
         return True
 
-    def delta(self, vv: Mapping[bytes, int], *, max_entries: int | None = None) -> tuple[list[Segment], bool]:
+    def delta(self, vv: Mapping[bytes, int], *, max_entries: int | None = None,
+              first: Iterable[bytes] = ()) -> tuple[list[Segment], bool]:
         """What a peer with version vector ``vv`` lacks, origin by origin in seq
-        order, as segments; ``more`` when cut at ``max_entries``."""
+        order, as segments; ``more`` when cut at ``max_entries``.  The origins in
+        ``first`` come before the others (members: a joiner learns that it was
+        admitted before it pages through strangers' entries)."""
         out: list[Segment] = []
         budget = max_entries if max_entries is not None else 1 << 62
-        for origin in sorted(self._known()):
+        known = self._known()
+        ahead = sorted(known.intersection(first))
+        for origin in [*ahead, *sorted(known.difference(ahead))]:
             have = max(vv.get(origin, 0), 0)
             n = self.length(origin)
             if have >= n:

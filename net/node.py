@@ -685,7 +685,8 @@ class Node:
     def delta_wires(self, vv: dict[bytes, int], limit: int) -> tuple[list[Any], bool]:
         """What a peer with version vector ``vv`` lacks, as wire arrays: from
         memory, and from SQLite below what memory holds."""
-        segments, more = self.exchange.replica.delta(vv, max_entries=limit)
+        segments, more = self.exchange.replica.delta(vv, max_entries=limit,
+                                                     first=self.exchange.membership.ever_members())
         out: list[Any] = []
         for seg in segments:
             if seg.entries is None:

@@ -190,6 +190,22 @@ class TestDelta:
         assert not more and out == r.entries()
         assert r.delta(r.version_vector()) == ([], False)
 
+    def test_delta_serves_the_origins_asked_first_before_the_others(self) -> None:
+        """Regression: a joining node paged through a peer's strangers' entries
+        (10,000 origins through a slow link) before it reached the member log
+        holding its own admission, so it was not ready for over 20 s when the
+        member's id happened to sort last."""
+        logs = build_logs(3, [Op(origin=i % 3, kind="heartbeat", side=0, price=1, qty=1, pick=0, dt=1)
+                              for i in range(9)])
+        r = Replica()
+        for lg in logs:
+            r.receive(lg.entries, now_ms=NOW_MS)
+        last = max(lg.origin for lg in logs)
+        segments, more = r.delta({}, max_entries=3, first=[last])
+        assert more and [s.origin for s in segments] == [last]
+        segments, _ = r.delta({}, first=[last])
+        assert [s.origin for s in segments] == [last, *sorted(lg.origin for lg in logs if lg.origin != last)]
+
     def test_delta_names_the_range_below_what_is_in_memory(self) -> None:
         """Entries pruned from memory (they are final) are read from the node's
         archive: the delta names their seq range instead of carrying them."""
