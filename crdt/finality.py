@@ -361,9 +361,7 @@ class Finality:
             if not self.membership.is_member(x):
                 continue
             fx = self.final_x.get(x, 0)
-            last: dict[bytes, Vote] = {}
-            for v in self._timeline(x):
-                last[v.voter] = v
+            last = self._latest_votes(x)
             if not last:
                 continue
             if any(v.cut is not None or hlc_of(v.key) > fx for v in last.values()):
@@ -655,10 +653,11 @@ class Finality:
         """Is an eviction of ``x`` decided and closing, or some vote against it live?"""
         if x in self.closing:
             return True
-        last: dict[bytes, Vote] = {}
-        for v in self._timeline(x):
-            last[v.voter] = v
-        return any(v.cut is not None for v in last.values())
+        return any(v.cut is not None for v in self._latest_votes(x).values())
+
+    def _latest_votes(self, x: bytes) -> dict[bytes, Vote]:
+        """Each voter's newest vote or retraction against ``x``."""
+        return {v.voter: v for v in self._timeline(x)}
 
     def _vote(self, x: bytes) -> Evict:
         return Evict(member=x, cut=self.end(x))
