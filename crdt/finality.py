@@ -242,6 +242,9 @@ class Finality:
         self._digests.clear()
         self.forks_version += 1
 
+    def has_forks(self) -> bool:
+        return bool(self._forks)
+
     def forks(self) -> dict[bytes, tuple[int, int]]:
         return dict(self._forks)
 

@@ -110,9 +110,10 @@ class Membership:
             self._derive()
 
     def ban(self, origin: bytes, after_hlc: int) -> None:
-        """No admission of ``origin`` stamped after ``after_hlc`` counts (it equivocated)."""
-        old = self._banned.get(origin)
-        if old is None or after_hlc < old:
+        """No admission of ``origin`` stamped after ``after_hlc`` counts (it
+        equivocated; ``after_hlc`` is the stamp of its log's effective end, which
+        moves with that end)."""
+        if self._banned.get(origin) != after_hlc:
             self._banned[origin] = after_hlc
             self._derive()
 

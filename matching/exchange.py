@@ -153,7 +153,7 @@ class Exchange:
         self._batches: list[FinalBatch] = []
         self._loading = False  # replaying stored entries: those at or below the floor are already final
         self._membership_version = self.membership.version
-        self._forks_version = 0
+        self._fork_ends: dict[bytes, tuple[int, int]] = {}  # what membership was last told: origin -> (end, stamp)
 
     # ---- network and membership ------------------------------------------------
 
@@ -416,13 +416,19 @@ class Exchange:
             for d in decisions:
                 self._decide(d, fx)
             changed = False
-            if self.finality.forks_version != self._forks_version:
-                self._forks_version = self.finality.forks_version
+            if self.finality.has_forks():
+                # an equivocating log's effective end moves with new evidence,
+                # a raised floor and simply with its entries arriving: membership
+                # must follow every move, or this node matches a shorter log
+                # than its digests commit to
                 for origin in self.finality.forks():
                     end = self.finality.end(origin)
-                    self.membership.set_end(origin, end)
-                    self.membership.ban(origin, self.replica.point(origin, end)[1] if end else 0)
-                changed = True
+                    told = (end, self.replica.point(origin, end)[1] if end else 0)
+                    if self._fork_ends.get(origin) != told:
+                        self._fork_ends[origin] = told
+                        self.membership.set_end(origin, end)
+                        self.membership.ban(origin, told[1])
+                        changed = True
             if self.membership.version != self._membership_version:
                 self._membership_version = self.membership.version
                 changed = True

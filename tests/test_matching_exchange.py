@@ -421,6 +421,37 @@ class TestFinality:
         assert all(not ex.membership.is_member(liar.node_id) for ex in live)
         assert len({tuple(net.finals[i]) for i in range(3)}) == 1
 
+    def test_a_forked_log_matched_in_full_when_its_prefix_arrives_after_the_evidence(self) -> None:
+        """Regression (simulator seed 1383): a node that got the evidence of an
+        equivocation while it held only part of the forker's log told membership
+        that the log ended there, and never moved that end as the rest of the
+        log arrived.  It left those entries unmatched while its digests
+        committed to them, and finalized different fills from the other nodes."""
+        net = Lockstep(3)
+        net.run(100)
+        liar, late = net.nodes[2], net.nodes[1]
+        net.down.add(2)
+        held_back = []
+        for price in (101, 102, 103):
+            e = liar.prepare(Order(side=BUY, price=price, qty=1), now_ms=net.now)
+            liar.apply_own(e, now_ms=net.now)
+            held_back.append(e)
+        seq, prev, _ = liar.replica.head_info(liar.node_id)
+        a = liar.prepare(Order(side=BUY, price=105, qty=3), now_ms=net.now)
+        b = make_entry(liar.key, seq=seq + 1, hlc=a.hlc + 1, prev=prev, body=Order(side=SELL, price=95, qty=3),
+                       ack=a.ack)
+        late.add_evidence(a, b, now_ms=net.now)
+        assert late.finality.end(liar.node_id) < seq  # it holds a prefix only
+        late.receive(held_back, now_ms=net.now)
+        assert late.finality.end(liar.node_id) == seq
+        for e in held_back:  # matched as far as the effective end reaches
+            assert late.status(e.hash) is not None
+        net.nodes[0].receive([*held_back, a, b], now_ms=net.now)
+        net.run(1_500)
+        assert net.nodes[0].state_hash() == late.state_hash()
+        assert net.finals[0] == net.finals[1]
+        assert net.final_orders[0] == net.final_orders[1]
+
 
 class TestSubmit:
     def test_submit_returns_status_and_immediate_fills(self) -> None:

@@ -84,6 +84,16 @@ class TestSimulatedNetworks:
         assert r.violation is None, r.violation
         assert r.evictions == 1
 
+    def test_seed_1383_a_forked_log_that_arrives_after_its_evidence_is_matched(self) -> None:
+        """Regression: an honest node learned of an equivocation while it held
+        only 225 of the forker's 270 valid entries.  Membership kept that
+        short end as the rest arrived, so the node left 45 entries unmatched
+        while its digests committed to them, and finalized a different fill
+        #190 from the other honest node."""
+        r = run(1383)
+        assert r.violation is None, r.violation
+        assert r.finals > 200
+
     def test_a_seed_replays_exactly(self) -> None:
         first, again = run(7, trace=True), run(7, trace=True)
         assert first.trace == again.trace and first.finals == again.finals
