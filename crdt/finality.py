@@ -459,7 +459,10 @@ class Finality:
         """This node's frozen views: a live vote of its own, or one retracted
         while the retraction is not yet below the frontier without the member."""
         mine: dict[bytes, int] = {}
-        for x in self._votes:
+        # a node proven to equivocate freezes nothing: nobody asks for its acks
+        # (its frozen view protects no one), and its retractions past its fork
+        # are void, so a view frozen by a vote would stall it for good
+        for x in self._votes if self.node_id not in self._forks else ():
             if self._closed(x):
                 continue
             vote: Vote | None = None
@@ -608,8 +611,9 @@ class Finality:
         members = self.membership.members()
         if me not in members:
             return None
-        majority = self._hears_majority(mono_ms, members)
-        contested = [x for x in self.contested() if x != me and x in members]
+        # a node proven to equivocate votes no more: its entries past the fork are void
+        majority = me not in self._forks and self._hears_majority(mono_ms, members)
+        contested = [x for x in self.contested() if x != me and x in members] if me not in self._forks else []
         # a member whose votes are all retracted, waiting to settle, does not
         # hold up a vote against another: that one may be the silent member
         # whose log the settling waits for

@@ -381,8 +381,6 @@ class Exchange:
                     continue
                 if e.body.__class__ is Heartbeat or not self._is_matched(e):
                     continue
-                if e.hlc > self._newest_record:
-                    self._newest_record = e.hlc
                 rec = record_of(e)
                 if rec is not None:
                     want[rec[0]] = rec
@@ -394,6 +392,21 @@ class Exchange:
                 self._applied.pop(o, None)
         if remove or add:
             self._engine_change(lambda: [self.engine.rewrite(remove, add)], fx)
+        self._newest_record = self._newest_matched()
+
+    def _newest_matched(self) -> int:
+        """Stamp of the newest matched non-heartbeat entry in memory: entries
+        that became void (an eviction's cut, a fork's end) no longer count,
+        or the node would call records pending that nobody matches."""
+        newest = 0
+        for o in self._origins_to_resync(()):
+            for e in reversed(self.replica.tail(o)):  # stamps rise along a log
+                if e.hlc <= newest:
+                    break
+                if e.body.__class__ is not Heartbeat and self._is_matched(e):
+                    newest = e.hlc
+                    break
+        return newest
 
     def _engine_change(self, change: Any, fx: _Effects) -> None:
         """Run an engine change and collect the fills it added and revoked."""

@@ -94,6 +94,24 @@ class TestSimulatedNetworks:
         assert r.violation is None, r.violation
         assert r.finals > 200
 
+    def test_seed_1170_void_records_are_not_pending(self) -> None:
+        """Regression: a node whose clock ran 8 s ahead was voted out twice; its
+        voided orders still counted as its newest record, so it reported
+        records not final (and went on writing heartbeats) until real time
+        caught up with their stamps, long after healing."""
+        r = run(1170)
+        assert r.violation is None, r.violation
+        assert r.evictions == 2
+
+    def test_seed_1835_an_equivocating_node_does_not_freeze_its_view(self) -> None:
+        """Regression: a node voted against a member just before it
+        equivocated.  Its retraction lay past its fork, so it was void, and its
+        own view of that member stayed frozen at the vote's cut: it never
+        became final past it, and wrote a void retraction at every tick."""
+        r = run(1835)
+        assert r.violation is None, r.violation
+        assert r.finals > 250
+
     def test_a_seed_replays_exactly(self) -> None:
         first, again = run(7, trace=True), run(7, trace=True)
         assert first.trace == again.trace and first.finals == again.finals
