@@ -456,8 +456,11 @@ class Finality:
         return out
 
     def _refresh_my_votes(self) -> None:
-        """This node's frozen views: a live vote of its own, or one retracted
-        while the retraction is not yet below the frontier without the member."""
+        """This node's frozen views: the lowest cut among its own votes that may
+        still count, a live one or one whose retraction is not yet below the
+        frontier without the member.  A vote cast again after a retraction that
+        has not settled does not thaw the first vote's cut: a decision can still
+        come at the first vote, with that cut."""
         mine: dict[bytes, int] = {}
         # a node proven to equivocate freezes nothing: nobody asks for its acks
         # (its frozen view protects no one), and its retractions past its fork
@@ -465,16 +468,17 @@ class Finality:
         for x in self._votes if self.node_id not in self._forks else ():
             if self._closed(x):
                 continue
-            vote: Vote | None = None
+            cuts: list[int] = []  # cuts of this node's votes against x that may still count
+            settled = max(self.final_x.get(x, 0), self.final)
             for v in self._timeline(x):
                 if v.voter != self.node_id:
                     continue
                 if v.cut is not None:
-                    vote = v
-                elif vote is not None and hlc_of(v.key) <= max(self.final_x.get(x, 0), self.final):
-                    vote = None  # the retraction is settled: no decision can come before it
-            if vote is not None and vote.cut is not None:
-                mine[x] = vote.cut
+                    cuts.append(v.cut)
+                elif hlc_of(v.key) <= settled:
+                    cuts.clear()  # the retraction is settled: no decision can come before it
+            if cuts:
+                mine[x] = min(cuts)
         if mine != self.my_votes:
             self.my_votes = mine
             self._digests.clear()

@@ -74,6 +74,17 @@ class TestSimulatedNetworks:
         assert r.violation is None, r.violation
         assert r.evictions == 2
 
+    def test_storm_seed_1133_a_second_vote_does_not_thaw_the_first_votes_cut(self) -> None:
+        """Regression: two members voted against a paused one with cut 12,
+        retracted, and voted again with cut 20 before the retraction settled.
+        Their views thawed to 20 at the second vote, so their acks let the
+        paused member finalize its own entries 13-20; the eviction then decided
+        at the first votes, with cut 12, voided those entries everywhere else.
+        The member refused that decision and finalized a different fill #11."""
+        r = run(1133, storm=True)
+        assert r.violation is None, r.violation
+        assert r.evictions == 1
+
     def test_seed_721_a_retraction_waiting_to_settle_does_not_block_a_vote(self) -> None:
         """Regression: a member suspected while its clock was skewed had its vote
         retracted; the retraction could settle only with the acknowledgements of
