@@ -452,33 +452,54 @@ class Finality:
             (v for v in votes if v.key > start and self.membership.acts(v.voter, v.seq, v.key)
              and (v.voter not in self._forks or v.seq <= self.end(v.voter))),
             key=lambda v: v.key)
+        # a voter that is voted out votes no more: each of its votes is retracted
+        # at the decision that closed the membership it was cast in.  Every node
+        # applies that decision at the same key, so every node sees the same
+        # retraction; without it, a vote whose writer can no longer retract it
+        # (an equivocator's, past its fork) would keep x under vote for good.
+        ends: dict[tuple[bytes, bytes], Vote] = {}
+        for v in out:
+            if v.cut is None:
+                continue
+            iv = next((iv for iv in self.membership.intervals(v.voter) if iv.acts_at(v.seq, v.key)), None)
+            if iv is not None and iv.closed_at is not None:
+                ends[(v.voter, iv.closed_at)] = Vote(voter=v.voter, seq=v.seq, key=iv.closed_at, cut=None)
+        if ends:
+            out = sorted([*out, *ends.values()], key=lambda v: v.key)
         self._timelines[x] = (stamp, out)
         return out
 
     def _refresh_my_votes(self) -> None:
-        """This node's frozen views: the lowest cut among its own votes that may
-        still count, a live one or one whose retraction is not yet below the
-        frontier without the member.  A vote cast again after a retraction that
-        has not settled does not thaw the first vote's cut: a decision can still
-        come at the first vote, with that cut."""
+        """The frozen views: for each member X, the lowest cut among the votes
+        against X that may still count, a live one or one whose retraction is
+        not yet below the frontier without X, of this node and of every voter
+        proven to equivocate.
+
+        - A vote cast again after a retraction that has not settled does not
+          thaw the first vote's cut: a decision can still come at the first
+          vote, with that cut.
+        - A forked voter's acks are no longer asked, and it can never retract,
+          so every node that knows of its fork holds its view frozen for it,
+          until its eviction retracts the vote and that settles (or the vote's
+          own decision comes).  Otherwise a node could finalize entries of X
+          past the forker's cut that the decision would void."""
         mine: dict[bytes, int] = {}
-        # a node proven to equivocate freezes nothing: nobody asks for its acks
-        # (its frozen view protects no one), and its retractions past its fork
-        # are void, so a view frozen by a vote would stall it for good
-        for x in self._votes if self.node_id not in self._forks else ():
+        for x in self._votes:
             if self._closed(x):
                 continue
-            cuts: list[int] = []  # cuts of this node's votes against x that may still count
+            cuts: dict[bytes, list[int]] = {}  # voter -> cuts of its votes against x that may still count
             settled = max(self.final_x.get(x, 0), self.final)
             for v in self._timeline(x):
-                if v.voter != self.node_id:
+                if v.voter != self.node_id and v.voter not in self._forks:
                     continue
                 if v.cut is not None:
-                    cuts.append(v.cut)
-                elif hlc_of(v.key) <= settled:
-                    cuts.clear()  # the retraction is settled: no decision can come before it
+                    cuts.setdefault(v.voter, []).append(v.cut)
+                elif hlc_of(v.key) <= settled and self._decision(x, settled, before=v.key) is None:
+                    # the retraction is settled: no decision can come before it
+                    # (one held back for an earlier one may still come)
+                    cuts.pop(v.voter, None)
             if cuts:
-                mine[x] = min(cuts)
+                mine[x] = min(c for cs in cuts.values() for c in cs)
         if mine != self.my_votes:
             self.my_votes = mine
             self._digests.clear()
@@ -627,8 +648,15 @@ class Finality:
             if mine is not None:
                 if self._alive(x, mono_ms) and self.last_heard.get(x, 0) > self._my_vote_mono.get(x, 0):
                     return Retract(member=x)
-            elif majority and self._silent(x, mono_ms) and voting == [x]:
+            elif majority and self._silent(x, mono_ms) and (voting == [x] or x in self._forks):
                 return self._vote(x)  # join the vote under way (one member under vote at a time)
+        if majority:
+            # a proven equivocator is voted out whatever else is under vote: its
+            # log never grows and nobody asks for its acks, so a vote against it
+            # freezes nothing that another vote's frontier needs
+            for x in members:
+                if x != me and x in self._forks and self._silent(x, mono_ms) and self._live_vote(x) is None:
+                    return self._vote(x)
         if majority and not voting and not any(self._live_vote(x) for x in self._votes):
             suspect = self._suspect(mono_ms, members)
             if suspect is not None:

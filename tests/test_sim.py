@@ -114,13 +114,16 @@ class TestSimulatedNetworks:
         assert r.violation is None, r.violation
         assert r.evictions == 2
 
-    def test_seed_1835_an_equivocating_node_does_not_freeze_its_view(self) -> None:
-        """Regression: a node voted against a member just before it
-        equivocated.  Its retraction lay past its fork, so it was void, and its
-        own view of that member stayed frozen at the vote's cut: it never
-        became final past it, and wrote a void retraction at every tick."""
+    def test_seed_1835_a_vote_the_equivocator_cannot_retract_ends_at_its_eviction(self) -> None:
+        """Regression: a node voted against a member just before it equivocated.
+        Its retractions lay past its fork, so they were void and the vote stayed
+        live for good: the member stayed under vote, nobody joined the vote
+        against the equivocator, every node heartbeat at full rate, and the
+        equivocator's own view stayed frozen.  Now the equivocator is voted out
+        whatever else is under vote, and its eviction retracts its votes."""
         r = run(1835)
         assert r.violation is None, r.violation
+        assert r.evictions == 1
         assert r.finals > 250
 
     def test_a_seed_replays_exactly(self) -> None:
