@@ -392,7 +392,8 @@ class Exchange:
                 self._applied.pop(o, None)
         if remove or add:
             self._engine_change(lambda: [self.engine.rewrite(remove, add)], fx)
-        self._newest_record = self._newest_matched()
+        # final records never become void: what memory no longer holds still counts
+        self._newest_record = max(self._newest_matched(), min(self._newest_record, self.finality.final))
 
     def _newest_matched(self) -> int:
         """Stamp of the newest matched non-heartbeat entry in memory: entries
@@ -423,35 +424,40 @@ class Exchange:
     def _settle(self, fx: _Effects) -> None:
         """Move the frontiers and decide evictions until nothing changes, then
         make final what the frontier passed."""
+        self._tell_membership(fx)
         for _ in range(16):
             self.finality.recompute()
             decisions = self.finality.decide()
             for d in decisions:
                 self._decide(d, fx)
-            changed = False
-            if self.finality.has_forks():
-                # an equivocating log's effective end moves with new evidence,
-                # a raised floor and simply with its entries arriving: membership
-                # must follow every move, or this node matches a shorter log
-                # than its digests commit to
-                for origin in self.finality.forks():
-                    end = self.finality.end(origin)
-                    told = (end, self.replica.point(origin, end)[1] if end else 0)
-                    if self._fork_ends.get(origin) != told:
-                        self._fork_ends[origin] = told
-                        self.membership.set_end(origin, end)
-                        self.membership.ban(origin, told[1])
-                        changed = True
-            if self.membership.version != self._membership_version:
-                self._membership_version = self.membership.version
-                changed = True
-            if changed:
-                self._resync(self._origins_to_resync(self.finality.forks()), fx)
-            elif not decisions:
+            if not self._tell_membership(fx) and not decisions:
                 break
         floor = self.engine.floor
         if floor is None or floor_key(self.finality.final) > floor:
             self._finalize(fx)
+
+    def _tell_membership(self, fx: _Effects) -> bool:
+        """Bring membership and the engine in line with the forks' ends and the
+        decisions; True when anything changed.  An equivocating log's effective
+        end moves with new evidence, a raised floor and simply with its entries
+        arriving: membership must follow every move before the next decision is
+        looked for, or this node matches a shorter log than its digests commit to."""
+        changed = False
+        if self.finality.has_forks():
+            for origin in self.finality.forks():
+                end = self.finality.end(origin)
+                told = (end, self.replica.point(origin, end)[1] if end else 0)
+                if self._fork_ends.get(origin) != told:
+                    self._fork_ends[origin] = told
+                    self.membership.set_end(origin, end)
+                    self.membership.ban(origin, told[1])
+                    changed = True
+        if self.membership.version != self._membership_version:
+            self._membership_version = self.membership.version
+            changed = True
+        if changed:
+            self._resync(self._origins_to_resync(self.finality.forks()), fx)
+        return changed
 
     def _decide(self, d: Decision, fx: _Effects) -> None:
         fx.decisions.append(d)
