@@ -641,8 +641,10 @@ class Finality:
         contested = [x for x in self.contested() if x != me and x in members] if me not in self._forks else []
         # a member whose votes are all retracted, waiting to settle, does not
         # hold up a vote against another: that one may be the silent member
-        # whose log the settling waits for
-        voting = [x for x in contested if self._under_vote(x)]
+        # whose log the settling waits for.  Nor does one whose live votes all
+        # come from silent voters: a voter that crashed right after voting
+        # would otherwise never be voted out (its eviction retracts its votes)
+        voting = [x for x in contested if self._under_vote(x, mono_ms)]
         for x in contested:
             mine = self._live_vote(x)
             if mine is not None:
@@ -688,11 +690,13 @@ class Finality:
         """An ack without its digests: what changes when the frontiers move."""
         return tuple(x for i, x in enumerate(ack) if i not in (2, 6))
 
-    def _under_vote(self, x: bytes) -> bool:
-        """Is an eviction of ``x`` decided and closing, or some vote against it live?"""
+    def _under_vote(self, x: bytes, mono_ms: int) -> bool:
+        """Is an eviction of ``x`` decided and closing, or a vote against it live
+        whose voter this node still hears (or is this node)?"""
         if x in self.closing:
             return True
-        return any(v.cut is not None for v in self._latest_votes(x).values())
+        return any(v.cut is not None and (v.voter == self.node_id or not self._silent(v.voter, mono_ms))
+                   for v in self._latest_votes(x).values())
 
     def _latest_votes(self, x: bytes) -> dict[bytes, Vote]:
         """Each voter's newest vote or retraction against ``x``."""

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from crdt.entry import BUY, GENESIS, IOC, SELL, Admit, Cancel, Entry, Heartbeat, Order, make_entry
+from crdt.entry import BUY, GENESIS, IOC, SELL, Admit, Cancel, Entry, Evict, Heartbeat, Order, make_entry
 from crdt.errors import ClockUnhealthy, ForeignCancel, NotMember, WrongNetwork
 from crdt.hlc import physical_ms
 from crdt.keys import SigningKey
@@ -419,6 +419,30 @@ class TestFinality:
         assert len({ex.state_hash() for ex in live}) == 1
         assert all(ex.finality.end(liar.node_id) == seq for ex in live)
         assert all(not ex.membership.is_member(liar.node_id) for ex in live)
+        assert len({tuple(net.finals[i]) for i in range(3)}) == 1
+
+    def test_a_voter_that_crashes_right_after_voting_is_voted_out(self) -> None:
+        """Regression: a member voted against a live member and crashed.  Its
+        vote stayed live, so the live member counted as under vote, nobody
+        started a vote against the crashed voter, and finality stalled until
+        it came back.  Now a vote whose voter is silent holds up no vote, and
+        the voter's eviction retracts its vote."""
+        net = Lockstep(4, params=Params(heartbeat_ms=10, liveness_ms=200, evict_after_ms=150))
+        net.write(0, Order(side=SELL, price=100, qty=5))
+        net.run(50)
+        voter, target = net.nodes[3], net.nodes[2].node_id
+        net.write(3, Evict(member=target, cut=voter.finality.end(target)))
+        net.run(10)
+        net.down.add(3)
+        bid = net.write(1, Order(side=BUY, price=100, qty=2))
+        net.run(100)
+        assert all(target in ex.finality.contested() for ex in net.live())
+        net.run(600)
+        for ex in net.live():
+            assert not ex.membership.is_member(voter.node_id)
+            assert ex.membership.is_member(target)
+            assert ex.frontiers().final >= bid.hlc
+            assert ex.finality.contested() == []
         assert len({tuple(net.finals[i]) for i in range(3)}) == 1
 
     def test_a_forked_log_matched_in_full_when_its_prefix_arrives_after_the_evidence(self) -> None:
