@@ -117,6 +117,7 @@ class Finality:
         self._votes: dict[bytes, list[Vote]] = {}  # member -> every vote and retraction against it
         self._timelines: dict[bytes, tuple[tuple[int, int, int], list[Vote]]] = {}
         self.my_votes: dict[bytes, int] = {}  # member -> cut at which this node's view of it is frozen
+        self._forked_voters: set[bytes] = set()  # equivocators with a vote that may still count
         self._my_vote_mono: dict[bytes, int] = {}  # member -> when this node last voted against it
         # decided evictions whose suspect acks this node keeps publishing until its
         # final frontier passes the decision: a member that has not decided yet needs them
@@ -339,7 +340,11 @@ class Finality:
         self.complete = max(self.complete, c) if members else 0
         ks, ss = [self.complete], []
         for m in members:
-            if m == me or m in self._forks:  # an origin proven to equivocate is not asked to agree
+            # an origin proven to equivocate is not asked to agree, unless a vote
+            # of its may still count: then its last acks before the fork, frozen
+            # at that vote's cut, still hold the frontier (its log no longer
+            # grows, so this holds finality back until its eviction retracts the vote)
+            if m == me or (m in self._forks and m not in self._forked_voters):
                 continue
             k, s = self._matched(m, self.complete, suspect=None)
             ks.append(k)
@@ -470,20 +475,15 @@ class Finality:
         return out
 
     def _refresh_my_votes(self) -> None:
-        """The frozen views: for each member X, the lowest cut among the votes
-        against X that may still count, a live one or one whose retraction is
-        not yet below the frontier without X, of this node and of every voter
-        proven to equivocate.
-
-        - A vote cast again after a retraction that has not settled does not
-          thaw the first vote's cut: a decision can still come at the first
-          vote, with that cut.
-        - A forked voter's acks are no longer asked, and it can never retract,
-          so every node that knows of its fork holds its view frozen for it,
-          until its eviction retracts the vote and that settles (or the vote's
-          own decision comes).  Otherwise a node could finalize entries of X
-          past the forker's cut that the decision would void."""
+        """This node's frozen views: for each member X, the lowest cut among its
+        own votes against X that may still count, a live one or one whose
+        retraction is not yet below the frontier without X (and no decision
+        before the retraction is pending).  A vote cast again after a retraction
+        that has not settled does not thaw the first vote's cut: a decision can
+        still come at the first vote, with that cut.  Also notes which voters
+        proven to equivocate still have a vote that may count."""
         mine: dict[bytes, int] = {}
+        forked: set[bytes] = set()
         for x in self._votes:
             if self._closed(x):
                 continue
@@ -494,15 +494,22 @@ class Finality:
                     continue
                 if v.cut is not None:
                     cuts.setdefault(v.voter, []).append(v.cut)
-                elif hlc_of(v.key) <= settled and self._decision(x, settled, before=v.key) is None:
-                    # the retraction is settled: no decision can come before it
-                    # (one held back for an earlier one may still come)
-                    cuts.pop(v.voter, None)
-            if cuts:
-                mine[x] = min(c for cs in cuts.values() for c in cs)
+                elif hlc_of(v.key) <= settled and not self._pending_before(x, settled, v.key):
+                    cuts.pop(v.voter, None)  # the retraction is settled: no decision can come before it
+            if self.node_id in cuts:
+                mine[x] = min(cuts[self.node_id])
+            forked.update(o for o in cuts if o != self.node_id)
+        self._forked_voters = forked
         if mine != self.my_votes:
             self.my_votes = mine
             self._digests.clear()
+
+    def _pending_before(self, x: bytes, frontier: int, key: bytes) -> bool:
+        """Could an eviction of ``x`` still be decided at a vote before ``key``
+        (one held back for an earlier decision)?  A decision refused here never
+        comes."""
+        d = self._decision(x, frontier, before=key)
+        return d is not None and (d.member, d.at) not in self.refused
 
     def _live_vote(self, x: bytes) -> Vote | None:
         """This node's own vote against ``x`` if it is live (not retracted)."""
