@@ -661,8 +661,8 @@ class Finality:
                 return self._vote(x)  # join the vote under way (one member under vote at a time)
         if majority:
             # a proven equivocator is voted out whatever else is under vote: its
-            # log never grows and nobody asks for its acks, so a vote against it
-            # freezes nothing that another vote's frontier needs
+            # log never grows past its end, so a vote against it (cut at that
+            # end) freezes nothing that another vote's frontier needs
             for x in members:
                 if x != me and x in self._forks and self._silent(x, mono_ms) and self._live_vote(x) is None:
                     return self._vote(x)
