@@ -254,19 +254,9 @@ class Demo:
                 self.progress(time.monotonic() - start)
             return [t.result() for t in tasks]
         finally:
-            # cancel until every trader is gone: a cancellation that lands while an
-            # HTTP call's own timeout fires can come back as a timeout, which the
-            # trader retries, and Ctrl-C would then wait for the whole run
-            for _ in range(100):  # 10 s at most
-                pending = [t for t in tasks if not t.done()]
-                if not pending:
-                    break
-                for t in pending:
-                    t.cancel()
-                await asyncio.wait(pending, timeout=0.1)
-            for t in tasks:  # their errors were reported through result() above, or do not matter now
-                if t.done() and not t.cancelled():
-                    t.exception()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def progress(self, elapsed: float) -> None:
         sts = [p.status for p in self.procs if p.status]
