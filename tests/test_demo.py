@@ -47,6 +47,20 @@ def wait_gone(text: str, timeout: float = 10.0) -> list[int]:
     return left
 
 
+def kill_demo(demo: subprocess.Popen[str], logs: Path) -> None:
+    """A demo that did not finish: kill it and the nodes it started (their command
+    lines name this test's own log directory), so that a failure leaves nothing
+    running to load the tests after it."""
+    if demo.poll() is None:
+        demo.kill()
+        demo.wait(timeout=10)
+        for pid in procs_mentioning(str(logs)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 class TestDemo:
     def test_two_demos_side_by_side_converge_with_fills(self, tmp_path: Path) -> None:
         logs = [tmp_path / "a" / "logs", tmp_path / "b" / "logs"]
@@ -57,9 +71,8 @@ class TestDemo:
                 out, _ = d.communicate(timeout=150)
                 outs.append(out)
         finally:
-            for d in demos:
-                if d.poll() is None:
-                    d.kill()
+            for d, log_dir in zip(demos, logs, strict=True):
+                kill_demo(d, log_dir)
         for d, out, log_dir in zip(demos, outs, logs, strict=True):
             assert d.returncode == 0, out
             lines = out.strip().splitlines()
@@ -86,8 +99,7 @@ class TestDemo:
             demo.send_signal(signal.SIGINT)
             out, _ = demo.communicate(timeout=30)
         finally:
-            if demo.poll() is None:
-                demo.kill()
+            kill_demo(demo, logs)
         assert demo.returncode != 0
         assert "stopping every node" in out, out
         assert not wait_gone(str(logs)), "node processes left running after Ctrl-C"
