@@ -184,9 +184,12 @@ class Exchange:
     def clock_healthy(self) -> bool:
         return abs(self.clock_offset_ms) <= self.params.max_clock_offset_ms
 
-    def prepare(self, body: Body, *, now_ms: int) -> Entry:
+    def prepare(self, body: Body, *, now_ms: int, after: Entry | None = None) -> Entry:
         """Validate a body and sign it as the next entry of our log, changing no
-        state but the clock: the shell commits the entry, then calls ``apply_own``."""
+        state but the clock: the shell commits the entry, then calls ``apply_own``.
+        ``after``: an own entry prepared and not applied yet (the shell commits
+        several in one transaction, then applies them in order); the new entry
+        follows it instead of the log's head."""
         if not self.is_member():
             raise NotMember("this node is not a member of its network yet (or any more)")
         if isinstance(body, Order | Cancel) and not self.clock_healthy():
@@ -202,7 +205,12 @@ class Exchange:
             status = self.engine.status(body.order_id)
             if status is None or status.remaining == 0:
                 raise NotCancellable(f"order {body.order_id.hex()} is no longer resting")
-        seq, prev, _ = self.replica.head_info(self.node_id)
+        if after is None:
+            seq, prev, _ = self.replica.head_info(self.node_id)
+        else:
+            if after.origin != self.node_id or after.seq < self.replica.length(self.node_id):
+                raise ValueError("after must be an own entry not applied yet")
+            seq, prev = after.seq, after.hash
         return make_entry(self.key, seq=seq + 1, hlc=self.hlc.now(now_ms), prev=prev, body=body,
                           ack=self.finality.own_ack())
 

@@ -504,6 +504,27 @@ class TestSubmit:
         alice.receive([bid.entry, ioc.entry], now_ms=NOW_MS + 2)
         assert alice.state_hash() == bob.state_hash() and alice.book_hash() == bob.book_hash()
 
+    def test_entries_prepared_in_a_row_chain_and_apply_in_order(self) -> None:
+        """The shell commits several own entries in one transaction: each is
+        prepared after the one before (``after``), then all are applied in
+        order, with the same result as submitting them one by one."""
+        net = Lockstep(2)
+        alice, bob = net.nodes
+        ask = alice.prepare(Order(side=SELL, price=100, qty=5), now_ms=NOW_MS)
+        bid = alice.prepare(Order(side=BUY, price=101, qty=2), now_ms=NOW_MS, after=ask)
+        beat = alice.prepare(Heartbeat(), now_ms=NOW_MS, after=bid)
+        assert [e.seq for e in (ask, bid, beat)] == [ask.seq, ask.seq + 1, ask.seq + 2]
+        assert (bid.prev, beat.prev) == (ask.hash, bid.hash) and ask.hlc < bid.hlc < beat.hlc
+        assert alice.replica.length(alice.node_id) == ask.seq - 1  # nothing applied yet
+        alice.apply_own(ask, now_ms=NOW_MS)
+        got = alice.apply_own(bid, now_ms=NOW_MS)
+        alice.apply_own(beat, now_ms=NOW_MS)
+        assert got.fills == ((bid.hash, ask.hash, 100, 2),)
+        bob.receive([ask, bid, beat], now_ms=NOW_MS)
+        assert bob.state_hash() == alice.state_hash()
+        with pytest.raises(ValueError):  # only an own entry not applied yet can be followed
+            alice.prepare(Heartbeat(), now_ms=NOW_MS, after=bid)
+
     def test_market_order_on_an_empty_book(self) -> None:
         """Regression (engine ``KeyError``): a market buy with no asks must expire, not crash."""
         ex = Lockstep(1).nodes[0]
