@@ -3,17 +3,21 @@ entries, peer records, client order ids, and what finality made final.
 
 An entry is committed here before the node acknowledges it.  What became
 final (fills, the final state of the orders they touched, and the
-checkpoint a restart starts from) is written in one transaction.  Nothing
+checkpoint a restart starts from) is written in one transaction, which may
+also carry entries: the node groups what it merged from peers and what
+became final into one commit (``save``).  Nothing
 read from disk is unpickled: entries are msgpack wire bytes decoded by
 ``crdt.entry``, the checkpoint a msgpack map.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import sqlite3
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +28,8 @@ from crdt.keys import SEED_LEN, SigningKey
 from matching.engine import FinalBatch, OrderStatus
 from matching.exchange import Checkpoint
 from net.errors import StorageError
+
+log = logging.getLogger("p2pex.store")
 
 KEY_FILE = "node.key"
 CID_ORDER = 0  # kinds of request a client id names
@@ -62,6 +68,7 @@ class StoredOrder:
 
 COOKIE_FILE = ".cookie"
 DB_FILE = "node.sqlite"
+CHECKPOINT_EVERY_S = 1.0  # the write-ahead log is copied into the database file this often, off the event loop
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -105,6 +112,10 @@ class Store:
         self._db = sqlite3.connect(self.path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        # commits only append to the WAL; a thread of its own copies it into the database file (and
+        # syncs it), so the event loop never waits for that
+        self._db.execute("PRAGMA wal_autocheckpoint=0")
+        self._checkpointer = _Checkpointer(self.path)
         old = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'entries'").fetchone() is not None
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS entries (origin BLOB, seq INTEGER, kind INTEGER NOT NULL,"
@@ -142,16 +153,24 @@ class Store:
     def save_entries(self, entries: Iterable[Entry], *, client_id: ClientId | None = None) -> None:
         """Commit entries; with ``client_id``, the client's id of the request
         that wrote them in the same transaction (both or neither survive)."""
+        self.save(list(entries), client_ids=[client_id] if client_id is not None else [])
+
+    def save(self, entries: Sequence[Entry], *, client_ids: Sequence[ClientId] = (),
+             finals: tuple[list[FinalBatch], Checkpoint] | None = None) -> None:
+        """One transaction: entries (in the order given), the client's ids of the
+        requests that wrote some of them, and final fills with the final state
+        of their orders and the new checkpoint. All or nothing."""
         rows = [(e.origin, e.seq, e.body.to_wire()[0], encode_entry(e)) for e in entries]
-        if not rows:
+        if not rows and finals is None:
             return
         with self._db:
             self._db.execute("BEGIN")
             # a plain INSERT: a second entry at one (origin, seq) must fail loudly
             self._db.executemany("INSERT INTO entries VALUES (?, ?, ?, ?)", rows)
-            if client_id is not None:
-                self._db.execute("INSERT INTO client_ids VALUES (?, ?, ?, ?)",
-                                 (client_id.kind, client_id.cid, client_id.entry, client_id.order_id))
+            self._db.executemany("INSERT INTO client_ids VALUES (?, ?, ?, ?)",
+                                 [(c.kind, c.cid, c.entry, c.order_id) for c in client_ids])
+            if finals is not None:
+                self._write_finals(*finals)
 
     def find_client_id(self, kind: int, cid: str) -> ClientId | None:
         row = self._db.execute("SELECT entry, order_id FROM client_ids WHERE kind = ? AND cid = ?",
@@ -200,6 +219,9 @@ class Store:
     def save_finals(self, batches: list[FinalBatch], checkpoint: Checkpoint) -> None:
         """Final fills, the final state of the orders they touched, and the new
         checkpoint, in one transaction."""
+        self.save([], finals=(batches, checkpoint))
+
+    def _write_finals(self, batches: list[FinalBatch], checkpoint: Checkpoint) -> None:
         fills = []
         orders = []
         for b in batches:
@@ -210,11 +232,9 @@ class Store:
                 st = fo.status
                 orders.append((fo.oid, fo.owner, fo.key, st.side, st.price, st.qty, st.filled, st.remaining,
                                st.state))
-        with self._db:
-            self._db.execute("BEGIN")
-            self._db.executemany("INSERT INTO final_fills VALUES (?, ?, ?, ?, ?, ?)", fills)
-            self._db.executemany("INSERT OR REPLACE INTO final_orders VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", orders)
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('checkpoint', ?)", (encode_checkpoint(checkpoint),))
+        self._db.executemany("INSERT INTO final_fills VALUES (?, ?, ?, ?, ?, ?)", fills)
+        self._db.executemany("INSERT OR REPLACE INTO final_orders VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", orders)
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('checkpoint', ?)", (encode_checkpoint(checkpoint),))
 
     def load_checkpoint(self) -> Checkpoint | None:
         row = self._db.execute("SELECT value FROM meta WHERE name = 'checkpoint'").fetchone()
@@ -268,7 +288,35 @@ class Store:
         return [bytes(row[0]) for row in self._db.execute("SELECT record FROM peers")]
 
     def close(self) -> None:
-        self._db.close()
+        self._checkpointer.stop()
+        self._db.close()  # the last connection to close checkpoints what is left
+
+
+class _Checkpointer:
+    """A thread with its own connection that checkpoints the WAL every
+    CHECKPOINT_EVERY_S (PASSIVE: it never blocks the node's writes). sqlite3
+    lets go of the GIL while it copies and syncs, so the node runs on."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"checkpoint {path.parent.name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        db = sqlite3.connect(self._path, isolation_level=None)
+        try:
+            while not self._stopping.wait(CHECKPOINT_EVERY_S):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:  # busy or failing now: the next round tries again
+                    log.debug("WAL checkpoint failed: %s", exc)
+        finally:
+            db.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=10)
 
 
 def encode_checkpoint(cp: Checkpoint) -> bytes:
