@@ -232,7 +232,7 @@ def order_view(node: Node, oid: bytes) -> dict[str, Any] | None:
     if st is not None:
         view = status_view(node, oid, st)
     else:
-        stored = node.store.final_order(oid)
+        stored = node.final_order(oid)
         if stored is None:
             return _void_view(node, oid)
         view = status_view(node, oid, stored.status, owner=stored.owner, final=True)
@@ -320,12 +320,13 @@ async def post_order(request: web.Request) -> web.Response:
         price = _int_field(body, "price", 1, MAX_PRICE)
         order = Order(side=side, price=price, qty=qty, tif=GTC if tif_text == "GTC" else IOC)
     if cid is not None:
+        await node.cid_settled(CID_ORDER, cid)
         prior = node.client_request(CID_ORDER, cid)
         if prior is not None:
             first = request.app[FIRST_REPLIES].get(cid)
             return reply(request, _repeat_order(node, prior.order_id, cid, order, tif_text, first))
     try:
-        result = node.submit(order, cid=cid)
+        result = await node.submit_soon(order, cid=cid)
     except NotMember as exc:
         raise ApiError(str(exc), code="not_member", status=503, retry_after=1) from None
     except ClockUnhealthy as exc:
@@ -340,7 +341,7 @@ async def post_order(request: web.Request) -> web.Response:
     if wait is not None and view["final"]:
         view["fills"] = [fill_view(node, f.seq, (f.taker, f.maker, f.price, f.qty), final=True,
                                    taker_side=f.taker_side)
-                         for f in node.store.final_fills(result.first_fill_seq, len(result.fills))] \
+                         for f in node.final_fills(result.first_fill_seq, len(result.fills))] \
             if result.fills else []
     else:
         view["fills"] = _fills_of_order(node, oid, result.first_fill_seq, result.fills)
@@ -421,6 +422,7 @@ async def delete_order(request: web.Request) -> web.Response:
     oid = _order_id(request)
     cid = _cid(request.query.get("cid"))
     if cid is not None:
+        await node.cid_settled(CID_CANCEL, cid)
         prior = node.client_request(CID_CANCEL, cid)
         if prior is not None:
             if prior.order_id != oid:
@@ -429,9 +431,9 @@ async def delete_order(request: web.Request) -> web.Response:
             assert view is not None
             return reply(request, {**view, "cid": cid, "repeat": True})
     try:
-        node.submit(Cancel(order_id=oid), cid=cid)
+        await node.submit_soon(Cancel(order_id=oid), cid=cid)
     except UnknownOrder as exc:
-        if node.store.final_order(oid) is not None:
+        if node.final_order(oid) is not None:
             raise Conflict(f"order {oid.hex()} is no longer resting", code="not_cancellable") from None
         raise NotFound(str(exc), code="unknown_order") from None
     except NotMember as exc:
@@ -496,7 +498,7 @@ async def get_fills(request: web.Request) -> web.Response:
     total = base + len(provisional)
     views: list[Any] = []
     if since < base:
-        for f in node.store.final_fills(since, min(limit, base - since)):
+        for f in node.final_fills(since, min(limit, base - since)):
             views.append(f)
     start = max(since, base)
     for i, fill in enumerate(provisional[start - base: start - base + limit - len(views)], start=start):
@@ -794,6 +796,8 @@ async def peer_push(request: web.Request) -> web.Response:
     entries = body.get("entries")
     if not isinstance(entries, list):
         raise BadRequest("entries must be an array", code="bad_entries")
+    if nid is not None:
+        node.note_down(nid, body.get("down"))
     try:
         result = node.ingest(entries, peer=addr, peer_id=nid)
     except ValidationError as exc:
@@ -804,7 +808,7 @@ async def peer_push(request: web.Request) -> web.Response:
     rejected += [{"origin": m.origin.hex() if m.origin else None, "seq": m.seq, "error": m.error.code}
                  for m in result.malformed]
     data = pack({"accepted": len(result.merge.accepted), "rejected": rejected,
-                 "buffered": result.merge.buffered, **_stamp(node)})
+                 "buffered": result.merge.buffered, "has": node.member_lengths(), **_stamp(node)})
     return web.Response(body=data, content_type="application/msgpack")
 
 

@@ -20,7 +20,7 @@ import socket
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,8 +44,8 @@ from crdt.errors import ExchangeError, ValidationError
 from crdt.hlc import physical_ms
 from crdt.keys import short_id
 from crdt.replica import MergeResult
-from matching.engine import Fill
-from matching.exchange import Exchange, Params, Received, Submitted
+from matching.engine import Fill, FinalBatch
+from matching.exchange import Exchange, NotCancellable, Params, Received, Submitted
 from net import logs
 from net.addresses import (
     AddressGuard,
@@ -70,7 +70,16 @@ from net.peers import (
     is_loopback_url,
 )
 from net.server import ConnectionLimits, Guard, GuardedSite, handler_args
-from net.store import CID_CANCEL, CID_ORDER, ClientId, Store, load_or_create_key, write_cookie
+from net.store import (
+    CID_CANCEL,
+    CID_ORDER,
+    ClientId,
+    FinalFill,
+    Store,
+    StoredOrder,
+    load_or_create_key,
+    write_cookie,
+)
 from net.wire import MSGPACK, PEER_BODY_CAP, pack, read_capped, unpack
 
 log = logging.getLogger("p2pex.node")
@@ -78,6 +87,10 @@ log = logging.getLogger("p2pex.node")
 SYNC_PAGE = 4000  # entries per sync page: 4000 * 512 bytes stays under the peer body cap
 MAX_PAGES_PER_PULL = 25
 PUSH_QUEUE_CAP = 20_000
+PUSH_EVERY_S = 0.01  # at most one push to a peer this often: what is queued meanwhile goes in one request
+MAX_DOWN = 64  # peers a push names as unreachable
+RELAY_EVERY_S = 0.05  # how often the relay looks for entries of other members that a peer may lack
+RELAY_AFTER_S = 0.1  # ... and relays those a peer has not shown it holds this long after they were merged here
 LATENCY_SAMPLES = 20_000
 MAX_RECORDS_PER_CALL = 300  # peer records read from one request or reply
 MAX_GREETINGS = 8  # proofs of new peers under way at once
@@ -92,6 +105,8 @@ ENDPOINT_FILE = "endpoint"  # the local URL of the node, for the CLI
 JOIN_EVERY_S = 0.5  # how often a node that is not a member asks a peer to admit it
 EVIDENCE_PER_REPLY = 8  # equivocation proofs handed out in one sync reply
 OFFSET_TTL_S = 30.0  # a peer's clock reading older than this is not used
+OWN_COMMIT_S = 0.001  # client orders and cancels arriving this close together share one commit
+GROUP_COMMIT_S = 0.005  # entries merged from peers and finals are committed together this soon
 STREAM_QUEUE = 10_000  # events buffered per stream subscriber before it is dropped
 
 
@@ -141,6 +156,16 @@ class Ingested:
     malformed: tuple[BadWireEntry, ...]
 
 
+def _cid_kind(body: Body) -> int:
+    return CID_CANCEL if isinstance(body, Cancel) else CID_ORDER
+
+
+def _retrieved(done: asyncio.Future[Submitted]) -> None:
+    """A request that hung up leaves its outcome unread: read it (no warning)."""
+    if not done.cancelled():
+        done.exception()
+
+
 class Node:
     def __init__(
         self,
@@ -185,7 +210,25 @@ class Node:
         self.started_ms = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._push_queues: dict[bytes, list[Entry]] = {}
+        # merged from peers, or final, and not yet committed: the next commit (a group commit a few ms
+        # later, or this node's next own entry, whichever comes first) writes them in one transaction
+        self._unsaved: list[Entry] = []
+        self._unsaved_finals: list[FinalBatch] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
+        # own entries waiting for their group commit, in order: the body, the client's id of the
+        # request, and what the request waits on
+        self._own_queue: list[tuple[Body, str | None, asyncio.Future[Submitted] | None]] = []
+        self._own_handle: asyncio.TimerHandle | None = None
         self._pushing: set[bytes] = set()
+        self._pushed_at: dict[bytes, float] = {}  # peer -> when the last push to it started (monotonic)
+        # peer -> (when the call it answered started, member -> how many of that member's entries it holds):
+        # the peer's own word, from its latest reply
+        self._peer_said: dict[bytes, tuple[float, dict[bytes, int]]] = {}
+        # peer -> member -> (relayed up to seq, when): not relayed again until a later reply says it is missing
+        self._relayed: dict[bytes, dict[bytes, tuple[int, float]]] = {}
+        # member -> the peers it said it cannot reach now (in its pushes): its entries go on to them at once
+        self._down_of: dict[bytes, frozenset[bytes]] = {}
+        self._lengths: deque[tuple[float, dict[bytes, int]]] = deque()  # (monotonic, members' log lengths here)
         self._probing: set[bytes] = set()
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
@@ -198,7 +241,8 @@ class Node:
         self.counters = {"pushed": 0, "pulled": 0, "push_failures": 0, "pull_failures": 0,
                          "rejected": 0, "revoked_fills": 0, "heartbeats": 0, "votes": 0, "admitted": 0,
                          "peer_bytes_sent": 0, "peer_bytes_received": 0,  # request and reply bodies of our calls
-                         "duplicates": 0}  # relayed entries we held already, dropped before decoding
+                         "duplicates": 0,  # relayed entries we held already, dropped before decoding
+                         "relayed": 0}  # entries of other members relayed to a peer that lacked them
         self.metrics = NodeMetrics(self)
         self.records = 0  # entries held that are not heartbeats
         self.own_orders = 0  # orders in this node's own log
@@ -266,6 +310,7 @@ class Node:
         self._spawn(self._prove_loop(), "prove")
         self._spawn(self._log_summary_loop(), "log-summaries")
         self._spawn(self._tick_loop(), "tick")
+        self._spawn(self._relay_loop(), "relay")
         self._spawn(self.metrics.probe_loop(), "loop-lag")
         self._spawn(self._join_loop(), "join")
 
@@ -344,7 +389,11 @@ class Node:
         if self._session is not None:
             await self._session.close()
         self.discovery.stop()
-        self.store.close()
+        try:
+            self._commit_own()
+            self.flush()
+        finally:
+            self.store.close()
         logs.flush(force=True)
         log.info("%s: stopped", self.config.name)
 
@@ -417,34 +466,113 @@ class Node:
         """Append to our own log, commit, then push; raises the core's typed errors.
 
         ``cid``, a client's id for the request, is committed with the entry in
-        one transaction (see ``client_request``)."""
-        now = self.clock_ms()
-        entry = self.exchange.prepare(body, now_ms=now)
-        client_id = None
-        if cid is not None:
-            kind, oid = (CID_CANCEL, body.order_id) if isinstance(body, Cancel) else (CID_ORDER, entry.hash)
-            client_id = ClientId(kind=kind, cid=cid, entry=entry.hash, order_id=oid)
-        with self.metrics.commit("own"):  # orders, cancels, heartbeats, votes
-            self.store.save_entries([entry], client_id=client_id)  # committed before any state or peer sees it
-        result = self.exchange.apply_own(entry, now_ms=now, mono_ms=self.mono_ms())
-        if isinstance(body, Order):
-            self.own_orders += 1
-        elif isinstance(body, Cancel):
-            self.own_cancels += 1
-        self._after(result.received, peer_id=None, own=entry)
-        return result
+        one transaction (see ``client_request``). Own entries waiting for a
+        group commit (``submit_soon``) are written with this one, before it."""
+        self._own_queue.append((body, cid, None))
+        outcome = self._commit_own()[-1]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def submit_soon(self, body: Body, *, cid: str | None = None) -> Submitted:
+        """As ``submit``, but shared with the other own entries of the next
+        OWN_COMMIT_S: they are prepared, committed in one SQLite transaction
+        and applied together, in one step of the event loop. The result (or
+        the core's typed error) comes once this entry is committed and applied."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Submitted] = loop.create_future()
+        done.add_done_callback(_retrieved)
+        self._own_queue.append((body, cid, done))
+        if self._own_handle is None:
+            self._own_handle = loop.call_later(OWN_COMMIT_S, self._commit_own_due)
+        return await asyncio.shield(done)  # a client that hangs up does not take its entry back
+
+    async def cid_settled(self, kind: int, cid: str) -> None:
+        """Wait until a request with this client id that waits for its commit
+        has it (so that a repeat finds what the first one wrote)."""
+        for body, their_cid, done in list(self._own_queue):
+            if done is not None and their_cid == cid and _cid_kind(body) == kind:
+                await asyncio.wait([done])
+
+    def _commit_own_due(self) -> None:
+        try:
+            self._commit_own()
+        except Exception:  # the waiting requests have the error; say it once here
+            log.exception("could not commit this node's entries")
+
+    def _commit_own(self) -> list[Submitted | ExchangeError]:
+        """Prepare every own entry waiting, in order, commit them in one
+        transaction (with what else is queued) before any state or peer sees
+        them, then apply them in order and push them. One outcome per entry:
+        its result, or the typed error that kept it out. All in one step, so
+        nothing a peer sends can come between the checks and the entries."""
+        if self._own_handle is not None:
+            self._own_handle.cancel()
+            self._own_handle = None
+        waiting, self._own_queue = self._own_queue, []
+        outcomes: list[Submitted | ExchangeError | None] = [None] * len(waiting)
+        prepared: list[tuple[int, Entry, ClientId | None]] = []
+        cancelling: set[bytes] = set()
+        after: Entry | None = None
+        for i, (body, cid, done) in enumerate(waiting):
+            try:
+                if isinstance(body, Cancel) and body.order_id in cancelling:
+                    raise NotCancellable(f"order {body.order_id.hex()} is being cancelled already")
+                entry = self.exchange.prepare(body, now_ms=self.clock_ms(), after=after)
+            except ExchangeError as exc:
+                outcomes[i] = exc
+                if done is not None and not done.done():
+                    done.set_exception(exc)
+                continue
+            if isinstance(body, Cancel):
+                cancelling.add(body.order_id)
+            after = entry
+            client_id = None
+            if cid is not None:
+                oid = body.order_id if isinstance(body, Cancel) else entry.hash
+                client_id = ClientId(kind=_cid_kind(body), cid=cid, entry=entry.hash, order_id=oid)
+            prepared.append((i, entry, client_id))
+        if prepared:
+            try:
+                with self.metrics.commit("own"):  # orders, cancels, heartbeats, votes
+                    self._commit(own=[e for _, e, _ in prepared],
+                                 client_ids=[c for _, _, c in prepared if c is not None])
+            except BaseException as exc:
+                for i, _, _ in prepared:
+                    done = waiting[i][2]
+                    if done is not None and not done.done():
+                        done.set_exception(exc)
+                raise
+        for i, entry, _ in prepared:
+            done = waiting[i][2]
+            try:
+                result = self.exchange.apply_own(entry, now_ms=self.clock_ms(), mono_ms=self.mono_ms())
+            except ExchangeError as exc:  # committed, in order, just prepared: the core has no reason to refuse it
+                log.error("own entry #%d was committed but not applied: %s", entry.seq, exc)
+                outcomes[i] = exc
+                if done is not None and not done.done():
+                    done.set_exception(exc)
+                continue
+            if isinstance(entry.body, Order):
+                self.own_orders += 1
+            elif isinstance(entry.body, Cancel):
+                self.own_cancels += 1
+            self._after(result.received, peer_id=None, own=entry)
+            outcomes[i] = result
+            if done is not None and not done.done():
+                done.set_result(result)
+        return [o for o in outcomes if o is not None]
 
     def _after(self, result: Received | None, *, peer_id: bytes | None, own: Entry | None = None,
                stored: bool = False) -> None:
-        """Carry out what a core call returned: commit what it merged (unless it
-        came from storage), keep equivocation evidence, push, persist what
-        became final, and tell the stream."""
+        """Carry out what a core call returned: queue what it merged for the
+        next commit (unless it came from storage), keep equivocation evidence,
+        push, queue what became final, and tell the stream."""
         if result is None:
             return
         accepted = [e for e in result.merge.accepted if e is not own]
         if accepted and not stored:
-            with self.metrics.commit("entries"):
-                self.store.save_entries(accepted)
+            self._unsaved.extend(accepted)
         if not stored:
             self.records += sum(1 for e in result.merge.accepted if not isinstance(e.body, Heartbeat))
             self.metrics.received(accepted, self.node_id)
@@ -480,14 +608,48 @@ class Node:
                 self.metrics.fills.labels("provisional", self._origin_label(self.exchange.owner(f[0]))).inc()
             self._publish([{"type": "fill", "fill": self.fill_event(f)} for f in result.added])
         if result.finalized:
-            self._persist_finals()
+            self._unsaved_finals.extend(self.exchange.take_finalized())
+        if self._unsaved or self._unsaved_finals:
+            self._flush_soon()
 
-    def _persist_finals(self) -> None:
-        batches = self.exchange.take_finalized()
-        if not batches:
+    # ---- group commit ------------------------------------------------------------
+
+    def _flush_soon(self) -> None:
+        """Commit what is queued within GROUP_COMMIT_S (at once outside an event loop)."""
+        if self._flush_handle is not None:
             return
-        with self.metrics.commit("finals"):
-            self.store.save_finals(batches, self.exchange.checkpoint())
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._flush_handle = loop.call_later(GROUP_COMMIT_S, self.flush)
+
+    def flush(self) -> None:
+        """Commit, in one transaction, the entries merged from peers and what
+        became final since the last commit; then tell the stream what is final.
+        Called by the group-commit timer and before anything reads SQLite for
+        what may still be queued."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self._unsaved or self._unsaved_finals:
+            with self.metrics.commit("group"):
+                self._commit()
+
+    def _commit(self, *, own: Sequence[Entry] = (), client_ids: Sequence[ClientId] = ()) -> None:
+        """One transaction: what is queued, then ``own`` (this node's next
+        entries, so an entry of ours that acknowledges others' entries is never
+        on disk without them). On failure the queue stays, for the next commit."""
+        batches = self._unsaved_finals
+        self.store.save([*self._unsaved, *own], client_ids=client_ids,
+                        finals=(batches, self.exchange.checkpoint()) if batches else None)
+        self._unsaved = []
+        self._unsaved_finals = []
+        if batches:
+            self._finals_committed(batches)
+
+    def _finals_committed(self, batches: list[FinalBatch]) -> None:
         self.final_traded += sum(f[3] for b in batches for f in b.fills)
         now = self.clock_ms()
         before = self._final_seen
@@ -622,6 +784,16 @@ class Node:
         log.info("admitted %s to the network (its entries after seq %d count)", short_id(joiner), after)
         return True
 
+    def final_order(self, oid: bytes) -> StoredOrder | None:
+        """An order's final state from SQLite (after committing what is queued)."""
+        self.flush()
+        return self.store.final_order(oid)
+
+    def final_fills(self, since: int, limit: int) -> list[FinalFill]:
+        """Final fills from seq ``since`` on, from SQLite (after committing what is queued)."""
+        self.flush()
+        return self.store.final_fills(since, limit)
+
     def client_request(self, kind: int, cid: str) -> ClientId | None:
         """What an earlier request with this client id wrote, if any."""
         return self.store.find_client_id(kind, cid)
@@ -690,6 +862,7 @@ class Node:
         out: list[Any] = []
         for seg in segments:
             if seg.entries is None:
+                self.flush()  # memory may have let go of entries still queued for commit
                 out.extend(self.store.wire_range(seg.origin, seg.lo, seg.hi))
             else:
                 out.extend(e.to_wire() for e in seg.entries)
@@ -715,20 +888,128 @@ class Node:
     # ---- replication -----------------------------------------------------------
 
     def _push_new(self, entries: Iterable[Entry], *, exclude: bytes | None) -> None:
-        batch = list(entries)
-        mono = self.monotonic()
-        for peer in self.peers.ready(mono):
+        """Own entries go to every peer at once. Another member's entries go on
+        at once only to the peers that member said it cannot reach; the rest
+        reach it by the member's own push, and the relay loop hands on what a
+        peer still lacks. Entries of non-members are relayed at once to every
+        peer but the sender."""
+        membership = self.exchange.membership
+        now = self.monotonic()
+        ready = [p for p in self.peers.ready(now) if p.record.node_id != exclude]
+        everyone: list[Entry] = []
+        bridged: dict[bytes, list[Entry]] = {}
+        for e in entries:
+            if e.origin == self.node_id or not membership.is_member(e.origin):
+                everyone.append(e)
+            else:
+                for nid in self._down_of.get(e.origin, ()):
+                    bridged.setdefault(nid, []).append(e)
+        for peer in ready:
             nid = peer.record.node_id
-            if nid == exclude:
+            batch = everyone
+            more = bridged.get(nid)
+            if more:
+                more = [e for e in more if e.origin != nid]
+                relayed = self._relayed.setdefault(nid, {})
+                for e in more:
+                    relayed[e.origin] = (max(e.seq, relayed.get(e.origin, (0, 0.0))[0]), now)
+                self.counters["relayed"] += len(more)
+                batch = [*everyone, *more]
+            if batch:
+                self._queue_push(peer, batch)
+
+    def note_down(self, origin: bytes, down: Any) -> None:
+        """The peers a member says it cannot reach now (``down`` in its pushes)."""
+        if not isinstance(down, list) or not self.exchange.membership.is_member(origin):
+            return
+        self._down_of[origin] = frozenset(d for d in down[:MAX_DOWN] if type(d) is bytes and d != self.node_id)
+
+    def _down(self) -> list[bytes]:
+        """Peers this node cannot reach now: others pass our entries on to them at once."""
+        return [nid for nid, p in self.peers.peers.items() if p.failures > 0][:MAX_DOWN]
+
+    def _queue_push(self, peer: Peer, batch: list[Entry]) -> None:
+        nid = peer.record.node_id
+        queue = self._push_queues.setdefault(nid, [])
+        if len(queue) + len(batch) > PUSH_QUEUE_CAP:
+            queue.clear()  # the peer will catch up by pull
+            return
+        queue.extend(batch)
+        if nid not in self._pushing:
+            self._pushing.add(nid)
+            self._spawn(self._drain_push(peer), f"push-{peer.short}")
+
+    def member_lengths(self) -> dict[bytes, int]:
+        """How many entries of each member this node holds (peers relay by it)."""
+        length = self.exchange.replica.length
+        return {m: length(m) for m in self.exchange.membership.members()}
+
+    def peer_holds(self, node_id: bytes, lengths: Any, *, asked_at: float) -> None:
+        """What a peer said it holds (``member_lengths`` in its reply to a call
+        that started at ``asked_at``, monotonic)."""
+        if not isinstance(lengths, dict):
+            return
+        said = self._peer_said.get(node_id)
+        if said is not None and said[0] > asked_at:
+            return  # a later call has answered already
+        members = self.exchange.membership.members()
+        self._peer_said[node_id] = (asked_at, {m: n for m in members if type(n := lengths.get(m)) is int})
+
+    async def _relay_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RELAY_EVERY_S)
+            try:
+                self._relay()
+            except Exception:  # a relay that dies would leave cut links to pull alone
+                log.exception("relay failed")
+
+    def _relay(self) -> None:
+        """Hand each peer the entries of other members that it has not shown it
+        holds RELAY_AFTER_S after this node merged them: what a cut link between
+        two members keeps from one of them reaches it through its other peers,
+        and with every link up no entry crosses the network more than once per
+        peer of its origin. What was relayed is not sent again until a reply to
+        a later call shows the peer still lacks it (a dropped push, a gap it
+        holds back). A peer that has not said what it holds gets nothing: pull
+        serves it."""
+        now = self.monotonic()
+        replica = self.exchange.replica
+        self._lengths.append((now, self.member_lengths()))
+        while len(self._lengths) > 1 and self._lengths[1][0] <= now - RELAY_AFTER_S:
+            self._lengths.popleft()
+        at, lengths = self._lengths[0]
+        if at > now - RELAY_AFTER_S:
+            return
+        for peer in self.peers.ready(now):
+            nid = peer.record.node_id
+            said = self._peer_said.get(nid)
+            if said is None:
                 continue
-            queue = self._push_queues.setdefault(nid, [])
-            if len(queue) + len(batch) > PUSH_QUEUE_CAP:
-                queue.clear()  # the peer will catch up by pull
-                continue
-            queue.extend(batch)
-            if nid not in self._pushing:
-                self._pushing.add(nid)
-                self._spawn(self._drain_push(peer), f"push-{peer.short}")
+            asked_at, holds = said
+            relayed = self._relayed.setdefault(nid, {})
+            batch: list[Entry] = []
+            for m, n in lengths.items():
+                if m == nid or m == self.node_id:
+                    continue
+                held = holds.get(m, 0)
+                sent = relayed.get(m)
+                if sent is not None and sent[1] >= asked_at:  # in flight: no reply since it was queued
+                    held = max(held, sent[0])
+                if n <= held:
+                    continue
+                upto = min(n, held + SYNC_PAGE - len(batch))
+                for seq in range(held + 1, upto + 1):
+                    e = replica.entry(m, seq)
+                    if e is None:  # no longer in memory: pull serves it from SQLite
+                        upto = n
+                        break
+                    batch.append(e)
+                relayed[m] = (upto, now)
+                if len(batch) >= SYNC_PAGE:
+                    break
+            if batch:
+                self.counters["relayed"] += len(batch)
+                self._queue_push(peer, batch)
 
     async def _drain_push(self, peer: Peer) -> None:
         nid = peer.record.node_id
@@ -737,12 +1018,19 @@ class Node:
                 queue = self._push_queues.get(nid)
                 if not queue:
                     return
+                wait = self._pushed_at.get(nid, -PUSH_EVERY_S) + PUSH_EVERY_S - self.monotonic()
+                if wait > 0 and len(queue) < SYNC_PAGE:
+                    await asyncio.sleep(wait)
+                    continue
+                started = self._pushed_at[nid] = self.monotonic()
                 batch = queue[:SYNC_PAGE]
                 del queue[:SYNC_PAGE]
                 try:
-                    await self._call(peer, "/peer/v1/push", {
-                        "from": self.node_id, "entries": [e.to_wire() for e in batch]})
+                    reply = await self._call(peer, "/peer/v1/push", {
+                        "from": self.node_id, "entries": [e.to_wire() for e in batch], "down": self._down()})
                     self.counters["pushed"] += len(batch)
+                    if isinstance(reply, dict):
+                        self.peer_holds(nid, reply.get("has"), asked_at=started)
                 except PeerError:
                     # keep what was queued (one slow reply is not a lost peer): the next push
                     # to this peer sends it, and pull repairs whatever the cap drops
@@ -826,6 +1114,7 @@ class Node:
         theirs: dict[bytes, int] = {}
         complete = False
         for _ in range(MAX_PAGES_PER_PULL):
+            asked_at = self.monotonic()
             reply = await self._call(peer, "/peer/v1/sync", {
                 "from": self.node_id, "vv": self.exchange.replica.digest_for_sync(), "max": SYNC_PAGE,
                 "ev": sorted(self.exchange.replica.evidence())})
@@ -836,6 +1125,7 @@ class Node:
             raw_vv = reply.get("vv", {})
             theirs = {k: v for k, v in raw_vv.items() if type(k) is bytes and type(v) is int} \
                 if isinstance(raw_vv, dict) else {}
+            self.peer_holds(peer.record.node_id, theirs, asked_at=asked_at)
             ours = self.exchange.replica.version_vector()
             peer.behind = sum(max(n - theirs.get(o, 0), 0) for o, n in ours.items())
             entries = reply.get("entries", [])
@@ -987,6 +1277,9 @@ class Node:
             log.info("forgot peer %s: %s", short_id(node_id), why)
         self.store.delete_peer(node_id)
         self._push_queues.pop(node_id, None)
+        self._peer_said.pop(node_id, None)
+        self._relayed.pop(node_id, None)
+        self._pushed_at.pop(node_id, None)
         self.peer_latencies.pop(node_id, None)
 
     def records_for(self, caller_loopback: bool) -> list[list[Any]]:

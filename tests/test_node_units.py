@@ -1,24 +1,25 @@
 """In-process checks of the node shell's safety rules: the peer table's
-bounds, commit before apply, restore after the clock stepped back, and the
-store's refusal to overwrite an entry.  No sockets are opened."""
+bounds, commit before apply, group commits, restore after the clock stepped
+back, and the store's refusal to overwrite an entry.  No sockets are opened."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from crdt.entry import BUY, SELL, Heartbeat, Order, encode_entry, make_entry
-from matching.exchange import Exchange
+from crdt.entry import BUY, SELL, Cancel, Heartbeat, Order, encode_entry, make_entry
+from matching.exchange import Exchange, NotCancellable, Submitted
 from net.addresses import AddressGuard, AddressPolicy, classify, parse_networks, parse_peer_url
 from net.api import _require_capacity
 from net.config import NodeConfig
 from net.errors import ApiError
 from net.node import Node
 from net.peers import MAX_RECORD_SKEW_MS, Candidates, PeerRecord, PeerTable, url_ok
-from net.store import Store
+from net.store import CID_ORDER, Store
 from tests.conftest import NOW_MS, key_for
 
 
@@ -64,12 +65,98 @@ class TestCommitBeforeApply:
             def failing(entries: object, **_: object) -> None:
                 raise sqlite3.OperationalError("disk I/O error")
 
-            monkeypatch.setattr(node.store, "save_entries", failing)
+            monkeypatch.setattr(node.store, "save", failing)
             before = (node.exchange.state_hash(), node.exchange.replica.version_vector())
             with pytest.raises(sqlite3.OperationalError):
                 node.submit(Order(side=SELL, price=100, qty=1))
             assert (node.exchange.state_hash(), node.exchange.replica.version_vector()) == before
             assert len(node.exchange.engine.fills) == 0
+        finally:
+            node.store.close()
+
+
+def lone_node(tmp_path: Path) -> Node:
+    """A node that founded a one-member network, so its orders may be written."""
+    node = Node(NodeConfig(data_dir=tmp_path / "n", port=1), clock_ms=lambda: NOW_MS)
+    node._load()
+    node._found()
+    return node
+
+
+class TestGroupCommit:
+    def test_orders_of_one_step_share_one_transaction(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        node = lone_node(tmp_path)
+        saves: list[int] = []
+        save = node.store.save
+        monkeypatch.setattr(node.store, "save", lambda entries, **kw: (saves.append(len(entries)), save(entries, **kw)))
+
+        async def five() -> list[Submitted]:
+            return await asyncio.gather(*(node.submit_soon(Order(side=BUY, price=100 + i, qty=1), cid=f"c{i}")
+                                          for i in range(5)))
+        try:
+            got = asyncio.run(five())
+            assert saves == [5]  # one transaction, all five
+            seqs = [r.entry.seq for r in got]
+            assert seqs == list(range(seqs[0], seqs[0] + 5))
+            assert all(r.status is not None and r.status.remaining == 1 for r in got)
+            for i, r in enumerate(got):
+                stored = node.client_request(CID_ORDER, f"c{i}")
+                assert stored is not None and stored.order_id == r.entry.hash
+            assert [e.hash for e in node.store.load_entries()[-5:]] == [r.entry.hash for r in got]
+        finally:
+            node.store.close()
+
+    def test_a_failed_group_commit_applies_none(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Every request of the group gets the error; the log goes on at the same seq."""
+        node = lone_node(tmp_path)
+        try:
+            before = (node.exchange.state_hash(), node.exchange.replica.version_vector())
+            save = node.store.save
+
+            def failing(entries: object, **_: object) -> None:
+                raise sqlite3.OperationalError("disk I/O error")
+
+            monkeypatch.setattr(node.store, "save", failing)
+
+            async def three() -> list[object]:
+                return await asyncio.gather(*(node.submit_soon(Order(side=SELL, price=100, qty=1))
+                                              for _ in range(3)), return_exceptions=True)
+            outcomes = asyncio.run(three())
+            assert all(isinstance(o, sqlite3.OperationalError) for o in outcomes), outcomes
+            assert (node.exchange.state_hash(), node.exchange.replica.version_vector()) == before
+            monkeypatch.setattr(node.store, "save", save)
+            nxt = node.submit(Order(side=SELL, price=100, qty=1))
+            assert nxt.entry.seq == before[1][node.node_id] + 1
+        finally:
+            node.store.close()
+
+    def test_a_second_cancel_in_one_group_is_refused(self, tmp_path: Path) -> None:
+        node = lone_node(tmp_path)
+        try:
+            placed = node.submit(Order(side=BUY, price=100, qty=2))
+
+            async def twice() -> list[object]:
+                return await asyncio.gather(*(node.submit_soon(Cancel(order_id=placed.entry.hash))
+                                              for _ in range(2)), return_exceptions=True)
+            first, second = asyncio.run(twice())
+            assert isinstance(first, Submitted) and first.status is not None and first.status.remaining == 0
+            assert isinstance(second, NotCancellable)
+            assert node.own_cancels == 1
+        finally:
+            node.store.close()
+
+    def test_what_is_queued_is_committed_before_sqlite_is_read(self, tmp_path: Path) -> None:
+        """Merged entries and finals wait for the group commit; a read of what
+        is final (or a sync served from SQLite) commits them first."""
+        node = lone_node(tmp_path)
+        try:
+            async def trade() -> None:
+                ask = await node.submit_soon(Order(side=SELL, price=100, qty=1))
+                await node.submit_soon(Order(side=BUY, price=100, qty=1))
+                # a lone member is final at once: the fill is final, its commit may still wait
+                assert node.final_order(ask.entry.hash) is not None
+                assert [f.qty for f in node.final_fills(0, 10)] == [1]
+            asyncio.run(trade())
         finally:
             node.store.close()
 
