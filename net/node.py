@@ -87,7 +87,12 @@ log = logging.getLogger("p2pex.node")
 SYNC_PAGE = 4000  # entries per sync page: 4000 * 512 bytes stays under the peer body cap
 MAX_PAGES_PER_PULL = 25
 PUSH_QUEUE_CAP = 20_000
-PUSH_EVERY_S = 0.025  # at most one push to a peer this often: what is queued meanwhile goes in one request
+# at most one push to a peer every PUSH_EVERY_S (what queues meanwhile goes in one request: fewer
+# requests, less work per entry) while this node writes BUSY_ENTRIES_PER_S entries or more; else
+# every PUSH_EVERY_QUIET_S, for the latency of acknowledgements
+PUSH_EVERY_S = 0.025
+PUSH_EVERY_QUIET_S = 0.005
+BUSY_ENTRIES_PER_S = 100
 MAX_DOWN = 64  # peers a push names as unreachable
 RELAY_EVERY_S = 0.05  # how often the relay looks for entries of other members that a peer may lack
 RELAY_AFTER_S = 0.1  # ... and relays those a peer has not shown it holds this long after they were merged here
@@ -221,6 +226,7 @@ class Node:
         self._own_handle: asyncio.TimerHandle | None = None
         self._pushing: set[bytes] = set()
         self._pushed_at: dict[bytes, float] = {}  # peer -> when the last push to it started (monotonic)
+        self._own_times: deque[float] = deque()  # when own entries were pushed, over the last second
         # peer -> (when the call it answered started, member -> how many of that member's entries it holds):
         # the peer's own word, from its latest reply
         self._peer_said: dict[bytes, tuple[float, dict[bytes, int]]] = {}
@@ -899,7 +905,10 @@ class Node:
         everyone: list[Entry] = []
         bridged: dict[bytes, list[Entry]] = {}
         for e in entries:
-            if e.origin == self.node_id or not membership.is_member(e.origin):
+            if e.origin == self.node_id:
+                everyone.append(e)
+                self._own_times.append(now)
+            elif not membership.is_member(e.origin):
                 everyone.append(e)
             else:
                 for nid in self._down_of.get(e.origin, ()):
@@ -927,6 +936,13 @@ class Node:
     def _down(self) -> list[bytes]:
         """Peers this node cannot reach now: others pass our entries on to them at once."""
         return [nid for nid, p in self.peers.peers.items() if p.failures > 0][:MAX_DOWN]
+
+    def _own_rate(self) -> int:
+        """Own entries pushed in the last second."""
+        times, cutoff = self._own_times, self.monotonic() - 1.0
+        while times and times[0] < cutoff:
+            times.popleft()
+        return len(times)
 
     def _queue_push(self, peer: Peer, batch: list[Entry]) -> None:
         nid = peer.record.node_id
@@ -1018,7 +1034,8 @@ class Node:
                 queue = self._push_queues.get(nid)
                 if not queue:
                     return
-                wait = self._pushed_at.get(nid, -PUSH_EVERY_S) + PUSH_EVERY_S - self.monotonic()
+                every = PUSH_EVERY_S if self._own_rate() >= BUSY_ENTRIES_PER_S else PUSH_EVERY_QUIET_S
+                wait = self._pushed_at.get(nid, -every) + every - self.monotonic()
                 if wait > 0 and len(queue) < SYNC_PAGE:
                     await asyncio.sleep(wait)
                     continue
