@@ -387,21 +387,26 @@ class Node:
     async def stop(self) -> None:
         self.serving = False
         self._stopping.set()
+        t0 = time.monotonic()
         if self._runner is not None:  # first stop taking requests, which may spawn pushes
             await self._runner.cleanup()
+        t1 = time.monotonic()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
         self.discovery.stop()
+        t2 = time.monotonic()
         try:
             self._commit_own()
             self.flush()
         finally:
             self.store.close()
+        t3 = time.monotonic()
         logs.flush(force=True)
-        log.info("%s: stopped", self.config.name)
+        log.info("%s: stopped in %.2f s (HTTP %.2f s, tasks %.2f s, SQLite %.2f s)", self.config.name,
+                 t3 - t0, t1 - t0, t2 - t1, t3 - t2)
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)

@@ -12,11 +12,9 @@ read from disk is unpickled: entries are msgpack wire bytes decoded by
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
 import sqlite3
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +26,6 @@ from crdt.keys import SEED_LEN, SigningKey
 from matching.engine import FinalBatch, OrderStatus
 from matching.exchange import Checkpoint
 from net.errors import StorageError
-
-log = logging.getLogger("p2pex.store")
 
 KEY_FILE = "node.key"
 CID_ORDER = 0  # kinds of request a client id names
@@ -68,7 +64,6 @@ class StoredOrder:
 
 COOKIE_FILE = ".cookie"
 DB_FILE = "node.sqlite"
-CHECKPOINT_EVERY_S = 1.0  # the write-ahead log is copied into the database file this often, off the event loop
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -112,10 +107,6 @@ class Store:
         self._db = sqlite3.connect(self.path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        # commits only append to the WAL; a thread of its own copies it into the database file (and
-        # syncs it), so the event loop never waits for that
-        self._db.execute("PRAGMA wal_autocheckpoint=0")
-        self._checkpointer = _Checkpointer(self.path)
         old = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'entries'").fetchone() is not None
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS entries (origin BLOB, seq INTEGER, kind INTEGER NOT NULL,"
@@ -288,35 +279,7 @@ class Store:
         return [bytes(row[0]) for row in self._db.execute("SELECT record FROM peers")]
 
     def close(self) -> None:
-        self._checkpointer.stop()
-        self._db.close()  # the last connection to close checkpoints what is left
-
-
-class _Checkpointer:
-    """A thread with its own connection that checkpoints the WAL every
-    CHECKPOINT_EVERY_S (PASSIVE: it never blocks the node's writes). sqlite3
-    lets go of the GIL while it copies and syncs, so the node runs on."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"checkpoint {path.parent.name}", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        db = sqlite3.connect(self._path, isolation_level=None)
-        try:
-            while not self._stopping.wait(CHECKPOINT_EVERY_S):
-                try:
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                except sqlite3.Error as exc:  # busy or failing now: the next round tries again
-                    log.debug("WAL checkpoint failed: %s", exc)
-        finally:
-            db.close()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._thread.join(timeout=10)
+        self._db.close()
 
 
 def encode_checkpoint(cp: Checkpoint) -> bytes:
