@@ -207,12 +207,9 @@ class Store:
 
     # ---- what is final --------------------------------------------------------
 
-    def save_finals(self, batches: list[FinalBatch], checkpoint: Checkpoint) -> None:
-        """Final fills, the final state of the orders they touched, and the new
-        checkpoint, in one transaction."""
-        self.save([], finals=(batches, checkpoint))
-
     def _write_finals(self, batches: list[FinalBatch], checkpoint: Checkpoint) -> None:
+        """Final fills, the final state of the orders they touched, and the new
+        checkpoint (inside ``save``'s transaction)."""
         fills = []
         orders = []
         for b in batches:
