@@ -4,7 +4,8 @@ Owns talking to a node for every program that does: ``cli.py``'s client
 commands, the trader (``net/trader.py``), the demo (``net/demo.py``) and
 scripts.  ``Client`` is the asyncio client (aiohttp), ``SyncClient`` runs it
 on a private event loop for scripts; both return the typed results of
-``client.models`` and raise one ``ClientError``.  ``client.discovery`` finds
+``client.models`` and raise one ``ClientError``; ``Client.trading()`` opens
+a ``TradingSession`` (orders and cancels over one WebSocket).  ``client.discovery`` finds
 a node's URL and token from its data dir; ``client.tables`` renders results
 as rich tables (import it separately).
 
@@ -20,6 +21,7 @@ from client.discovery import DEFAULT_DATA_DIR, DEFAULT_URL, normalize_url, read_
 from client.errors import ClientError
 from client.models import Book, Event, Fill, FillsPage, Latency, Level, OrderView, Peer, Status
 from client.sync import SyncClient
+from client.trading import TradingSession
 
 __all__ = [
     "DEFAULT_DATA_DIR",
@@ -37,6 +39,7 @@ __all__ = [
     "Peer",
     "Status",
     "SyncClient",
+    "TradingSession",
     "normalize_url",
     "read_token",
     "resolve_url",

@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import re
 import statistics
 import time
@@ -18,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from crdt.entry import BUY, GTC, IOC, MAX_PRICE, MAX_QTY, SELL, Cancel, Order
 from crdt.errors import ClockUnhealthy, ExchangeError, ForeignCancel, NotMember, ValidationError
@@ -188,9 +189,13 @@ async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.S
     if buckets is not None:
         wait = buckets.take(key, cost)
         if wait > 0:
-            raise ApiError(f"too many {what}: {buckets.rate.per_s:g}/s, bursts of {buckets.rate.burst:g}",
-                           code="rate_limited", status=429, retry_after=wait)
+            raise _rate_limited(buckets, what, wait)
     return await handler(request)
+
+
+def _rate_limited(buckets: Buckets, what: str, wait: float) -> ApiError:
+    return ApiError(f"too many {what}: {buckets.rate.per_s:g}/s, bursts of {buckets.rate.burst:g}",
+                    code="rate_limited", status=429, retry_after=wait)
 
 
 def _int_field(body: dict[str, Any], name: str, lo: int, hi: int) -> int:
@@ -202,8 +207,9 @@ def _int_field(body: dict[str, Any], name: str, lo: int, hi: int) -> int:
     return value
 
 
-def _order_id(request: web.Request) -> bytes:
-    text = request.match_info["order_id"]
+def _order_id(text: Any) -> bytes:
+    if type(text) is not str:
+        raise BadRequest("order id must be 64 hex characters", code="bad_order_id")
     try:
         oid = bytes.fromhex(text)
     except ValueError:
@@ -289,12 +295,20 @@ async def post_order(request: web.Request) -> web.Response:
     nothing and answers 200 with the order the first request placed."""
     _require_token(request)
     node = _node(request)
-    if not node.config.trading:
-        raise Conflict("this is a seed node; it does not take orders", code="seed_node")
-    _require_ready(node)
-    _require_capacity(node)
+    _require_writable(node)
     wait = _wait_final(request)
     body = await read_client_body(request)
+    status, view = await place_order(request.app, body, wait=wait)
+    return reply(request, view, status=status)
+
+
+async def place_order(app: web.Application, body: Any, *, wait: float | None = None) -> tuple[int, dict[str, Any]]:
+    """Validate a client's order and place it: ``(201, order)``, or ``(200,
+    order)`` for a repeated ``cid``.  Raises ApiError for a refusal (nothing
+    placed).  The caller has checked the token, readiness and capacity."""
+    node = app[NODE]
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object", code="bad_body")
     unknown = set(body) - {"side", "qty", "price", "tif", "market", "cid"}
     if unknown:
         raise Unprocessable(f"unknown fields: {sorted(unknown, key=repr)}", code="unknown_field")
@@ -323,8 +337,8 @@ async def post_order(request: web.Request) -> web.Response:
         await node.cid_settled(CID_ORDER, cid)
         prior = node.client_request(CID_ORDER, cid)
         if prior is not None:
-            first = request.app[FIRST_REPLIES].get(cid)
-            return reply(request, _repeat_order(node, prior.order_id, cid, order, tif_text, first))
+            first = app[FIRST_REPLIES].get(cid)
+            return 200, _repeat_order(node, prior.order_id, cid, order, tif_text, first)
     try:
         result = await node.submit_soon(order, cid=cid)
     except NotMember as exc:
@@ -349,11 +363,11 @@ async def post_order(request: web.Request) -> web.Response:
         view["detail"] = f"accepted, but not final within {wait:g} s"
     if cid is not None:
         view["cid"] = cid
-        kept = request.app[FIRST_REPLIES]
+        kept = app[FIRST_REPLIES]
         kept[cid] = view
         if len(kept) > REPLIES_KEPT:
             kept.popitem(last=False)
-    return reply(request, view, status=201)
+    return 201, view
 
 
 def _repeat_order(node: Node, oid: bytes, cid: str, order: Order, tif_text: str,
@@ -415,12 +429,16 @@ async def delete_order(request: web.Request) -> web.Response:
     repeat changes nothing and answers 200 with the order as it stands."""
     _require_token(request)
     node = _node(request)
-    if not node.config.trading:
-        raise Conflict("this is a seed node; it holds no orders of its own", code="seed_node")
-    _require_ready(node)
-    _require_capacity(node)
-    oid = _order_id(request)
-    cid = _cid(request.query.get("cid"))
+    _require_writable(node)
+    oid = _order_id(request.match_info["order_id"])
+    view = await cancel_order(node, oid, _cid(request.query.get("cid")))
+    return reply(request, view)
+
+
+async def cancel_order(node: Node, oid: bytes, cid: str | None) -> dict[str, Any]:
+    """Cancel one of this node's orders: the order as it stands after the
+    cancel.  Raises ApiError for a refusal (nothing changed).  The caller has
+    checked the token, readiness and capacity."""
     if cid is not None:
         await node.cid_settled(CID_CANCEL, cid)
         prior = node.client_request(CID_CANCEL, cid)
@@ -429,7 +447,7 @@ async def delete_order(request: web.Request) -> web.Response:
                 raise Conflict(f"cid {cid} already cancelled order {prior.order_id.hex()}", code="cid_reused")
             view = order_view(node, oid)
             assert view is not None
-            return reply(request, {**view, "cid": cid, "repeat": True})
+            return {**view, "cid": cid, "repeat": True}
     try:
         await node.submit_soon(Cancel(order_id=oid), cid=cid)
     except UnknownOrder as exc:
@@ -448,12 +466,12 @@ async def delete_order(request: web.Request) -> web.Response:
     assert view is not None
     if cid is not None:
         view["cid"] = cid
-    return reply(request, view)
+    return view
 
 
 async def get_order(request: web.Request) -> web.Response:
     node = _node(request)
-    oid = _order_id(request)
+    oid = _order_id(request.match_info["order_id"])
     view = order_view(node, oid)
     if view is None:
         raise NotFound(f"no order {oid.hex()}", code="unknown_order")
@@ -667,6 +685,15 @@ def _require_capacity(node: Node) -> None:
                        code="busy", status=503, retry_after=1)
 
 
+def _require_writable(node: Node) -> None:
+    """What an order or a cancel needs before it is read: a trading node that
+    is ready and within its capacity."""
+    if not node.config.trading:
+        raise Conflict("this is a seed node; it takes no orders and holds none", code="seed_node")
+    _require_ready(node)
+    _require_capacity(node)
+
+
 def _require_ready(node: Node) -> None:
     """Orders wait for readiness: one placed before the node caught up would
     match against a stale book and be revised moments later."""
@@ -722,6 +749,123 @@ async def _drain_ws(ws: web.WebSocketResponse) -> None:
     async for msg in ws:
         if msg.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
             break
+
+
+# ---- the trading session ------------------------------------------------------------
+
+#: Messages of one trading session being carried out at once; past it the
+#: node reads no more from that socket until one is answered.
+TRADE_INFLIGHT = 1_000
+#: The largest message of a trading session (an order is about 100 bytes).
+TRADE_MSG_CAP = 4096
+TRADE_OPS = ("place", "cancel")
+TRADE_SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("trade_sockets")
+
+
+async def trade(request: web.Request) -> web.WebSocketResponse:
+    """``GET /v1/trade`` (WebSocket, bearer token on the upgrade): orders and
+    cancels over one connection, one JSON message each, answered with the
+    same status and body as ``POST /v1/orders`` and ``DELETE
+    /v1/orders/{id}`` would, tagged with the message's ``ref``.  Messages are
+    carried out in the order they arrive; their answers may come back in
+    another order (a cancel waits for nothing a later order waits for)."""
+    _require_token(request)  # before the upgrade: a browser cannot set the header
+    ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=TRADE_MSG_CAP)
+    await ws.prepare(request)
+    app = request.app
+    app[TRADE_SOCKETS].add(ws)
+    slots = asyncio.Semaphore(TRADE_INFLIGHT)
+    tasks: set[asyncio.Task[None]] = set()
+    try:
+        async for msg in ws:
+            if msg.type is WSMsgType.TEXT:
+                data: str | None = msg.data
+            elif msg.type is WSMsgType.BINARY:
+                data = None
+            else:
+                break
+            await slots.acquire()
+            task = asyncio.create_task(_trade_one(app, ws, data, slots))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+    finally:
+        app[TRADE_SOCKETS].discard(ws)
+        if tasks:  # what was read is carried out (and committed) even if nobody hears the answer
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await ws.close()
+    return ws
+
+
+async def _trade_one(app: web.Application, ws: web.WebSocketResponse, data: str | None,
+                     slots: asyncio.Semaphore) -> None:
+    """Carry out one message of a trading session and answer it."""
+    node = app[NODE]
+    ref: int | str | None = None
+    op = "?"
+    out: dict[str, Any]
+    try:
+        try:
+            if data is None:
+                raise BadRequest("messages are JSON text, not binary", code="bad_json")
+            try:
+                msg = json.loads(data)
+            except ValueError:
+                raise BadRequest("a message must be a JSON object", code="bad_json") from None
+            if not isinstance(msg, dict):
+                raise BadRequest("a message must be a JSON object", code="bad_json")
+            given = msg.pop("ref", None)
+            if given is not None and not (type(given) is int or (type(given) is str and len(given) <= 64)):
+                raise BadRequest("ref must be an integer or a string of at most 64 characters", code="bad_ref")
+            ref = given
+            raw_op = msg.pop("op", None)
+            if raw_op not in TRADE_OPS:
+                raise BadRequest("op must be 'place' or 'cancel'", code="bad_op")
+            op = raw_op
+            _take_write(app)
+            _require_writable(node)
+            if op == "place":
+                status, view = await place_order(app, msg)
+            else:
+                unknown = set(msg) - {"id", "cid"}
+                if unknown:
+                    raise Unprocessable(f"unknown fields: {sorted(unknown, key=repr)}", code="unknown_field")
+                status, view = 200, await cancel_order(node, _order_id(msg.get("id")), _cid(msg.get("cid")))
+            out = {"ref": ref, "status": status, "order": view}
+        except ApiError:
+            raise
+        except ExchangeError as exc:  # a core refusal no branch mapped: still nothing changed
+            raise Conflict(str(exc), code=exc.code) from None
+    except ApiError as exc:
+        out = {"ref": ref, "status": exc.status, "error": exc.code, "detail": exc.detail}
+        if exc.retry_after is not None:
+            out["retry_after"] = max(1, math.ceil(exc.retry_after))
+    except Exception:
+        log.exception("internal error on a /v1/trade message")
+        out = {"ref": ref, "status": 500, "error": "internal", "detail": "internal error; see the node's log"}
+    finally:
+        slots.release()
+    node.metrics.http_requests.labels(f"/v1/trade {op}", str(out["status"])).inc()
+    if not ws.closed:
+        try:
+            await ws.send_str(json.dumps(out))
+        except (ConnectionResetError, RuntimeError):
+            pass  # the client went away: what it asked for is done, the answer is lost
+
+
+def _take_write(app: web.Application) -> None:
+    """One write from the token's bucket (the one ``POST /v1/orders`` takes from)."""
+    buckets = app[LIMITERS].write
+    if buckets is not None:
+        wait = buckets.take(("token", ""), 1.0)
+        if wait > 0:
+            raise _rate_limited(buckets, "writes with this token", wait)
+
+
+async def _close_trade_sockets(app: web.Application) -> None:
+    """On shutdown: tell every trading session the node is going away."""
+    sockets: set[web.WebSocketResponse] = app[TRADE_SOCKETS]
+    for ws in tuple(sockets):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"the node is stopping")
 
 
 def _top(node: Node, depth: int = 10) -> dict[str, Any]:
@@ -841,6 +985,8 @@ def build_app(node: Node) -> web.Application:
     app[GUARD] = node.http_guard
     app[FIRST_REPLIES] = OrderedDict()
     app[FILL_ROWS] = {}
+    app[TRADE_SOCKETS] = set()
+    app.on_shutdown.append(_close_trade_sockets)
     app.router.add_post("/v1/orders", post_order)
     app.router.add_delete("/v1/orders/{order_id}", delete_order)
     app.router.add_get("/v1/orders/{order_id}", get_order)
@@ -851,6 +997,7 @@ def build_app(node: Node) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/stream", stream)
+    app.router.add_get("/v1/trade", trade)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_post("/peer/v1/sync", peer_sync)
     app.router.add_post("/peer/v1/push", peer_push)
