@@ -8,7 +8,9 @@ the first founds the network, the other four join; the run starts once all
 five are members).  An open-loop generator offers stepped rates (default 250,
 500, 1000 and 2000 orders/s, ``--seconds`` each) spread evenly over the five
 nodes through the client API (``POST /v1/orders``, ``DELETE /v1/orders/{id}``
-with the node's bearer token): 70% GTC limit orders 1-20 ticks off the mid
+with the node's bearer token; with ``--client ws`` the same requests as
+messages on one trading session per node, ``GET /v1/trade``, each answer
+timed from its message's due time like a reply): 70% GTC limit orders 1-20 ticks off the mid
 that rest, 20% priced to cross (0-5 ticks through the mid), 10% cancels of
 orders the same node accepted as resting (when it has none yet, a resting
 order instead).  One line per rate:
@@ -80,6 +82,7 @@ the stepped rate (0 if none).
     .venv/bin/python benchmarks/cluster.py                      # 250, 500, 1000, 2000 orders/s, 15 s each
     .venv/bin/python benchmarks/cluster.py --quick              # 3 s at 250 and 500
     .venv/bin/python benchmarks/cluster.py --rates 100,300 --seconds 5 --seed 2
+    .venv/bin/python benchmarks/cluster.py --rates 1000,2000 --seconds 8 --client ws
 """
 
 from __future__ import annotations
@@ -294,8 +297,13 @@ class Generator:
     orders (its own, as the acks said) for cancels.  One seeded RNG for the
     whole run; every request draws the same numbers whatever it becomes."""
 
-    def __init__(self, nodes: list[NodeProc], seed: int) -> None:
+    def __init__(self, nodes: list[NodeProc], seed: int, *, client: str = "http") -> None:
         self.nodes = nodes
+        self.client = client
+        self.sockets: dict[str, aiohttp.ClientWebSocketResponse] = {}
+        self.readers: set[asyncio.Task[None]] = set()
+        self.waiting: dict[tuple[str, int], tuple[str, float, Step]] = {}
+        self.next_ref = 0
         self.headers = {n.name: {**n.auth(), "Accept": "application/json"} for n in nodes}
         self.resting: dict[str, list[str]] = {n.name: [] for n in nodes}
         self.rng = random.Random(seed)
@@ -317,6 +325,7 @@ class Generator:
 
     async def send(self, session: aiohttp.ClientSession, node: NodeProc, kind: str, body: dict[str, Any] | None,
                    oid: str | None, due: float, step: Step) -> None:
+        """One request over HTTP, its reply recorded."""
         headers = self.headers[node.name]
         try:
             if kind == "cancel":
@@ -331,6 +340,9 @@ class Generator:
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             step.errors[type(exc).__name__] += 1
             return
+        self.record(step, node, kind, status, data, due, done)
+
+    def record(self, step: Step, node: NodeProc, kind: str, status: int, data: Any, due: float, done: float) -> None:
         if kind == "order" and status == 201:
             step.orders += 1
             if data.get("status") in ("open", "partially_filled"):
@@ -343,6 +355,53 @@ class Generator:
             step.errors[f"{status} {data.get('error', '?') if isinstance(data, dict) else '?'}"] += 1
             return
         step.ack_ms.append((done - due) * 1000)
+
+    # ---- over trading sessions (GET /v1/trade) ----
+
+    async def open_sessions(self, session: aiohttp.ClientSession) -> None:
+        """One trading session per node, each with a task reading its answers."""
+        for n in self.nodes:
+            ws = await session.ws_connect(f"{n.url}/v1/trade", headers=self.headers[n.name], heartbeat=20.0,
+                                          timeout=aiohttp.ClientWSTimeout(ws_close=REQUEST_TIMEOUT))
+            self.sockets[n.name] = ws
+            self.readers.add(asyncio.create_task(self.read_answers(n, ws)))
+
+    async def close_sessions(self) -> None:
+        for ws in self.sockets.values():
+            await ws.close()
+        await asyncio.gather(*self.readers, return_exceptions=True)
+
+    async def read_answers(self, node: NodeProc, ws: aiohttp.ClientWebSocketResponse) -> None:
+        async for msg in ws:
+            if msg.type is not aiohttp.WSMsgType.TEXT:
+                break
+            data = json.loads(msg.data)
+            waiting = self.waiting.pop((node.name, data.get("ref")), None)
+            if waiting is None:
+                print(f"  (an answer from {node.name} with an unknown ref: {msg.data[:200]})", file=sys.stderr)
+                continue
+            kind, due, step = waiting
+            body = data.get("order") if "order" in data else data
+            self.record(step, node, kind, data["status"], body, due, time.monotonic())
+        for ref, (_, _, step) in [*self.waiting.items()]:
+            if ref[0] == node.name:
+                del self.waiting[ref]
+                step.errors["session closed"] += 1
+
+    async def send_ws(self, node: NodeProc, kind: str, body: dict[str, Any] | None, oid: str | None,
+                      due: float, step: Step) -> None:
+        """One message over the node's trading session; its answer is recorded by the reader."""
+        self.next_ref += 1
+        ref = self.next_ref
+        msg: dict[str, Any] = {"op": "cancel", "ref": ref, "id": oid}
+        if kind == "order":
+            msg = {"op": "place", "ref": ref, **(body or {})}
+        self.waiting[(node.name, ref)] = (kind, due, step)
+        try:
+            await self.sockets[node.name].send_str(json.dumps(msg))
+        except (aiohttp.ClientError, ConnectionResetError, RuntimeError) as exc:
+            self.waiting.pop((node.name, ref), None)
+            step.errors[type(exc).__name__] += 1
 
     async def offer(self, session: aiohttp.ClientSession, step: Step) -> None:
         """Request i at t0 + i/rate whatever the replies do; bounded in count
@@ -367,12 +426,15 @@ class Generator:
                 break
             node = self.nodes[i % len(self.nodes)]
             kind, body, oid = self.next_request(node)
-            if len(tasks) >= MAX_INFLIGHT:
+            if len(tasks) + len(self.waiting) >= MAX_INFLIGHT:
                 step.errors["skipped (in-flight cap)"] += 1
                 continue
-            t = asyncio.create_task(self.send(session, node, kind, body, oid, due, step))
-            tasks.add(t)
-            t.add_done_callback(tasks.discard)
+            if self.client == "ws":
+                await self.send_ws(node, kind, body, oid, due, step)
+            else:
+                t = asyncio.create_task(self.send(session, node, kind, body, oid, due, step))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
             step.sent += 1
             step.lag_ms.append((now - due) * 1000)
             last = now
@@ -384,43 +446,61 @@ class Generator:
                 step.errors["no reply (abandoned)"] += 1
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
+        deadline = time.monotonic() + REQUEST_TIMEOUT + 5.0
+        while self.waiting and time.monotonic() < deadline:  # answers still due over the sessions
+            await asyncio.sleep(0.01)
+        for key in [k for k, w in self.waiting.items() if w[2] is step]:
+            del self.waiting[key]
+            step.errors["no reply (abandoned)"] += 1
 
 
 # ---- the run --------------------------------------------------------------------------------
 
 
-async def run_steps(nodes: list[NodeProc], rates: list[float], seconds: float, seed: int) -> list[Step]:
-    gen = Generator(nodes, seed)
-    steps: list[Step] = []
+async def run_steps(nodes: list[NodeProc], rates: list[float], seconds: float, seed: int,
+                    client: str = "http") -> list[Step]:
+    gen = Generator(nodes, seed, client=client)
     load_timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
     read_timeout = aiohttp.ClientTimeout(total=READ_TIMEOUT)
     async with (aiohttp.ClientSession(timeout=load_timeout, connector=aiohttp.TCPConnector(limit=500)) as load,
                 aiohttp.ClientSession(timeout=read_timeout, connector=aiohttp.TCPConnector(limit=20)) as reads):
-        for rate in rates:
-            step = Step(rate=rate, seconds=seconds)
-            tails = [LatencyTail(n) for n in nodes]
-            for t in tails:
-                await t.start(reads)
-            # read often enough that no node's deque wraps between reads (4/5 of the orders plus heartbeats)
-            every = max(1.0, min(5.0, 0.5 * LATENCY_SAMPLES / (0.8 * rate + 100)))
-            stop = asyncio.Event()
-            collector = asyncio.create_task(collect(reads, tails, every, stop))
-            ticks0 = sum(cpu_ticks(n.pid) for n in nodes)
-            client0 = time.process_time()
-            try:
-                await gen.offer(load, step)
-            finally:
-                stop.set()
-                await collector
-            step.client_cpu_s = time.process_time() - client0
-            step.converged_s = await converge(reads, nodes)
-            step.cpu_s = (sum(cpu_ticks(n.pid) for n in nodes) - ticks0) / CLK_TCK
-            for t in tails:
-                await t.read(reads, quiet=True)
-                step.visible_ms += t.samples
-                step.lost_samples += t.lost
-            print(step.line(), flush=True)
-            steps.append(step)
+        if client == "ws":
+            await gen.open_sessions(load)
+        try:
+            return await _steps(gen, load, reads, rates, seconds)
+        finally:
+            await gen.close_sessions()
+
+
+async def _steps(gen: Generator, load: aiohttp.ClientSession, reads: aiohttp.ClientSession, rates: list[float],
+                 seconds: float) -> list[Step]:
+    nodes = gen.nodes
+    steps: list[Step] = []
+    for rate in rates:
+        step = Step(rate=rate, seconds=seconds)
+        tails = [LatencyTail(n) for n in nodes]
+        for t in tails:
+            await t.start(reads)
+        # read often enough that no node's deque wraps between reads (4/5 of the orders plus heartbeats)
+        every = max(1.0, min(5.0, 0.5 * LATENCY_SAMPLES / (0.8 * rate + 100)))
+        stop = asyncio.Event()
+        collector = asyncio.create_task(collect(reads, tails, every, stop))
+        ticks0 = sum(cpu_ticks(n.pid) for n in nodes)
+        client0 = time.process_time()
+        try:
+            await gen.offer(load, step)
+        finally:
+            stop.set()
+            await collector
+        step.client_cpu_s = time.process_time() - client0
+        step.converged_s = await converge(reads, nodes)
+        step.cpu_s = (sum(cpu_ticks(n.pid) for n in nodes) - ticks0) / CLK_TCK
+        for t in tails:
+            await t.read(reads, quiet=True)
+            step.visible_ms += t.samples
+            step.lost_samples += t.lost
+        print(step.line(), flush=True)
+        steps.append(step)
     return steps
 
 
@@ -449,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="orders/s over the cluster, one step each, comma separated (default 250,500,1000,2000)")
     p.add_argument("--seconds", type=float, default=15.0, help="seconds per step (default 15)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--client", choices=("http", "ws"), default="http",
+                   help="http: one request per order or cancel (default); ws: one trading session "
+                        "(GET /v1/trade) per node, a message per order or cancel")
     p.add_argument("--quick", action="store_true", help="3 s steps at 250 and 500 orders/s")
     args = p.parse_args(argv)
     if args.quick:
@@ -461,8 +544,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print(f"cluster    5 nodes on 127.0.0.1 ({', '.join(str(n.port) for n in nodes)}), all members after "
                   f"{time.monotonic() - t0:.1f} s; steps of {args.seconds:g} s at "
-                  f"{', '.join(f'{r:g}' for r in args.rates)} orders/s, seed {args.seed}", flush=True)
-            steps = asyncio.run(run_steps(nodes, args.rates, args.seconds, args.seed))
+                  f"{', '.join(f'{r:g}' for r in args.rates)} orders/s, seed {args.seed}, "
+                  f"client {args.client}", flush=True)
+            steps = asyncio.run(run_steps(nodes, args.rates, args.seconds, args.seed, args.client))
         finally:
             stop_all(nodes)
     best = max((s.rate for s in steps if s.passes()), default=0.0)
