@@ -53,6 +53,7 @@ from net.wire import (
     read_client_body,
     read_peer_body,
     reply,
+    unpack,
     wants_msgpack,
 )
 
@@ -759,7 +760,8 @@ TRADE_INFLIGHT = 1_000
 #: The largest message of a trading session (an order is about 100 bytes).
 TRADE_MSG_CAP = 4096
 TRADE_OPS = ("place", "cancel")
-TRADE_SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("trade_sockets")
+#: Open trading sessions and peer links, closed when the node stops.
+SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets")
 
 
 async def trade(request: web.Request) -> web.WebSocketResponse:
@@ -773,7 +775,7 @@ async def trade(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=TRADE_MSG_CAP)
     await ws.prepare(request)
     app = request.app
-    app[TRADE_SOCKETS].add(ws)
+    app[SOCKETS].add(ws)
     slots = asyncio.Semaphore(TRADE_INFLIGHT)
     tasks: set[asyncio.Task[None]] = set()
     try:
@@ -789,7 +791,7 @@ async def trade(request: web.Request) -> web.WebSocketResponse:
             tasks.add(task)
             task.add_done_callback(tasks.discard)
     finally:
-        app[TRADE_SOCKETS].discard(ws)
+        app[SOCKETS].discard(ws)
         if tasks:  # what was read is carried out (and committed) even if nobody hears the answer
             await asyncio.gather(*tasks, return_exceptions=True)
         await ws.close()
@@ -861,9 +863,9 @@ def _take_write(app: web.Application) -> None:
             raise _rate_limited(buckets, "writes with this token", wait)
 
 
-async def _close_trade_sockets(app: web.Application) -> None:
-    """On shutdown: tell every trading session the node is going away."""
-    sockets: set[web.WebSocketResponse] = app[TRADE_SOCKETS]
+async def _close_sockets(app: web.Application) -> None:
+    """On shutdown: tell every trading session and peer link the node is going away."""
+    sockets: set[web.WebSocketResponse] = app[SOCKETS]
     for ws in tuple(sockets):
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"the node is stopping")
 
@@ -878,9 +880,12 @@ def _top(node: Node, depth: int = 10) -> dict[str, Any]:
 
 
 def _peer_label(request: web.Request, body: dict[str, Any]) -> tuple[str, bytes | None]:
+    return request.remote or "?", _peer_label_of(body)
+
+
+def _peer_label_of(body: dict[str, Any]) -> bytes | None:
     sender = body.get("from")
-    nid = sender if type(sender) is bytes and len(sender) == 32 else None
-    return request.remote or "?", nid
+    return sender if type(sender) is bytes and len(sender) == 32 else None
 
 
 async def peer_sync(request: web.Request) -> web.Response:
@@ -935,7 +940,15 @@ async def peer_join(request: web.Request) -> web.Response:
 async def peer_push(request: web.Request) -> web.Response:
     node = _node(request)
     body = await read_peer_body(request)
-    addr, nid = _peer_label(request, body)
+    data = pack(_push_answer(node, body, request.remote or "?"))
+    return web.Response(body=data, content_type="application/msgpack")
+
+
+def _push_answer(node: Node, body: dict[str, Any], addr: str) -> dict[str, Any]:
+    """Merge a peer's push; the answer (what was accepted, refused, held back,
+    and what this node holds of each member).  Raises ApiError for a push it
+    refuses as a whole."""
+    nid = _peer_label_of(body)
     _same_network(node, body)
     entries = body.get("entries")
     if not isinstance(entries, list):
@@ -951,9 +964,69 @@ async def peer_push(request: web.Request) -> web.Response:
                 for r in result.merge.rejected]
     rejected += [{"origin": m.origin.hex() if m.origin else None, "seq": m.seq, "error": m.error.code}
                  for m in result.malformed]
-    data = pack({"accepted": len(result.merge.accepted), "rejected": rejected,
-                 "buffered": result.merge.buffered, "has": node.member_lengths(), **_stamp(node)})
-    return web.Response(body=data, content_type="application/msgpack")
+    return {"accepted": len(result.merge.accepted), "rejected": rejected,
+            "buffered": result.merge.buffered, "has": node.member_lengths(), **_stamp(node)}
+
+
+#: A peer link that carries no push for this long is closed (the peer opens another).
+LINK_IDLE_S = 60.0
+
+
+async def peer_link(request: web.Request) -> web.WebSocketResponse:
+    """``GET /peer/v1/link`` (WebSocket, ``Content-Type: application/msgpack``
+    on the upgrade): a peer's pushes on one connection.  Each binary message
+    is a push body, answered in turn with what ``POST /peer/v1/push`` would
+    answer, or with ``{"error", "detail", "status"}``.  Each message takes one
+    call from the peer address's limit, as a request would."""
+    node = _node(request)
+    ws = web.WebSocketResponse(max_msg_size=PEER_BODY_CAP, heartbeat=None)
+    await ws.prepare(request)
+    app = request.app
+    addr = request.remote or "?"
+    app[SOCKETS].add(ws)
+    metric = node.metrics.http_requests
+    try:
+        while not ws.closed:
+            try:
+                msg = await ws.receive(timeout=LINK_IDLE_S)
+            except TimeoutError:
+                break
+            if msg.type is not WSMsgType.BINARY:
+                break  # a close, an error, or text: a peer speaks msgpack
+            out: dict[str, Any]
+            try:
+                _take_peer_call(app, addr)
+                body = unpack(msg.data)
+                if not isinstance(body, dict):
+                    raise BadRequest("a push must be a msgpack map", code="bad_body")
+                out = _push_answer(node, body, addr)
+                status = 200
+            except ApiError as exc:
+                status = exc.status
+                out = {"error": exc.code, "detail": exc.detail, "status": exc.status}
+                if exc.retry_after is not None:
+                    out["retry_after"] = exc.retry_after
+            except Exception:
+                log.exception("internal error on a push from %s", addr)
+                status = 500
+                out = {"error": "internal", "detail": "internal error; see the node's log", "status": 500}
+            metric.labels("/peer/v1/link push", str(status)).inc()
+            await ws.send_bytes(pack(out))
+    except (ConnectionResetError, RuntimeError):
+        pass
+    finally:
+        app[SOCKETS].discard(ws)
+        await ws.close()
+    return ws
+
+
+def _take_peer_call(app: web.Application, addr: str) -> None:
+    """One call from the peer address's bucket (the one each peer request takes from)."""
+    buckets = app[LIMITERS].peer
+    if buckets is not None:
+        wait = buckets.take(("peer", addr), 1.0)
+        if wait > 0:
+            raise _rate_limited(buckets, "peer calls from this address", wait)
 
 
 async def peer_peers(request: web.Request) -> web.Response:
@@ -985,8 +1058,8 @@ def build_app(node: Node) -> web.Application:
     app[GUARD] = node.http_guard
     app[FIRST_REPLIES] = OrderedDict()
     app[FILL_ROWS] = {}
-    app[TRADE_SOCKETS] = set()
-    app.on_shutdown.append(_close_trade_sockets)
+    app[SOCKETS] = set()
+    app.on_shutdown.append(_close_sockets)
     app.router.add_post("/v1/orders", post_order)
     app.router.add_delete("/v1/orders/{order_id}", delete_order)
     app.router.add_get("/v1/orders/{order_id}", get_order)
@@ -1001,6 +1074,7 @@ def build_app(node: Node) -> web.Application:
     app.router.add_get("/metrics", get_metrics)
     app.router.add_post("/peer/v1/sync", peer_sync)
     app.router.add_post("/peer/v1/push", peer_push)
+    app.router.add_get("/peer/v1/link", peer_link)
     app.router.add_post("/peer/v1/peers", peer_peers)
     app.router.add_post("/peer/v1/join", peer_join)
     add_web_routes(app)  # GET /: the web view (net/webview.py)

@@ -94,6 +94,10 @@ PUSH_EVERY_S = 0.025
 PUSH_EVERY_QUIET_S = 0.005
 BUSY_ENTRIES_PER_S = 100
 MAX_DOWN = 64  # peers a push names as unreachable
+PUSH_PATH = "/peer/v1/push"
+LINK_PATH = "/peer/v1/link"  # the WebSocket that carries pushes to a peer
+LINK_CLOSE_S = 0.5  # how long closing a link waits for the peer's close frame
+LINK_RETRY_S = 60.0  # a peer without the link route is offered a link again after this long
 RELAY_EVERY_S = 0.05  # how often the relay looks for entries of other members that a peer may lack
 RELAY_AFTER_S = 0.1  # ... and relays those a peer has not shown it holds this long after they were merged here
 LATENCY_SAMPLES = 20_000
@@ -150,6 +154,21 @@ class Subscriber:
     def __init__(self) -> None:
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=STREAM_QUEUE)
         self.dropped = False
+
+
+class PeerLink:
+    """The WebSocket a peer's pushes go on (opened on first use, and again
+    after a failure), one push at a time.  ``refused_at`` (monotonic): when
+    the peer last answered the upgrade with no link route; its pushes go as
+    requests for LINK_RETRY_S after that."""
+
+    __slots__ = ("lock", "refused_at", "url", "ws")
+
+    def __init__(self, *, url: str) -> None:
+        self.url = url
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.lock = asyncio.Lock()
+        self.refused_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -236,6 +255,7 @@ class Node:
         self._down_of: dict[bytes, frozenset[bytes]] = {}
         self._lengths: deque[tuple[float, dict[bytes, int]]] = deque()  # (monotonic, members' log lengths here)
         self._probing: set[bytes] = set()
+        self._links: dict[bytes, PeerLink] = {}  # peer -> the WebSocket its pushes go on
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
@@ -394,6 +414,8 @@ class Node:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        links = [link.ws for link in self._links.values() if link.ws is not None and not link.ws.closed]
+        await asyncio.gather(*(asyncio.wait_for(ws.close(), LINK_CLOSE_S) for ws in links), return_exceptions=True)
         if self._session is not None:
             await self._session.close()
         self.discovery.stop()
@@ -1048,7 +1070,7 @@ class Node:
                 batch = queue[:SYNC_PAGE]
                 del queue[:SYNC_PAGE]
                 try:
-                    reply = await self._call(peer, "/peer/v1/push", {
+                    reply = await self._call(peer, PUSH_PATH, {
                         "from": self.node_id, "entries": [e.to_wire() for e in batch], "down": self._down()})
                     self.counters["pushed"] += len(batch)
                     if isinstance(reply, dict):
@@ -1093,6 +1115,72 @@ class Node:
             except BadRequest as exc:
                 raise BadReply(str(exc)) from None
 
+    async def _push_on_link(self, peer: Peer, body: dict[str, Any]) -> Any:
+        """One push on the peer's link (a WebSocket kept open between pushes:
+        a message costs both sides far less than a request); the link is
+        opened on first use and again after any failure.  A peer without the
+        link route gets its pushes as requests."""
+        nid = peer.record.node_id
+        link = self._links.get(nid)
+        if link is None or link.url != peer.record.url:
+            if link is not None:
+                self._close_link(link)
+            link = self._links[nid] = PeerLink(url=peer.record.url)
+        if link.refused_at is not None and self.monotonic() - link.refused_at < LINK_RETRY_S:
+            return await self._request(link.url, PUSH_PATH, body)
+        async with link.lock:  # one push at a time on a link: answers come in order
+            ws = link.ws
+            if ws is None or ws.closed:
+                ws = link.ws = await self._open_link(link.url)
+                if ws is None:
+                    link.refused_at = self.monotonic()
+                    return await self._request(link.url, PUSH_PATH, body)
+            out = pack(body)
+            self.counters["peer_bytes_sent"] += len(out)
+            try:
+                async with asyncio.timeout(self.config.peer_timeout):
+                    await ws.send_bytes(out)
+                    msg = await ws.receive()
+            except BaseException:
+                self._close_link(link)  # a late answer would be taken for the next push's
+                raise
+            if msg.type is not aiohttp.WSMsgType.BINARY:
+                self._close_link(link)
+                raise PeerError(f"the link closed ({msg.type.name})")
+            self.counters["peer_bytes_received"] += len(msg.data)
+        try:
+            reply = unpack(msg.data)
+        except BadRequest as exc:
+            raise BadReply(str(exc)) from None
+        if isinstance(reply, dict) and "error" in reply and "accepted" not in reply:
+            raise PeerError(f"HTTP {reply.get('status')}: {str(reply.get('error'))[:50]}: "
+                            f"{str(reply.get('detail'))[:200]}")
+        return reply
+
+    async def _open_link(self, url: str) -> aiohttp.ClientWebSocketResponse | None:
+        """A new link to a peer URL; None when the peer has no link route."""
+        assert self._session is not None
+        try:
+            refusal = await self.guard.refusal(url)
+        except OSError as exc:
+            raise PeerError(f"{url} does not resolve: {exc}") from None
+        if refusal is not None:
+            raise PeerRefused(f"{url}: {refusal}")
+        try:
+            async with asyncio.timeout(self.config.peer_timeout):
+                return await self._session.ws_connect(
+                    url + LINK_PATH, headers={"Content-Type": MSGPACK}, max_msg_size=PEER_BODY_CAP,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=LINK_CLOSE_S))
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status in (429, 503):  # busy, or over its limit: a failed call like any
+                raise PeerError(f"{url} refused a link: HTTP {exc.status}") from None
+            return None  # no link route (an older node, or not a node at all)
+
+    def _close_link(self, link: PeerLink) -> None:
+        ws, link.ws = link.ws, None
+        if ws is not None and not ws.closed:
+            self._spawn(ws.close(), "link-close")
+
     async def _call(self, peer: Peer, path: str, body: dict[str, Any]) -> Any:
         """One request to a table peer; updates the peer's health and the
         estimate of its clock (each side stamps its wall clock, ``t``)."""
@@ -1100,7 +1188,10 @@ class Node:
         sent = self.clock_ms()
         body = {**body, "t": sent, "net": self.exchange.network}
         try:
-            result = await self._request(peer.record.url, path, body)
+            if path == PUSH_PATH:
+                result = await self._push_on_link(peer, body)
+            else:
+                result = await self._request(peer.record.url, path, body)
         except BadReply as exc:  # a reply we cannot decode
             self.peers.failed(peer, self.monotonic(), f"bad reply: {exc}")
             log.warning("peer %s (%s) sent a bad reply to %s: %s", peer.short, peer.record.url, path, exc)
@@ -1168,7 +1259,7 @@ class Node:
             self._become_ready(Readiness(ready=True, synced_with=peer.short, detail=f"synced with {peer.record.url}"))
         missing, _ = self.delta_wires(theirs, SYNC_PAGE)
         if missing:
-            await self._call(peer, "/peer/v1/push", {"from": self.node_id, "entries": missing})
+            await self._call(peer, PUSH_PATH, {"from": self.node_id, "entries": missing})
 
     async def _pull_loop(self) -> None:
         while True:
@@ -1303,6 +1394,9 @@ class Node:
         self._relayed.pop(node_id, None)
         self._pushed_at.pop(node_id, None)
         self.peer_latencies.pop(node_id, None)
+        link = self._links.pop(node_id, None)
+        if link is not None:
+            self._close_link(link)
 
     def records_for(self, caller_loopback: bool) -> list[list[Any]]:
         """Records to hand a caller: proven peers and our own, never a loopback

@@ -264,6 +264,12 @@ class FakePeer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def do_GET(self) -> None:  # a peer link's upgrade: this peer has none (pushes come as requests)
+                fake.hits[self.path] = fake.hits.get(self.path, 0) + 1
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
             def log_message(self, *args: object) -> None:
                 pass
 
@@ -337,5 +343,32 @@ class TestMisbehavingPeer:
                 assert " failed" not in log and "Traceback" not in log, log
                 assert other.public.hex() not in node.peer_ids()
                 assert f"peer {fake.url} sent an invalid peer record" in log
+            finally:
+                node.stop()
+
+    def test_a_peer_without_links_gets_pushes_as_requests(self, tmp_path: Path,
+                                                          request: pytest.FixtureRequest) -> None:
+        """A peer that answers the link upgrade with 404 (an older node) gets
+        its pushes as ``POST /peer/v1/push``, and is not offered a link again
+        at every push (once a minute)."""
+        node = NodeProc(name="solo", port=free_port(), data_dir=tmp_path / "solo")
+        with FakePeer({"/peer/v1/sync": {"entries": [], "more": False, "vv": {}},
+                       "/peer/v1/peers": {"records": []},
+                       "/peer/v1/push": {"accepted": 0, "rejected": [], "buffered": 0}}) as fake, \
+                logs_on_failure(request, [node]):
+            try:
+                node.start()
+                r = http("POST", node.url + "/peer/v1/peers", msgpack.packb({"records": [fake.record()]}),
+                         headers={"Content-Type": "application/msgpack"})
+                assert r.status == 200, r
+                fake_id = fake.key.public.hex()
+                wait_until(lambda: fake_id in node.peer_ids(), timeout=10, what="the fake peer proven",
+                           nodes=[node], interval=0.05)
+                for i in range(5):
+                    node.order("buy", 1, 10 + i)
+                    time.sleep(0.1)
+                wait_until(lambda: fake.hits.get("/peer/v1/push", 0) >= 3, timeout=20,
+                           what="pushes to the fake peer as requests", nodes=[node], interval=0.1)
+                assert fake.hits.get("/peer/v1/link") == 1, fake.hits
             finally:
                 node.stop()

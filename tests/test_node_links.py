@@ -1,0 +1,170 @@
+"""Peer links (``GET /peer/v1/link``, WebSocket): pushes between real node
+processes on 127.0.0.1 go on one link per peer instead of a request each; a
+link that breaks is opened again; a link from a stranger is held to the same
+rules as a push request (msgpack only, the body cap, the peer rate limit,
+entries verified).  Nothing mocks the network."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from hashlib import blake2b
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgpack
+import pytest
+
+from crdt.entry import BUY, GENESIS, Order, make_entry
+from crdt.keys import SigningKey
+from tests.nodes import (
+    NodeProc,
+    free_port,
+    logs_on_failure,
+    make_nodes,
+    start_network,
+    stop_all,
+    wait_order_everywhere,
+    wait_until,
+)
+from tests.test_metrics import scrape, value
+
+MSGPACK = "application/msgpack"
+PEER_CAP = 4 * 1024 * 1024
+STRANGER = SigningKey(blake2b(b"p2pex test: link stranger", digest_size=32).digest())
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProc]]:
+    nodes = make_nodes(tmp_path_factory.mktemp("links"), ("a", "b"))
+    try:
+        start_network(nodes)
+        yield nodes
+    finally:
+        stop_all(nodes)
+
+
+@pytest.fixture(autouse=True)
+def _node_logs(request: pytest.FixtureRequest) -> Iterator[None]:
+    nodes = request.getfixturevalue("pair") if "pair" in request.fixturenames else []
+    with logs_on_failure(request, nodes):
+        yield
+
+
+def link_url(n: NodeProc) -> str:
+    return n.url.replace("http://", "ws://") + "/peer/v1/link"
+
+
+def pushes(n: NodeProc) -> tuple[float, float]:
+    """Pushes the node answered: (on links, as requests)."""
+    s = scrape(n)
+    return (value(s, "p2pex_http_requests_total", route="/peer/v1/link push", status="200"),
+            value(s, "p2pex_http_requests_total", route="/peer/v1/push", status="200"))
+
+
+async def ask(ws: aiohttp.ClientWebSocketResponse, data: bytes) -> Any:
+    await ws.send_bytes(data)
+    msg = await ws.receive(timeout=10)
+    assert msg.type is aiohttp.WSMsgType.BINARY, msg
+    return msgpack.unpackb(msg.data, raw=False)
+
+
+def stranger_entry(seq: int = 1) -> list[Any]:
+    e = make_entry(STRANGER, seq=seq, hlc=time.time_ns() // 1_000_000 << 16, prev=GENESIS,
+                   body=Order(side=BUY, price=10, qty=5))
+    return list(e.to_wire())
+
+
+class TestLinks:
+    def test_pushes_go_on_links(self, pair: list[NodeProc]) -> None:
+        a, b = pair
+        linked, requested = pushes(b)
+        orders = [a.order("buy", 1, 10 + i) for i in range(20)]
+        for o in orders:
+            wait_order_everywhere(pair, o["id"], timeout=20)
+        linked2, requested2 = pushes(b)
+        assert linked2 > linked and requested2 == requested, (linked, linked2, requested, requested2)
+
+    def test_a_link_is_opened_again_after_the_peer_restarts(self, tmp_path: Path,
+                                                            request: pytest.FixtureRequest) -> None:
+        nodes = make_nodes(tmp_path, ("a", "b"))
+        with logs_on_failure(request, nodes):
+            try:
+                start_network(nodes)
+                a, b = nodes
+                first = a.order("buy", 1, 5)
+                wait_order_everywhere(nodes, first["id"], timeout=20)
+                b.stop()
+                b.start()
+                before = pushes(b)[0]
+                second = a.order("buy", 1, 6)
+                wait_until(lambda: pushes(b)[0] > before, timeout=30,
+                           what="a pushes to the restarted b on a new link", nodes=nodes)
+                wait_order_everywhere(nodes, second["id"], timeout=20)
+            finally:
+                stop_all(nodes)
+
+
+class TestStrangerOnALink:
+    async def test_bad_messages_get_the_codes_of_a_push_request(self, pair: list[NodeProc]) -> None:
+        a, _ = pair
+        async with aiohttp.ClientSession() as s, \
+                s.ws_connect(link_url(a), headers={"Content-Type": MSGPACK}, max_msg_size=0) as ws:
+            bad = await ask(ws, b"\xc1")
+            assert (bad["error"], bad["status"]) == ("bad_msgpack", 400), bad
+            bad = await ask(ws, msgpack.packb([1, 2]))
+            assert (bad["error"], bad["status"]) == ("bad_body", 400), bad
+            bad = await ask(ws, msgpack.packb({"entries": "x"}))
+            assert (bad["error"], bad["status"]) == ("bad_entries", 400), bad
+            bad = await ask(ws, msgpack.packb({"entries": [0] * 8001}))
+            assert (bad["error"], bad["status"]) == ("oversize_entry", 422), bad
+            # a signed entry of a stranger is merged (not a member: it changes no book) and answered
+            ok = await ask(ws, msgpack.packb({"entries": [stranger_entry()]}, use_bin_type=True))
+            assert {"accepted", "rejected", "buffered", "has"} <= set(ok), ok
+            # a forged one is refused by the core, entry by entry, as a request's would be
+            forged = stranger_entry(2)
+            forged[-1] = bytes(64)
+            answer = await ask(ws, msgpack.packb({"entries": [forged]}, use_bin_type=True))
+            assert answer["accepted"] == 0 and answer["rejected"], answer
+            # text is not a peer's language: the node closes the link
+            await ws.send_str("hello")
+            assert (await ws.receive(timeout=10)).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+
+    async def test_a_message_over_the_peer_cap_closes_the_link(self, pair: list[NodeProc]) -> None:
+        a, _ = pair
+        async with aiohttp.ClientSession() as s, \
+                s.ws_connect(link_url(a), headers={"Content-Type": MSGPACK}, max_msg_size=0) as ws:
+            try:
+                await ws.send_bytes(b"\x80" + b" " * PEER_CAP)
+            except ConnectionError:
+                return  # closed while the message was still being sent
+            msg = await ws.receive(timeout=10)
+            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), msg
+            assert ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG or msg.type is aiohttp.WSMsgType.CLOSED
+
+    async def test_the_upgrade_needs_the_peer_content_type(self, pair: list[NodeProc]) -> None:
+        """A web page can open a WebSocket to 127.0.0.1 but cannot set this header."""
+        a, _ = pair
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+                await s.ws_connect(link_url(a))
+            assert err.value.status == 415
+
+    async def test_each_message_takes_from_the_peer_limit(self, tmp_path: Path,
+                                                          request: pytest.FixtureRequest) -> None:
+        n = NodeProc(name="tight", port=free_port(), data_dir=tmp_path / "tight",
+                     extra_args=["--peer-limit", "5/5"])
+        with logs_on_failure(request, [n]):
+            try:
+                n.start()
+                await asyncio.sleep(1.5)  # the bucket refills after the start's own calls
+                async with aiohttp.ClientSession() as s, \
+                        s.ws_connect(link_url(n), headers={"Content-Type": MSGPACK}) as ws:
+                    answers = [await ask(ws, msgpack.packb({"entries": []})) for _ in range(12)]
+                limited = [x for x in answers if x.get("error") == "rate_limited"]
+                assert 5 <= len(limited) <= 8, answers
+                assert all(x["status"] == 429 and x["retry_after"] > 0 for x in limited), limited
+            finally:
+                stop_all([n])
