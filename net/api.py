@@ -70,6 +70,7 @@ MAX_WAIT_FINAL_S = 60.0
 FIRST_REPLIES: web.AppKey[OrderedDict[str, dict[str, Any]]] = web.AppKey("first_replies")
 SIDES = {"buy": BUY, "sell": SELL}
 SIDE_NAMES = {BUY: "buy", SELL: "sell"}
+CLIENT_GONE = 499  # the status counted for a request whose caller hung up before the answer
 MAX_FILLS_PAGE = 1000  # fills per /v1/fills page (was 10,000: 2.6 MB replies that stalled the loop)
 
 
@@ -105,6 +106,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         raise
     except ExchangeError as exc:  # a core refusal no handler mapped: still nothing changed
         return error_reply(request, ApiError(str(exc), code=exc.code, status=409))
+    except ConnectionResetError:  # the caller hung up before the answer (a WebSocket's upgrade) went out
+        return web.Response(status=CLIENT_GONE)
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
         return error_reply(request, ApiError("internal error; see the node's log", code="internal",

@@ -7,6 +7,9 @@ entries verified).  Nothing mocks the network."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import socket
 import time
 from collections.abc import Iterator
 from hashlib import blake2b
@@ -166,5 +169,34 @@ class TestStrangerOnALink:
                 limited = [x for x in answers if x.get("error") == "rate_limited"]
                 assert 5 <= len(limited) <= 8, answers
                 assert all(x["status"] == 429 and x["retry_after"] > 0 for x in limited), limited
+            finally:
+                stop_all([n])
+
+
+class TestHungUpUpgrades:
+    def test_an_upgrade_whose_caller_hung_up_is_not_an_internal_error(self, tmp_path: Path,
+                                                                      request: pytest.FixtureRequest) -> None:
+        """Regression: a node resumed after a pause found the link upgrades
+        of peers that had given up on it meanwhile; writing the answer to a
+        closing connection was logged as an internal error with a traceback
+        (14 of them in one chaos run)."""
+        n = NodeProc(name="paused", port=free_port(), data_dir=tmp_path / "paused")
+        with logs_on_failure(request, [n]):
+            try:
+                n.start()
+                upgrade = (b"GET /peer/v1/link HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                           b"Content-Type: application/msgpack\r\n\r\n")
+                os.kill(n.pid, signal.SIGSTOP)
+                try:
+                    for _ in range(4):
+                        with socket.create_connection(("127.0.0.1", n.port), timeout=5) as s:
+                            s.sendall(upgrade)
+                finally:
+                    os.kill(n.pid, signal.SIGCONT)
+                wait_until(lambda: n.status()["ready"], timeout=10, what="the node answers again", nodes=[n])
+                time.sleep(0.5)
+                log = n.log_file.read_text()
+                assert "internal error" not in log and "Traceback" not in log, log[-3000:]
             finally:
                 stop_all([n])
