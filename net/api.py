@@ -775,7 +775,7 @@ async def trade(request: web.Request) -> web.WebSocketResponse:
     carried out in the order they arrive; their answers may come back in
     another order (a cancel waits for nothing a later order waits for)."""
     _require_token(request)  # before the upgrade: a browser cannot set the header
-    ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=TRADE_MSG_CAP)
+    ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=TRADE_MSG_CAP, compress=False)  # small messages
     await ws.prepare(request)
     app = request.app
     app[SOCKETS].add(ws)
@@ -982,7 +982,8 @@ async def peer_link(request: web.Request) -> web.WebSocketResponse:
     answer, or with ``{"error", "detail", "status"}``.  Each message takes one
     call from the peer address's limit, as a request would."""
     node = _node(request)
-    ws = web.WebSocketResponse(max_msg_size=PEER_BODY_CAP, heartbeat=None)
+    # no permessage-deflate: it cost more CPU than any other part of sending a message
+    ws = web.WebSocketResponse(max_msg_size=PEER_BODY_CAP, heartbeat=None, compress=False)
     await ws.prepare(request)
     app = request.app
     addr = request.remote or "?"

@@ -1169,7 +1169,7 @@ class Node:
         try:
             async with asyncio.timeout(self.config.peer_timeout):
                 return await self._session.ws_connect(
-                    url + LINK_PATH, headers={"Content-Type": MSGPACK}, max_msg_size=PEER_BODY_CAP,
+                    url + LINK_PATH, headers={"Content-Type": MSGPACK}, max_msg_size=PEER_BODY_CAP, compress=0,
                     timeout=aiohttp.ClientWSTimeout(ws_close=LINK_CLOSE_S))
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status in (429, 503):  # busy, or over its limit: a failed call like any
