@@ -62,9 +62,27 @@ async def answers(ws: aiohttp.ClientWebSocketResponse, count: int) -> dict[Any, 
 
 
 class TestTradeRoute:
+    async def test_messages_are_carried_out_in_arrival_order(self, pair: list[NodeProc]) -> None:
+        """Takers sent before a cancel of their maker, with no answer awaited in
+        between, trade with the maker first; the cancel then finds it filled.
+        Regression: such a cancel, committed in the same group as the fills that
+        took its order, answered 200 with the order filled instead of 409
+        ``not_cancellable`` (over HTTP too)."""
+        a, _ = pair
+        async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(a), headers=a.auth()) as ws:
+            await ws.send_str(json.dumps({"op": "place", "ref": 0, "side": "sell", "qty": 3, "price": 451}))
+            maker = (await answers(ws, 1))[0]["order"]
+            for round_ in range(5):
+                await ws.send_str(json.dumps({"op": "place", "ref": f"t{round_}", "side": "buy", "qty": 1,
+                                              "price": 451, "tif": "IOC"}))
+            await ws.send_str(json.dumps({"op": "cancel", "ref": "c", "id": maker["id"]}))
+            got = await answers(ws, 6)
+        assert [got[f"t{i}"]["order"]["filled"] for i in range(5)] == [1, 1, 1, 0, 0], got
+        assert got["c"]["status"] == 409 and got["c"]["error"] == "not_cancellable", got["c"]
+
     async def test_place_and_cancel_in_one_burst(self, pair: list[NodeProc]) -> None:
-        """A cancel sent right behind its order, before any answer, finds it:
-        messages are carried out in the order they arrive."""
+        """Many orders and a cancel sent without waiting for answers: each is
+        answered once, with its ref."""
         a, _ = pair
         async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(a), headers=a.auth()) as ws:
             await ws.send_str(json.dumps({"op": "place", "ref": 1, "side": "buy", "qty": 2, "price": 401,
