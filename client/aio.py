@@ -221,9 +221,10 @@ class Client:
             ws = await asyncio.wait_for(self._get_session().ws_connect(
                 ws_url, heartbeat=heartbeat, headers={"Authorization": f"Bearer {self.token()}"}), self.timeout)
         except aiohttp.WSServerHandshakeError as exc:
-            raise ClientError.from_reply(exc.status, {"error": "unauthorized" if exc.status == 401 else BAD_REPLY,
-                                                      "detail": f"{ws_url} refused the session: {exc.message}"},
-                                         url=ws_url) from None
+            if exc.status == 401:
+                raise ClientError.from_reply(401, {"error": "unauthorized", "detail": f"{ws_url} refused the "
+                                                   "session: missing or wrong API token"}, url=ws_url) from None
+            raise ClientError.from_reply(exc.status, None, url=ws_url) from None  # 429 or 503: retryable
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise _network_error(exc, self.timeout) from None
         return TradingSession(ws, self.url, self.timeout)

@@ -12,7 +12,7 @@ unknown unless it carried a ``cid`` (send it again, on this or another
 session, or over HTTP: the node places a cid once).
 
     async with Client.from_data_dir("data/node") as node:
-        async with node.trading() as session:
+        async with await node.trading() as session:
             orders = await asyncio.gather(*(session.place("buy", 1, 100 - i) for i in range(100)))
 """
 
@@ -86,11 +86,12 @@ class TradingSession:
         self._waiting[ref] = answer
         try:
             try:
-                await self._ws.send_str(json.dumps(msg))
-            except (aiohttp.ClientError, ConnectionResetError, RuntimeError) as exc:
-                raise ClientError(DISCONNECTED, f"{self.url}: the session broke: {exc}") from None
-            try:
-                data = await asyncio.wait_for(asyncio.shield(answer), self.timeout)
+                async with asyncio.timeout(self.timeout):
+                    try:
+                        await self._ws.send_str(json.dumps(msg))
+                    except (aiohttp.ClientError, ConnectionResetError, RuntimeError) as exc:
+                        raise ClientError(DISCONNECTED, f"{self.url}: the session broke: {exc}") from None
+                    data = await asyncio.shield(answer)
             except TimeoutError:
                 raise ClientError(TIMEOUT, f"{self.url}: no answer within {self.timeout:g} s") from None
         finally:
@@ -128,3 +129,4 @@ class TradingSession:
             for answer in self._waiting.values():
                 if not answer.done():
                     answer.set_exception(self._closed)
+        await self._ws.close()  # after a message it cannot read, the session is over

@@ -715,7 +715,7 @@ async def stream(request: web.Request) -> web.WebSocketResponse:
     (fills that became final, with the frontier), ``book`` (top of book,
     coalesced, at most 10 a second)."""
     node = _node(request)
-    ws = web.WebSocketResponse(heartbeat=20.0)
+    ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=TRADE_MSG_CAP)  # it reads nothing from the client
     await ws.prepare(request)
     sub = node.subscribe()
     await ws.send_str(json.dumps({"type": "hello", "node": node.node_id.hex(), "frontier":
@@ -763,8 +763,11 @@ TRADE_INFLIGHT = 1_000
 #: The largest message of a trading session (an order is about 100 bytes).
 TRADE_MSG_CAP = 4096
 TRADE_OPS = ("place", "cancel")
+#: How long sending one message on a session or link (or closing it) may take.
+SEND_TIMEOUT_S = 5.0
 #: Open trading sessions and peer links, closed when the node stops.
-SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets")
+SOCKETS: web.AppKey[dict[web.WebSocketResponse, asyncio.Transport | None]] = web.AppKey("sockets")
+SHUTDOWN_CLOSE_S = 1.0  # how long a stop waits for each session or link to close before cutting it
 
 
 async def trade(request: web.Request) -> web.WebSocketResponse:
@@ -778,7 +781,8 @@ async def trade(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=TRADE_MSG_CAP, compress=False)  # small messages
     await ws.prepare(request)
     app = request.app
-    app[SOCKETS].add(ws)
+    app[SOCKETS][ws] = request.transport
+    transport = request.transport
     slots = asyncio.Semaphore(TRADE_INFLIGHT)
     tasks: set[asyncio.Task[None]] = set()
     try:
@@ -789,20 +793,20 @@ async def trade(request: web.Request) -> web.WebSocketResponse:
                 data = None
             else:
                 break
-            await slots.acquire()
-            task = asyncio.create_task(_trade_one(app, ws, data, slots))
+            await slots.acquire()  # released once the answer is sent: a client that does not read is not read
+            task = asyncio.create_task(_trade_one(app, ws, data, slots, transport))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
     finally:
-        app[SOCKETS].discard(ws)
+        app[SOCKETS].pop(ws, None)
         if tasks:  # what was read is carried out (and committed) even if nobody hears the answer
             await asyncio.gather(*tasks, return_exceptions=True)
-        await ws.close()
+        await _close(ws, transport)
     return ws
 
 
 async def _trade_one(app: web.Application, ws: web.WebSocketResponse, data: str | None,
-                     slots: asyncio.Semaphore) -> None:
+                     slots: asyncio.Semaphore, transport: asyncio.Transport | None) -> None:
     """Carry out one message of a trading session and answer it."""
     node = app[NODE]
     ref: int | str | None = None
@@ -810,23 +814,30 @@ async def _trade_one(app: web.Application, ws: web.WebSocketResponse, data: str 
     out: dict[str, Any]
     try:
         try:
+            msg: Any = None
+            bad: BadRequest | None = None
             if data is None:
-                raise BadRequest("messages are JSON text, not binary", code="bad_json")
-            try:
-                msg = json.loads(data)
-            except ValueError:
-                raise BadRequest("a message must be a JSON object", code="bad_json") from None
-            if not isinstance(msg, dict):
-                raise BadRequest("a message must be a JSON object", code="bad_json")
-            given = msg.pop("ref", None)
-            if given is not None and not (type(given) is int or (type(given) is str and len(given) <= 64)):
-                raise BadRequest("ref must be an integer or a string of at most 64 characters", code="bad_ref")
-            ref = given
+                bad = BadRequest("messages are JSON text, not binary", code="bad_json")
+            else:
+                try:
+                    msg = json.loads(data)
+                except ValueError:
+                    bad = BadRequest("a message must be a JSON object", code="bad_json")
+            if bad is None and not isinstance(msg, dict):
+                bad = BadRequest("a message must be a JSON object", code="bad_json")
+            if bad is None:
+                given = msg.pop("ref", None)
+                if given is None or type(given) is int or (type(given) is str and len(given) <= 64):
+                    ref = given
+                else:
+                    bad = BadRequest("ref must be an integer or a string of at most 64 characters", code="bad_ref")
+            _take_write(app)  # every message, well formed or not, as every request is
+            if bad is not None:
+                raise bad
             raw_op = msg.pop("op", None)
             if raw_op not in TRADE_OPS:
                 raise BadRequest("op must be 'place' or 'cancel'", code="bad_op")
             op = raw_op
-            _take_write(app)
             _require_writable(node)
             if op == "place":
                 status, view = await place_order(app, msg)
@@ -847,14 +858,41 @@ async def _trade_one(app: web.Application, ws: web.WebSocketResponse, data: str 
     except Exception:
         log.exception("internal error on a /v1/trade message")
         out = {"ref": ref, "status": 500, "error": "internal", "detail": "internal error; see the node's log"}
+    node.metrics.http_requests.labels(f"/v1/trade {op}", str(out["status"])).inc()
+    try:
+        if not ws.closed:
+            await _send(ws, json.dumps(out), transport)
     finally:
         slots.release()
-    node.metrics.http_requests.labels(f"/v1/trade {op}", str(out["status"])).inc()
-    if not ws.closed:
-        try:
-            await ws.send_str(json.dumps(out))
-        except (ConnectionResetError, RuntimeError):
-            pass  # the client went away: what it asked for is done, the answer is lost
+
+
+async def _send(ws: web.WebSocketResponse, data: str | bytes, transport: asyncio.Transport | None) -> None:
+    """One message, under SEND_TIMEOUT_S: a peer or client that stops reading
+    loses its connection instead of holding the node's buffers (and its
+    stop) for as long as it likes."""
+    try:
+        async with asyncio.timeout(SEND_TIMEOUT_S):
+            if isinstance(data, str):
+                await ws.send_str(data)
+            else:
+                await ws.send_bytes(data)
+    except TimeoutError:
+        if transport is not None:
+            transport.abort()
+    except (ConnectionResetError, RuntimeError):
+        pass  # the other side went away: what it asked for is done, the answer is lost
+
+
+async def _close(ws: web.WebSocketResponse, transport: asyncio.Transport | None) -> None:
+    """Close a session or link, waiting at most SEND_TIMEOUT_S for the other side."""
+    try:
+        async with asyncio.timeout(SEND_TIMEOUT_S):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"closing")
+    except TimeoutError:
+        if transport is not None:
+            transport.abort()
+    except (ConnectionResetError, RuntimeError):
+        pass
 
 
 def _take_write(app: web.Application) -> None:
@@ -867,10 +905,22 @@ def _take_write(app: web.Application) -> None:
 
 
 async def _close_sockets(app: web.Application) -> None:
-    """On shutdown: tell every trading session and peer link the node is going away."""
-    sockets: set[web.WebSocketResponse] = app[SOCKETS]
-    for ws in tuple(sockets):
-        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"the node is stopping")
+    """On shutdown: tell every trading session and peer link the node is going
+    away, all at once, each under a timeout (a peer that does not read must
+    not hold up the stop)."""
+    sockets = app[SOCKETS]
+
+    async def one(ws: web.WebSocketResponse, transport: asyncio.Transport | None) -> None:
+        try:
+            async with asyncio.timeout(SHUTDOWN_CLOSE_S):
+                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"the node is stopping")
+        except TimeoutError:
+            if transport is not None:
+                transport.abort()
+        except (ConnectionResetError, RuntimeError):
+            pass
+
+    await asyncio.gather(*(one(ws, t) for ws, t in tuple(sockets.items())))
 
 
 def _top(node: Node, depth: int = 10) -> dict[str, Any]:
@@ -973,6 +1023,12 @@ def _push_answer(node: Node, body: dict[str, Any], addr: str) -> dict[str, Any]:
 
 #: A peer link that carries no push for this long is closed (the peer opens another).
 LINK_IDLE_S = 60.0
+#: Peer links open at once, in all and from one address: past either, the
+#: upgrade is refused with 503 and that peer pushes by request instead (each
+#: body then counts against the receive budget; a link message does not).
+MAX_LINKS = 64
+MAX_LINKS_PER_ADDRESS = 16
+LINKS: web.AppKey[dict[str, int]] = web.AppKey("links")  # address -> links open from it
 
 
 async def peer_link(request: web.Request) -> web.WebSocketResponse:
@@ -982,12 +1038,18 @@ async def peer_link(request: web.Request) -> web.WebSocketResponse:
     answer, or with ``{"error", "detail", "status"}``.  Each message takes one
     call from the peer address's limit, as a request would."""
     node = _node(request)
+    app = request.app
+    addr = request.remote or "?"
+    links = app[LINKS]
+    if sum(links.values()) >= MAX_LINKS or links.get(addr, 0) >= MAX_LINKS_PER_ADDRESS:
+        raise ApiError("too many peer links open; push by request", code="too_many_links", status=503,
+                       retry_after=LINK_IDLE_S)
     # no permessage-deflate: it cost more CPU than any other part of sending a message
     ws = web.WebSocketResponse(max_msg_size=PEER_BODY_CAP, heartbeat=None, compress=False)
     await ws.prepare(request)
-    app = request.app
-    addr = request.remote or "?"
-    app[SOCKETS].add(ws)
+    links[addr] = links.get(addr, 0) + 1
+    app[SOCKETS][ws] = request.transport
+    transport = request.transport
     metric = node.metrics.http_requests
     try:
         while not ws.closed:
@@ -1015,12 +1077,13 @@ async def peer_link(request: web.Request) -> web.WebSocketResponse:
                 status = 500
                 out = {"error": "internal", "detail": "internal error; see the node's log", "status": 500}
             metric.labels("/peer/v1/link push", str(status)).inc()
-            await ws.send_bytes(pack(out))
-    except (ConnectionResetError, RuntimeError):
-        pass
+            await _send(ws, pack(out), transport)
     finally:
-        app[SOCKETS].discard(ws)
-        await ws.close()
+        app[SOCKETS].pop(ws, None)
+        links[addr] -= 1
+        if not links[addr]:
+            del links[addr]
+        await _close(ws, transport)
     return ws
 
 
@@ -1062,7 +1125,8 @@ def build_app(node: Node) -> web.Application:
     app[GUARD] = node.http_guard
     app[FIRST_REPLIES] = OrderedDict()
     app[FILL_ROWS] = {}
-    app[SOCKETS] = set()
+    app[SOCKETS] = {}
+    app[LINKS] = {}
     app.on_shutdown.append(_close_sockets)
     app.router.add_post("/v1/orders", post_order)
     app.router.add_delete("/v1/orders/{order_id}", delete_order)

@@ -98,6 +98,7 @@ PUSH_PATH = "/peer/v1/push"
 LINK_PATH = "/peer/v1/link"  # the WebSocket that carries pushes to a peer
 LINK_CLOSE_S = 0.5  # how long closing a link waits for the peer's close frame
 LINK_RETRY_S = 60.0  # a peer without the link route is offered a link again after this long
+LINK_REOPEN_S = 30.0  # a link unused this long is replaced (the peer closes links idle for 60 s)
 RELAY_EVERY_S = 0.05  # how often the relay looks for entries of other members that a peer may lack
 RELAY_AFTER_S = 0.1  # ... and relays those a peer has not shown it holds this long after they were merged here
 LATENCY_SAMPLES = 20_000
@@ -162,13 +163,14 @@ class PeerLink:
     the peer last answered the upgrade with no link route; its pushes go as
     requests for LINK_RETRY_S after that."""
 
-    __slots__ = ("lock", "refused_at", "url", "ws")
+    __slots__ = ("lock", "refused_at", "url", "used_at", "ws")
 
     def __init__(self, *, url: str) -> None:
         self.url = url
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.lock = asyncio.Lock()
         self.refused_at: float | None = None
+        self.used_at = 0.0  # monotonic: when the last push on it was sent
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1129,25 +1131,43 @@ class Node:
         if link.refused_at is not None and self.monotonic() - link.refused_at < LINK_RETRY_S:
             return await self._request(link.url, PUSH_PATH, body)
         async with link.lock:  # one push at a time on a link: answers come in order
-            ws = link.ws
-            if ws is None or ws.closed:
-                ws = link.ws = await self._open_link(link.url)
-                if ws is None:
+            now = self.monotonic()
+            if link.refused_at is not None and now - link.refused_at < LINK_RETRY_S:
+                refused = True  # while this push waited for the lock
+            else:
+                ws = link.ws
+                if ws is not None and now - link.used_at > LINK_REOPEN_S:
+                    self._close_link(link)  # the peer may have closed it as idle: do not find out by a failure
+                    ws = None
+                if ws is None or ws.closed:
+                    ws = link.ws = await self._open_link(link.url)
+                    if self._links.get(nid) is not link:  # forgotten meanwhile
+                        self._close_link(link)
+                        raise PeerError(f"peer {peer.short} was forgotten")
+                refused = ws is None
+                if refused:
                     link.refused_at = self.monotonic()
-                    return await self._request(link.url, PUSH_PATH, body)
-            out = pack(body)
-            self.counters["peer_bytes_sent"] += len(out)
-            try:
-                async with asyncio.timeout(self.config.peer_timeout):
-                    await ws.send_bytes(out)
-                    msg = await ws.receive()
-            except BaseException:
-                self._close_link(link)  # a late answer would be taken for the next push's
-                raise
-            if msg.type is not aiohttp.WSMsgType.BINARY:
-                self._close_link(link)
-                raise PeerError(f"the link closed ({msg.type.name})")
-            self.counters["peer_bytes_received"] += len(msg.data)
+            if not refused:
+                assert ws is not None
+                link.used_at = self.monotonic()
+                return await self._push_message(link, ws, body)
+        return await self._request(link.url, PUSH_PATH, body)
+
+    async def _push_message(self, link: PeerLink, ws: aiohttp.ClientWebSocketResponse, body: dict[str, Any]) -> Any:
+        """One push on an open link (the caller holds its lock); the decoded answer."""
+        out = pack(body)
+        self.counters["peer_bytes_sent"] += len(out)
+        try:
+            async with asyncio.timeout(self.config.peer_timeout):
+                await ws.send_bytes(out)
+                msg = await ws.receive()
+        except BaseException:
+            self._close_link(link)  # a late answer would be taken for the next push's
+            raise
+        if msg.type is not aiohttp.WSMsgType.BINARY:
+            self._close_link(link)
+            raise PeerError(f"the link closed ({msg.type.name})")
+        self.counters["peer_bytes_received"] += len(msg.data)
         try:
             reply = unpack(msg.data)
         except BadRequest as exc:
@@ -1172,9 +1192,9 @@ class Node:
                     url + LINK_PATH, headers={"Content-Type": MSGPACK}, max_msg_size=PEER_BODY_CAP, compress=0,
                     timeout=aiohttp.ClientWSTimeout(ws_close=LINK_CLOSE_S))
         except aiohttp.WSServerHandshakeError as exc:
-            if exc.status in (429, 503):  # busy, or over its limit: a failed call like any
+            if exc.status == 429:  # over the peer limit: a failed call like any
                 raise PeerError(f"{url} refused a link: HTTP {exc.status}") from None
-            return None  # no link route (an older node, or not a node at all)
+            return None  # no link route (an older node), or too many links there: push by request
 
     def _close_link(self, link: PeerLink) -> None:
         ws, link.ws = link.ws, None

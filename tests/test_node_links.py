@@ -141,11 +141,14 @@ class TestStrangerOnALink:
                 s.ws_connect(link_url(a), headers={"Content-Type": MSGPACK}, max_msg_size=0) as ws:
             try:
                 await ws.send_bytes(b"\x80" + b" " * PEER_CAP)
+                msg = await ws.receive(timeout=10)
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), msg
+                assert ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG or msg.type is aiohttp.WSMsgType.CLOSED
             except ConnectionError:
-                return  # closed while the message was still being sent
-            msg = await ws.receive(timeout=10)
-            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), msg
-            assert ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG or msg.type is aiohttp.WSMsgType.CLOSED
+                pass  # closed while the message was still being sent
+        # the node goes on: a new link answers
+        async with aiohttp.ClientSession() as s, s.ws_connect(link_url(a), headers={"Content-Type": MSGPACK}) as ws:
+            assert "has" in await ask(ws, msgpack.packb({"entries": []}))
 
     async def test_the_upgrade_needs_the_peer_content_type(self, pair: list[NodeProc]) -> None:
         """A web page can open a WebSocket to 127.0.0.1 but cannot set this header."""
@@ -158,16 +161,17 @@ class TestStrangerOnALink:
     async def test_each_message_takes_from_the_peer_limit(self, tmp_path: Path,
                                                           request: pytest.FixtureRequest) -> None:
         n = NodeProc(name="tight", port=free_port(), data_dir=tmp_path / "tight",
-                     extra_args=["--peer-limit", "5/5"])
+                     extra_args=["--peer-limit", "0.5/5"])
         with logs_on_failure(request, [n]):
             try:
                 n.start()
-                await asyncio.sleep(1.5)  # the bucket refills after the start's own calls
+                await asyncio.sleep(2.0)  # the start's own peer calls come from elsewhere; let them pass
                 async with aiohttp.ClientSession() as s, \
-                        s.ws_connect(link_url(n), headers={"Content-Type": MSGPACK}) as ws:
+                        s.ws_connect(link_url(n), headers={"Content-Type": MSGPACK}) as ws:  # the upgrade: 1 call
                     answers = [await ask(ws, msgpack.packb({"entries": []})) for _ in range(12)]
                 limited = [x for x in answers if x.get("error") == "rate_limited"]
-                assert 5 <= len(limited) <= 8, answers
+                # 5 calls of burst, one of them the upgrade, plus one every 2 s: at least 5 of 12 refused
+                assert len(limited) >= 5 and len(answers) - len(limited) >= 2, answers
                 assert all(x["status"] == 429 and x["retry_after"] > 0 for x in limited), limited
             finally:
                 stop_all([n])
@@ -200,3 +204,50 @@ class TestHungUpUpgrades:
                 assert "internal error" not in log and "Traceback" not in log, log[-3000:]
             finally:
                 stop_all([n])
+
+
+class TestStalledReaders:
+    @pytest.mark.parametrize("route", ["link", "trade"])
+    async def test_a_caller_that_stops_reading_does_not_hold_up_the_stop(
+            self, tmp_path: Path, request: pytest.FixtureRequest, route: str) -> None:
+        """Regression: the node closed its sessions and links one by one at
+        stop, each waiting without limit to send; a peer or trader that sent
+        much and read nothing kept the node from ever stopping (SIGTERM
+        ignored until SIGKILL)."""
+        n = NodeProc(name="stalled", port=free_port(), data_dir=tmp_path / "stalled",
+                     extra_args=["--peer-limit", "0", "--write-limit", "0"])
+        with logs_on_failure(request, [n]):
+            try:
+                n.start()
+                async with aiohttp.ClientSession() as s:
+                    held: list[aiohttp.ClientWebSocketResponse] = []  # open and unread until the stop is over
+                    try:
+                        async with asyncio.timeout(20):  # bounded: a node that stops reading blocks the sends
+                            await send_unread(s, n, route, held)
+                    except (ConnectionError, TimeoutError):
+                        pass  # the node cut off a caller that did not read, or stopped reading from it
+                    t0 = time.monotonic()
+                    code = await asyncio.to_thread(n.stop, 15.0)
+                    took = time.monotonic() - t0
+                    for ws in held:
+                        await ws.close()
+                assert code == 0 and took < 10.0, (code, took)
+            finally:
+                stop_all([n])
+
+
+async def send_unread(s: aiohttp.ClientSession, n: NodeProc, route: str,
+                      held: list[aiohttp.ClientWebSocketResponse]) -> None:
+    """Send much on a link or a session and read none of the answers."""
+    if route == "link":
+        ws = await s.ws_connect(link_url(n), headers={"Content-Type": MSGPACK}, max_msg_size=0)
+        held.append(ws)
+        junk = msgpack.packb({"entries": [[b"x" * 32, i] for i in range(3000)]})  # each answer lists 3000 refusals
+        for _ in range(150):
+            await ws.send_bytes(junk)
+    else:
+        ws = await s.ws_connect(n.url.replace("http://", "ws://") + "/v1/trade", headers=n.auth())
+        held.append(ws)
+        for _ in range(3000):
+            await ws.send_str("x" * 3000)  # each answered with bad_json
+    await asyncio.sleep(2.0)  # the node answers until the socket's buffers are full
