@@ -251,3 +251,25 @@ async def send_unread(s: aiohttp.ClientSession, n: NodeProc, route: str,
         for _ in range(3000):
             await ws.send_str("x" * 3000)  # each answered with bad_json
     await asyncio.sleep(2.0)  # the node answers until the socket's buffers are full
+
+
+class TestLinkCaps:
+    async def test_links_past_the_cap_of_one_address_are_refused_with_503(self, pair: list[NodeProc]) -> None:
+        """Sixteen links from one address at most (the pair's own links come
+        from 127.0.0.1 too); past that the upgrade is a 503 and the caller
+        pushes by request instead."""
+        a, _ = pair
+        async with aiohttp.ClientSession() as s:
+            opened: list[aiohttp.ClientWebSocketResponse] = []
+            try:
+                with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+                    for _ in range(17):
+                        opened.append(await s.ws_connect(link_url(a), headers={"Content-Type": MSGPACK}))
+                assert err.value.status == 503 and len(opened) <= 16, (err.value.status, len(opened))
+                assert "has" in await ask(opened[0], msgpack.packb({"entries": []}))  # the open ones still work
+            finally:
+                for ws in opened:
+                    await ws.close()
+            # once they are closed, a link opens again
+            async with s.ws_connect(link_url(a), headers={"Content-Type": MSGPACK}) as ws:
+                assert "has" in await ask(ws, msgpack.packb({"entries": []}))
