@@ -422,11 +422,13 @@ class Engine:
         return FinalBatch(first_seq=first_seq, fills=new_final, orders=tuple(out), records=len(final_recs))
 
     def restore(self, resting: Iterable[Order], *, floor: Any, fills_base: int) -> None:
-        """Start from a final book (orders as lists, any order) at ``floor``."""
+        """Start from a final book (orders as lists, any order) at ``floor``.
+        The engine keeps the lists it is given (no copy: a copy of a million
+        orders left as many freed lists scattered among the live ones, which
+        the process never gave back), so hand it lists of its own."""
         if self._applied or self.orders:
             raise ValueError("restore into an empty engine only")
         for o in sorted(resting, key=_key_of):
-            o = list(o)
             self.orders[o[1]] = o
             self._level(o[4], o[5]).append(o)
         self._floor = floor

@@ -239,7 +239,11 @@ class Store:
         """The final book, as engine order lists."""
         cur = self._db.execute("SELECT oid, owner, key, side, price, qty, filled, remaining FROM final_orders"
                                " WHERE remaining > 0")
-        return [[remaining, bytes(oid), qty, qty - filled - remaining, side, price, bytes(key), bytes(owner)]
+        # one object per owner and per price: each row brings its own copies (72 and 32 bytes an order)
+        owners: dict[bytes, bytes] = {}
+        prices: dict[int, int] = {}
+        return [[remaining, bytes(oid), qty, qty - filled - remaining, side, prices.setdefault(price, price),
+                 bytes(key), owners.setdefault(bytes(owner), bytes(owner))]
                 for oid, owner, key, side, price, qty, filled, remaining in cur]
 
     def final_order(self, oid: bytes) -> StoredOrder | None:
