@@ -883,11 +883,13 @@ async def _send(ws: web.WebSocketResponse, data: str | bytes, transport: asyncio
         pass  # the other side went away: what it asked for is done, the answer is lost
 
 
-async def _close(ws: web.WebSocketResponse, transport: asyncio.Transport | None) -> None:
-    """Close a session or link, waiting at most SEND_TIMEOUT_S for the other side."""
+async def _close(ws: web.WebSocketResponse, transport: asyncio.Transport | None, *,
+                 within: float = SEND_TIMEOUT_S, why: bytes = b"closing") -> None:
+    """Close a session or link, waiting at most ``within`` seconds for the
+    other side, then cutting the connection."""
     try:
-        async with asyncio.timeout(SEND_TIMEOUT_S):
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"closing")
+        async with asyncio.timeout(within):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=why)
     except TimeoutError:
         if transport is not None:
             transport.abort()
@@ -908,19 +910,8 @@ async def _close_sockets(app: web.Application) -> None:
     """On shutdown: tell every trading session and peer link the node is going
     away, all at once, each under a timeout (a peer that does not read must
     not hold up the stop)."""
-    sockets = app[SOCKETS]
-
-    async def one(ws: web.WebSocketResponse, transport: asyncio.Transport | None) -> None:
-        try:
-            async with asyncio.timeout(SHUTDOWN_CLOSE_S):
-                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"the node is stopping")
-        except TimeoutError:
-            if transport is not None:
-                transport.abort()
-        except (ConnectionResetError, RuntimeError):
-            pass
-
-    await asyncio.gather(*(one(ws, t) for ws, t in tuple(sockets.items())))
+    await asyncio.gather(*(_close(ws, t, within=SHUTDOWN_CLOSE_S, why=b"the node is stopping")
+                           for ws, t in tuple(app[SOCKETS].items())))
 
 
 def _top(node: Node, depth: int = 10) -> dict[str, Any]:

@@ -1088,18 +1088,23 @@ class Node:
         finally:
             self._pushing.discard(nid)
 
-    async def _request(self, url: str, path: str, body: dict[str, Any]) -> Any:
-        """One POST to a peer URL under the peer timeout; its decoded reply.
-
-        Raises PeerRefused when the address policy forbids the URL (nothing is
-        sent), PeerError when the peer is unreachable or answers badly."""
-        assert self._session is not None
+    async def _allowed(self, url: str) -> None:
+        """Raise PeerRefused when the address policy forbids a peer URL (nothing
+        is to be sent), PeerError when it does not resolve."""
         try:
             refusal = await self.guard.refusal(url)
         except OSError as exc:
             raise PeerError(f"{url} does not resolve: {exc}") from None
         if refusal is not None:
             raise PeerRefused(f"{url}: {refusal}")
+
+    async def _request(self, url: str, path: str, body: dict[str, Any]) -> Any:
+        """One POST to a peer URL under the peer timeout; its decoded reply.
+
+        Raises PeerRefused when the address policy forbids the URL (nothing is
+        sent), PeerError when the peer is unreachable or answers badly."""
+        assert self._session is not None
+        await self._allowed(url)
         out = pack(body)
         self.counters["peer_bytes_sent"] += len(out)
         async with self._session.post(
@@ -1180,12 +1185,7 @@ class Node:
     async def _open_link(self, url: str) -> aiohttp.ClientWebSocketResponse | None:
         """A new link to a peer URL; None when the peer has no link route."""
         assert self._session is not None
-        try:
-            refusal = await self.guard.refusal(url)
-        except OSError as exc:
-            raise PeerError(f"{url} does not resolve: {exc}") from None
-        if refusal is not None:
-            raise PeerRefused(f"{url}: {refusal}")
+        await self._allowed(url)
         try:
             async with asyncio.timeout(self.config.peer_timeout):
                 return await self._session.ws_connect(
