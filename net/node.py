@@ -1133,30 +1133,36 @@ class Node:
             if link is not None:
                 self._close_link(link)
             link = self._links[nid] = PeerLink(url=peer.record.url)
-        if link.refused_at is not None and self.monotonic() - link.refused_at < LINK_RETRY_S:
-            return await self._request(link.url, PUSH_PATH, body)
-        async with link.lock:  # one push at a time on a link: answers come in order
-            now = self.monotonic()
-            if link.refused_at is not None and now - link.refused_at < LINK_RETRY_S:
-                refused = True  # while this push waited for the lock
-            else:
-                ws = link.ws
-                if ws is not None and now - link.used_at > LINK_REOPEN_S:
-                    self._close_link(link)  # the peer may have closed it as idle: do not find out by a failure
-                    ws = None
-                if ws is None or ws.closed:
-                    ws = link.ws = await self._open_link(link.url)
-                    if self._links.get(nid) is not link:  # forgotten meanwhile
-                        self._close_link(link)
-                        raise PeerError(f"peer {peer.short} was forgotten")
-                refused = ws is None
-                if refused:
-                    link.refused_at = self.monotonic()
-            if not refused:
-                assert ws is not None
-                link.used_at = self.monotonic()
-                return await self._push_message(link, ws, body)
+        if not self._link_refused(link):
+            async with link.lock:  # one push at a time on a link: answers come in order
+                ws = await self._link_open(link, nid)
+                if ws is not None:
+                    link.used_at = self.monotonic()
+                    return await self._push_message(link, ws, body)
         return await self._request(link.url, PUSH_PATH, body)
+
+    def _link_refused(self, link: PeerLink) -> bool:
+        """The peer refused a link less than LINK_RETRY_S ago: push by request."""
+        return link.refused_at is not None and self.monotonic() - link.refused_at < LINK_RETRY_S
+
+    async def _link_open(self, link: PeerLink, nid: bytes) -> aiohttp.ClientWebSocketResponse | None:
+        """The link's open WebSocket (the caller holds its lock), opened if
+        need be; None when the peer refuses links (it may have, while this
+        push waited for the lock)."""
+        if self._link_refused(link):
+            return None
+        ws = link.ws
+        if ws is not None and self.monotonic() - link.used_at > LINK_REOPEN_S:
+            self._close_link(link)  # the peer may have closed it as idle: do not find out by a failure
+            ws = None
+        if ws is None or ws.closed:
+            ws = link.ws = await self._open_link(link.url)
+            if self._links.get(nid) is not link:  # forgotten meanwhile
+                self._close_link(link)
+                raise PeerError(f"peer {short_id(nid)} was forgotten")
+            if ws is None:
+                link.refused_at = self.monotonic()
+        return ws
 
     async def _push_message(self, link: PeerLink, ws: aiohttp.ClientWebSocketResponse, body: dict[str, Any]) -> Any:
         """One push on an open link (the caller holds its lock); the decoded answer."""
