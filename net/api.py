@@ -809,52 +809,30 @@ async def _trade_one(app: web.Application, ws: web.WebSocketResponse, data: str 
                      slots: asyncio.Semaphore, transport: asyncio.Transport | None) -> None:
     """Carry out one message of a trading session and answer it."""
     node = app[NODE]
-    ref: int | str | None = None
+    msg, ref, bad = _trade_message(data)
     op = "?"
     out: dict[str, Any]
     try:
-        try:
-            msg: Any = None
-            bad: BadRequest | None = None
-            if data is None:
-                bad = BadRequest("messages are JSON text, not binary", code="bad_json")
-            else:
-                try:
-                    msg = json.loads(data)
-                except ValueError:
-                    bad = BadRequest("a message must be a JSON object", code="bad_json")
-            if bad is None and not isinstance(msg, dict):
-                bad = BadRequest("a message must be a JSON object", code="bad_json")
-            if bad is None:
-                given = msg.pop("ref", None)
-                if given is None or type(given) is int or (type(given) is str and len(given) <= 64):
-                    ref = given
-                else:
-                    bad = BadRequest("ref must be an integer or a string of at most 64 characters", code="bad_ref")
-            _take_write(app)  # every message, well formed or not, as every request is
-            if bad is not None:
-                raise bad
-            raw_op = msg.pop("op", None)
-            if raw_op not in TRADE_OPS:
-                raise BadRequest("op must be 'place' or 'cancel'", code="bad_op")
-            op = raw_op
-            _require_writable(node)
-            if op == "place":
-                status, view = await place_order(app, msg)
-            else:
-                unknown = set(msg) - {"id", "cid"}
-                if unknown:
-                    raise Unprocessable(f"unknown fields: {sorted(unknown, key=repr)}", code="unknown_field")
-                status, view = 200, await cancel_order(node, _order_id(msg.get("id")), _cid(msg.get("cid")))
-            out = {"ref": ref, "status": status, "order": view}
-        except ApiError:
-            raise
-        except ExchangeError as exc:  # a core refusal no branch mapped: still nothing changed
-            raise Conflict(str(exc), code=exc.code) from None
+        _take_write(app)  # every message, well formed or not, as every request is
+        if bad is not None:
+            raise bad
+        raw_op = msg.pop("op", None)
+        if raw_op not in TRADE_OPS:
+            raise BadRequest("op must be 'place' or 'cancel'", code="bad_op")
+        op = raw_op
+        _require_writable(node)
+        if op == "place":
+            status, view = await place_order(app, msg)
+        else:
+            unknown = set(msg) - {"id", "cid"}
+            if unknown:
+                raise Unprocessable(f"unknown fields: {sorted(unknown, key=repr)}", code="unknown_field")
+            status, view = 200, await cancel_order(node, _order_id(msg.get("id")), _cid(msg.get("cid")))
+        out = {"ref": ref, "status": status, "order": view}
     except ApiError as exc:
-        out = {"ref": ref, "status": exc.status, "error": exc.code, "detail": exc.detail}
-        if exc.retry_after is not None:
-            out["retry_after"] = max(1, math.ceil(exc.retry_after))
+        out = _trade_refusal(ref, exc)
+    except ExchangeError as exc:  # a core refusal no branch mapped: still nothing changed
+        out = _trade_refusal(ref, Conflict(str(exc), code=exc.code))
     except Exception:
         log.exception("internal error on a /v1/trade message")
         out = {"ref": ref, "status": 500, "error": "internal", "detail": "internal error; see the node's log"}
@@ -864,6 +842,30 @@ async def _trade_one(app: web.Application, ws: web.WebSocketResponse, data: str 
             await _send(ws, json.dumps(out), transport)
     finally:
         slots.release()
+
+
+def _trade_message(data: str | None) -> tuple[dict[str, Any], int | str | None, BadRequest | None]:
+    """A session message as a map without its ``ref``, the ``ref``, and why
+    the message is malformed (None when it is not)."""
+    if data is None:
+        return {}, None, BadRequest("messages are JSON text, not binary", code="bad_json")
+    try:
+        msg = json.loads(data)
+    except ValueError:
+        msg = None
+    if not isinstance(msg, dict):
+        return {}, None, BadRequest("a message must be a JSON object", code="bad_json")
+    ref = msg.pop("ref", None)
+    if ref is None or type(ref) is int or (type(ref) is str and len(ref) <= 64):
+        return msg, ref, None
+    return msg, None, BadRequest("ref must be an integer or a string of at most 64 characters", code="bad_ref")
+
+
+def _trade_refusal(ref: int | str | None, exc: ApiError) -> dict[str, Any]:
+    out: dict[str, Any] = {"ref": ref, "status": exc.status, "error": exc.code, "detail": exc.detail}
+    if exc.retry_after is not None:
+        out["retry_after"] = max(1, math.ceil(exc.retry_after))
+    return out
 
 
 async def _send(ws: web.WebSocketResponse, data: str | bytes, transport: asyncio.Transport | None) -> None:

@@ -290,6 +290,19 @@ class FakePeer:
         self.thread.join(5)
 
 
+def start_with(node: NodeProc, fake: FakePeer) -> str:
+    """Start ``node``, hand it the fake peer's record and wait until it has
+    proven it; the fake peer's id (hex)."""
+    node.start()
+    r = http("POST", node.url + "/peer/v1/peers", msgpack.packb({"records": [fake.record()]}),
+             headers={"Content-Type": "application/msgpack"})
+    assert r.status == 200, r
+    fake_id = fake.key.public.hex()
+    wait_until(lambda: fake_id in node.peer_ids(), timeout=10, what="the fake peer proven",
+               nodes=[node], interval=0.05)
+    return fake_id
+
+
 class TestMisbehavingPeer:
     @pytest.mark.parametrize("entries", ["not a list", [0] * 8001], ids=["not-a-list", "too-many"])
     def test_garbage_sync_reply_does_not_stop_anti_entropy(
@@ -302,13 +315,7 @@ class TestMisbehavingPeer:
         with FakePeer({"/peer/v1/sync": {"entries": entries, "more": False, "vv": {}},
                        "/peer/v1/peers": {"records": []}}) as fake, logs_on_failure(request, [node]):
             try:
-                node.start()
-                r = http("POST", node.url + "/peer/v1/peers", msgpack.packb({"records": [fake.record()]}),
-                         headers={"Content-Type": "application/msgpack"})
-                assert r.status == 200, r
-                fake_id = fake.key.public.hex()
-                wait_until(lambda: fake_id in node.peer_ids(), timeout=10, what="the fake peer proven",
-                           nodes=[node], interval=0.05)
+                fake_id = start_with(node, fake)
                 # pulled from again and again (the pull loop, then its probes of a down peer)
                 wait_until(lambda: fake.hits.get("/peer/v1/sync", 0) >= 3, timeout=20,
                            what="repeated sync calls to the fake peer", nodes=[node], interval=0.1)
@@ -357,13 +364,7 @@ class TestMisbehavingPeer:
                        "/peer/v1/push": {"accepted": 0, "rejected": [], "buffered": 0}}) as fake, \
                 logs_on_failure(request, [node]):
             try:
-                node.start()
-                r = http("POST", node.url + "/peer/v1/peers", msgpack.packb({"records": [fake.record()]}),
-                         headers={"Content-Type": "application/msgpack"})
-                assert r.status == 200, r
-                fake_id = fake.key.public.hex()
-                wait_until(lambda: fake_id in node.peer_ids(), timeout=10, what="the fake peer proven",
-                           nodes=[node], interval=0.05)
+                start_with(node, fake)
                 for i in range(5):
                     node.order("buy", 1, 10 + i)
                     time.sleep(0.1)

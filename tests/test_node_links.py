@@ -24,10 +24,9 @@ from crdt.entry import BUY, GENESIS, Order, make_entry
 from crdt.keys import SigningKey
 from tests.nodes import (
     NodeProc,
+    cluster,
     free_port,
     logs_on_failure,
-    make_nodes,
-    start_network,
     stop_all,
     wait_order_everywhere,
     wait_until,
@@ -41,12 +40,8 @@ STRANGER = SigningKey(blake2b(b"p2pex test: link stranger", digest_size=32).dige
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProc]]:
-    nodes = make_nodes(tmp_path_factory.mktemp("links"), ("a", "b"))
-    try:
-        start_network(nodes)
+    with cluster(tmp_path_factory.mktemp("links"), ("a", "b")) as nodes:
         yield nodes
-    finally:
-        stop_all(nodes)
 
 
 @pytest.fixture(autouse=True)
@@ -92,22 +87,17 @@ class TestLinks:
 
     def test_a_link_is_opened_again_after_the_peer_restarts(self, tmp_path: Path,
                                                             request: pytest.FixtureRequest) -> None:
-        nodes = make_nodes(tmp_path, ("a", "b"))
-        with logs_on_failure(request, nodes):
-            try:
-                start_network(nodes)
-                a, b = nodes
-                first = a.order("buy", 1, 5)
-                wait_order_everywhere(nodes, first["id"], timeout=20)
-                b.stop()
-                b.start()
-                before = pushes(b)[0]
-                second = a.order("buy", 1, 6)
-                wait_until(lambda: pushes(b)[0] > before, timeout=30,
-                           what="a pushes to the restarted b on a new link", nodes=nodes)
-                wait_order_everywhere(nodes, second["id"], timeout=20)
-            finally:
-                stop_all(nodes)
+        with cluster(tmp_path, ("a", "b")) as nodes, logs_on_failure(request, nodes):
+            a, b = nodes
+            first = a.order("buy", 1, 5)
+            wait_order_everywhere(nodes, first["id"], timeout=20)
+            b.stop()
+            b.start()
+            before = pushes(b)[0]
+            second = a.order("buy", 1, 6)
+            wait_until(lambda: pushes(b)[0] > before, timeout=30,
+                       what="a pushes to the restarted b on a new link", nodes=nodes)
+            wait_order_everywhere(nodes, second["id"], timeout=20)
 
 
 class TestStrangerOnALink:

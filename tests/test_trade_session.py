@@ -14,17 +14,13 @@ import aiohttp
 import pytest
 
 from client import Client, ClientError
-from tests.nodes import NodeProc, free_port, logs_on_failure, make_nodes, start_network, stop_all
+from tests.nodes import NodeProc, cluster, free_port, logs_on_failure, stop_all
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProc]]:
-    nodes = make_nodes(tmp_path_factory.mktemp("trade"), ("a", "b"))
-    try:
-        start_network(nodes)
+    with cluster(tmp_path_factory.mktemp("trade"), ("a", "b")) as nodes:
         yield nodes
-    finally:
-        stop_all(nodes)
 
 
 @pytest.fixture(scope="module")
