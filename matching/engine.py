@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
-from collections.abc import Collection, Hashable, Iterable, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from heapq import merge
 from itertools import islice
@@ -433,6 +433,22 @@ class Engine:
             self._level(o[4], o[5]).append(o)
         self._floor = floor
         self.fills_base = fills_base
+
+    def quiet(self) -> bool:
+        """Nothing provisional: no record that can be undone, no provisional fill."""
+        return not (self._applied or self.fills or self._cancels)
+
+    def reload(self, read: Callable[[], Iterable[Order]]) -> None:
+        """Hold the final book as ``read`` returns it (the lists ``restore``
+        takes) in place of the lists held now; only with nothing provisional.
+        The lists held now are let go before ``read`` runs, so that the new ones
+        do not fill the gaps the old ones were scattered among."""
+        if not self.quiet():
+            raise ValueError("reload with provisional records")
+        floor, fills_base = self._floor, self.fills_base
+        self.orders, self.bids, self.asks = {}, {}, {}
+        self._bid_prices, self._ask_prices = [], []
+        self.restore(read(), floor=floor, fills_base=fills_base)
 
     def _rewind_to(self, key: Any) -> tuple[list[Record], list[Fill]]:
         """Undo every applied record with a key at or above ``key``; return them

@@ -12,7 +12,7 @@ and pushes new entries to peers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from hashlib import blake2b
 from typing import Any
@@ -526,6 +526,17 @@ class Exchange:
             bases={o: self.replica.base(o) for o in known if self.replica.base(o)[0]},
             membership=self.membership.snapshot(), forks=self.finality.forks(), pins=self.replica.pins(),
         )
+
+    def reload_book(self, read: Callable[[], Iterable[list[Any]]]) -> bool:
+        """Hold the final book as ``read`` returns it (storage's copy, the lists
+        ``load`` takes) in place of the one in memory; only when the engine is
+        quiet.  After a long replay or catch-up the book's orders lie scattered
+        among the freed remains of the entries that made them, memory the
+        process cannot give back; read anew, they lie together, as after a
+        restart.  Whether the book read equals the one it replaces."""
+        before = self.book_hash()
+        self.engine.reload(read)
+        return self.book_hash() == before
 
     def load(self, checkpoint: Checkpoint | None, resting: Iterable[list[Any]], entries: Iterable[Entry],
              *, mono_ms: int) -> Received:

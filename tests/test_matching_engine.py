@@ -27,6 +27,7 @@ from matching.engine import (
     SELL,
     Engine,
     Fill,
+    Order,
     Record,
     Revision,
     RewindTooFar,
@@ -277,6 +278,37 @@ class TestFinalize:
         assert fresh.fills == e.fills and fresh.fills_base == e.fills_base
         assert (fresh.resting(BUY), fresh.resting(SELL)) == (e.resting(BUY), e.resting(SELL))
         fresh.check_invariants()
+
+    def test_reload_holds_the_lists_read_in_place_of_the_book(self) -> None:
+        """A quiet engine takes its final book anew (a node re-reads it from
+        storage after a long replay): the lists it held are let go before the
+        new ones are read, and matching goes on over the new ones."""
+        recs: list[Record] = [(i, GTC, f"o{i}", i % 2, 100 + (i % 5) - 2 * (i % 2), 1 + i % 4, "x")
+                              for i in range(1, 40)]
+        e = Engine()
+        e.add_many(recs)
+        e.finalize(39)
+        assert e.quiet()
+        before = (e.resting(BUY), e.resting(SELL), e.fills_base, e.floor)
+        old = [o for o in e.orders.values() if o.__class__ is list]
+        held_when_read: list[int] = []
+
+        def read() -> list[Order]:
+            held_when_read.append(len(e.orders))
+            return [list(o) for o in old]
+
+        e.reload(read)
+        assert held_when_read == [0]
+        assert (e.resting(BUY), e.resting(SELL), e.fills_base, e.floor) == before
+        assert all(e.orders[o[1]] is not o for o in old)
+        e.check_invariants()
+        best_ask = e.best(SELL)
+        assert best_ask is not None
+        e.add((40, GTC, "t", BUY, best_ask, 1, "y"))
+        assert e.fills and e.fills[0][0] == "t"
+        assert not e.quiet()
+        with pytest.raises(ValueError):
+            e.reload(read)
 
     def test_rewrite_takes_records_out(self) -> None:
         """Entries that become void (an evicted member's, past its cut) leave the
