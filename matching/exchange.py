@@ -12,10 +12,12 @@ and pushes new entries to peers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from hashlib import blake2b
 from typing import Any
+
+import msgpack
 
 from crdt.entry import GENESIS, Admit, Body, Cancel, Entry, Heartbeat, Order, make_entry
 from crdt.errors import ClockUnhealthy, ExchangeError, ForeignCancel, NotMember, TooManyOrigins, WrongNetwork
@@ -527,16 +529,42 @@ class Exchange:
             membership=self.membership.snapshot(), forks=self.finality.forks(), pins=self.replica.pins(),
         )
 
-    def reload_book(self, read: Callable[[], Iterable[list[Any]]]) -> bool:
-        """Hold the final book as ``read`` returns it (storage's copy, the lists
-        ``load`` takes) in place of the one in memory; only when the engine is
-        quiet.  After a long replay or catch-up the book's orders lie scattered
-        among the freed remains of the entries that made them, memory the
-        process cannot give back; read anew, they lie together, as after a
-        restart.  Whether the book read equals the one it replaces."""
-        before = self.book_hash()
-        self.engine.reload(read)
-        return self.book_hash() == before
+    def compact_book(self) -> int:
+        """Hold the resting book anew, in one pass, once the engine is quiet
+        (``ValueError`` otherwise); how many orders rest.  After a long replay
+        or catch-up the book's orders lie scattered among the freed remains of
+        the entries that made them, memory the process cannot give back: the
+        book is packed into one buffer, let go, and unpacked into objects that
+        lie together, as after a restart (one object per owner and per price)."""
+        engine = self.engine
+        if not engine.quiet():
+            raise ValueError("compact the book with provisional records")
+        packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+        for o in engine.orders.values():
+            if o.__class__ is list and o[0]:
+                packer.pack(o)
+        packed: bytes | None = packer.bytes()
+        del packer
+
+        def unpack() -> list[list[Any]]:
+            # one order at a time, each owner and price swapped for the one object kept of it at once:
+            # unpacking the whole book first would leave a freed owner and price between every two orders
+            nonlocal packed
+            assert packed is not None
+            unpacker = msgpack.Unpacker(raw=False, use_list=True, max_buffer_size=len(packed) + 1)
+            unpacker.feed(packed)
+            packed = None
+            owners: dict[bytes, bytes] = {}
+            prices: dict[int, int] = {}
+            book: list[list[Any]] = []
+            for o in unpacker:
+                o[5] = prices.setdefault(o[5], o[5])
+                o[7] = owners.setdefault(o[7], o[7])
+                book.append(o)
+            return book
+
+        engine.reload(unpack)
+        return len(engine.orders)
 
     def load(self, checkpoint: Checkpoint | None, resting: Iterable[list[Any]], entries: Iterable[Entry],
              *, mono_ms: int) -> Received:

@@ -576,7 +576,7 @@ def status_data(node: Node) -> dict[str, Any]:
             "provisional_fills": len(engine.fills), "resting": engine.resting_count(),
             "traded_qty": node.final_traded + sum(f[3] for f in engine.fills),
             "buffered": ex.replica.buffered(), "entries_in_memory": ex.replica.memory_entries(),
-            "equivocating_origins": len(ex.replica.evidence()), "book_reloads": node.book_reloads,
+            "equivocating_origins": len(ex.replica.evidence()), "book_compactions": node.book_compactions,
         },
         "finality": finality_data(node),
         "clock": {"offset_ms": ex.clock_offset_ms, "healthy": ex.clock_healthy(),

@@ -119,9 +119,9 @@ OFFSET_TTL_S = 30.0  # a peer's clock reading older than this is not used
 OWN_COMMIT_S = 0.001  # client orders and cancels arriving this close together share one commit
 GROUP_COMMIT_S = 0.005  # entries merged from peers and finals are committed together this soon
 STREAM_QUEUE = 10_000  # events buffered per stream subscriber before it is dropped
-# once this many records (and at least as many as orders rest) became final since the book was last read
-# from storage, the book is read anew at the next moment nothing is provisional (see _reload_book)
-RELOAD_AFTER_RECORDS = 50_000
+# once this many records (and at least as many as orders rest) became final since the book was last
+# held anew, it is held anew at the next moment nothing is provisional (see _compact_book)
+COMPACT_AFTER_RECORDS = 50_000
 
 
 def wall_ms() -> int:
@@ -310,9 +310,9 @@ class Node:
         self.subscribers: set[Subscriber] = set()
         self._final_seen = 0  # the final frontier when the last batch was reported
         self.final_traded = 0  # lots traded in final fills
-        self._finalized_since_reload = 0  # records that became final since the book was last read from storage
-        self._reload_handle: asyncio.Handle | None = None
-        self.book_reloads = 0
+        self._finalized_since_compact = 0  # records that became final since the book was last held anew
+        self._compact_handle: asyncio.Handle | None = None
+        self.book_compactions = 0
 
     # ---- lifecycle ---------------------------------------------------------
 
@@ -453,9 +453,9 @@ class Node:
             self._commit_own()
             self.flush()
         finally:
-            if self._reload_handle is not None:
-                self._reload_handle.cancel()
-                self._reload_handle = None
+            if self._compact_handle is not None:
+                self._compact_handle.cancel()
+                self._compact_handle = None
             self.store.close()
         t3 = time.monotonic()
         logs.flush(force=True)
@@ -737,36 +737,34 @@ class Node:
         self._publish(events)
         self.finality_changed.set()
         self.finality_changed = asyncio.Event()
-        self._finalized_since_reload += sum(b.records for b in batches)
-        if (self._reload_handle is None and self._finalized_since_reload >= RELOAD_AFTER_RECORDS
+        self._finalized_since_compact += sum(b.records for b in batches)
+        if (self._compact_handle is None and self._finalized_since_compact >= COMPACT_AFTER_RECORDS
                 and self.exchange.engine.quiet()
-                and self._finalized_since_reload >= self.exchange.engine.resting_count()):
+                and self._finalized_since_compact >= self.exchange.engine.resting_count()):
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # outside an event loop (tools, tests): at once
-                self._reload_book()
+                self._compact_book()
             else:  # once the commit that made it due is done
-                self._reload_handle = loop.call_soon(self._reload_book)
+                self._compact_handle = loop.call_soon(self._compact_book)
 
-    def _reload_book(self) -> None:
-        """Read the final book anew from storage, as a restart would.  A long
-        replay or catch-up leaves the book's orders scattered among the freed
-        remains of the entries that made them: memory the process keeps (about
-        1,400 bytes per resting order after replaying 100,000 orders, against
-        370 once read anew).  Blocks the loop about 5 us per resting order, at
-        most once per as many final records."""
-        self._reload_handle = None
-        if self._unsaved_finals or not self.exchange.engine.quiet():
+    def _compact_book(self) -> None:
+        """Hold the resting book anew (``Exchange.compact_book``): a long replay
+        or catch-up leaves its orders scattered among the freed remains of the
+        entries that made them, memory the process keeps (about 1,400 bytes per
+        resting order after replaying 100,000 orders, against 390 once held
+        anew).  Blocks the loop about 2 us per resting order, at most once per
+        as many final records."""
+        self._compact_handle = None
+        if not self.exchange.engine.quiet():
             return  # at a later quiet commit
         t0 = self.monotonic()
-        self._finalized_since_reload = 0
-        if not self.exchange.reload_book(self.store.resting_orders):
-            log.error("%s: the final book read from storage differs from the one in memory; it holds the "
-                      "one read, as a restart would", self.config.name)
-        self.book_reloads += 1
+        self._finalized_since_compact = 0
+        resting = self.exchange.compact_book()
+        self.book_compactions += 1
         settle_memory()
-        log.info("%s: final book read anew from storage: %d resting orders in %.2f s", self.config.name,
-                 self.exchange.engine.resting_count(), self.monotonic() - t0)
+        log.info("%s: resting book held anew: %d orders in %.2f s", self.config.name, resting,
+                 self.monotonic() - t0)
 
     def _origin_label(self, owner: bytes | None) -> str:
         return "self" if owner == self.node_id else "others"

@@ -331,16 +331,15 @@ class TestBackpressure:
             node.store.close()
 
 
-class TestBookReload:
-    def test_the_book_is_read_anew_once_as_many_records_are_final(self, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch,
-                                                                 caplog: pytest.LogCaptureFixture) -> None:
+class TestBookCompaction:
+    def test_the_book_is_held_anew_once_as_many_records_are_final(self, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
         """After a replay or catch-up the book's orders lie among the freed remains
         of the entries that made them (1,400 bytes per resting order after a
         first start on 100,000, against 370 after a restart). Once enough records
-        are final and nothing is provisional, the node reads its book anew from
-        storage, as a restart would; matching goes on over it."""
-        monkeypatch.setattr(node_module, "RELOAD_AFTER_RECORDS", 10)
+        are final and nothing is provisional, the node holds its book anew, in
+        objects of its own; matching goes on over it."""
+        monkeypatch.setattr(node_module, "COMPACT_AFTER_RECORDS", 10)
         node = lone_node(tmp_path)
         try:
             async def place(n: int, first: int = 0) -> None:
@@ -351,15 +350,17 @@ class TestBookReload:
                 await asyncio.sleep(0.05)  # the group commit of what became final, and what follows it
 
             asyncio.run(place(6))
-            assert node.book_reloads == 0
+            assert node.book_compactions == 0
             held = [o for o in node.exchange.engine.orders.values() if o.__class__ is list]
             asyncio.run(place(6, first=6))
             engine = node.exchange.engine
-            assert node.book_reloads == 1 and engine.resting_count() == 12
-            assert all(engine.orders[o[1]] is not o for o in held)
-            assert "differs" not in caplog.text
+            assert node.book_compactions == 1 and engine.resting_count() == 12
+            assert all(engine.orders[o[1]] is not o and engine.orders[o[1]] == o for o in held)
+            assert len({id(engine.orders[o[1]][7]) for o in held}) == 1  # one object per owner
+            node.flush()
+            assert sorted(map(tuple, node.store.resting_orders())) == sorted(map(tuple, engine.orders.values()))
             engine.check_invariants()
-            taker = node.submit(Order(side=SELL, price=90, qty=1))  # meets the best bid, read anew
+            taker = node.submit(Order(side=SELL, price=90, qty=1))  # meets the best bid, held anew
             assert taker.status is not None and taker.status.remaining == 0
             assert engine.fills_base + len(engine.fills) == 1
         finally:
