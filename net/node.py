@@ -284,6 +284,7 @@ class Node:
         self._down_of: dict[bytes, frozenset[bytes]] = {}
         self._lengths: deque[tuple[float, dict[bytes, int]]] = deque()  # (monotonic, members' log lengths here)
         self._probing: set[bytes] = set()
+        self._syncing: set[bytes] = set()  # peers a sync_with is under way with
         self._links: dict[bytes, PeerLink] = {}  # peer -> the WebSocket its pushes go on
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
@@ -1307,11 +1308,28 @@ class Node:
 
     async def sync_with(self, peer: Peer) -> None:
         """Pull what the peer has and we lack, in pages; push back what it lacks.
-        The first sync that reaches the end of a peer's pages makes the node ready."""
+        The first sync that reaches the end of a peer's pages makes the node ready.
+        One sync with a peer at a time: another call returns at once."""
+        nid = peer.record.node_id
+        if nid in self._syncing:
+            return
+        self._syncing.add(nid)
+        try:
+            theirs, complete = await self._pull_pages(peer)
+        finally:
+            self._syncing.discard(nid)
+        if complete and not self.readiness.ready:
+            self._become_ready(Readiness(ready=True, synced_with=peer.short, detail=f"synced with {peer.record.url}"))
+        missing, _ = self.delta_wires(theirs, SYNC_PAGE)
+        if missing:
+            await self._call(peer, PUSH_PATH, {"from": self.node_id, "entries": missing})
+
+    async def _pull_pages(self, peer: Peer) -> tuple[dict[bytes, int], bool]:
+        """Up to MAX_PAGES_PER_PULL pages from the peer: what it holds (its
+        version vector), and whether its last page was its last."""
         theirs: dict[bytes, int] = {}
-        complete = False
         for _ in range(MAX_PAGES_PER_PULL):
-            asked_at = self.monotonic()
+            asked_at, held_then = self.monotonic(), self._held()
             reply = await self._call(peer, "/peer/v1/sync", {
                 "from": self.node_id, "vv": self.exchange.replica.digest_for_sync(), "max": SYNC_PAGE,
                 "ev": sorted(self.exchange.replica.evidence())})
@@ -1334,16 +1352,17 @@ class Node:
                     log.warning("peer %s (%s) sent a bad sync reply: %s", peer.short, peer.record.url, exc)
                     raise PeerError(str(exc)) from exc
                 self.counters["pulled"] += len(result.merge.accepted)
-                if not result.merge.accepted:
+                # a page of entries held already ends the pull only if nothing came meanwhile: a push
+                # (the peer's push-back of what it saw we lack) may have brought them while it was asked
+                if not result.merge.accepted and self._held() == held_then:
                     break
             if not reply.get("more"):
-                complete = True
-                break
-        if complete and not self.readiness.ready:
-            self._become_ready(Readiness(ready=True, synced_with=peer.short, detail=f"synced with {peer.record.url}"))
-        missing, _ = self.delta_wires(theirs, SYNC_PAGE)
-        if missing:
-            await self._call(peer, PUSH_PATH, {"from": self.node_id, "entries": missing})
+                return theirs, True
+        return theirs, False
+
+    def _held(self) -> int:
+        """How many entries this node holds in all (it only grows, short of a vote-out)."""
+        return sum(self.exchange.replica.version_vector().values())
 
     async def _pull_loop(self) -> None:
         while True:

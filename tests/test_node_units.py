@@ -8,6 +8,7 @@ import asyncio
 import ipaddress
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +20,7 @@ from net.api import _require_capacity
 from net.config import NodeConfig
 from net.errors import ApiError
 from net.node import Node
-from net.peers import MAX_RECORD_SKEW_MS, Candidates, PeerRecord, PeerTable, url_ok
+from net.peers import MAX_RECORD_SKEW_MS, Candidates, Peer, PeerRecord, PeerTable, url_ok
 from net.store import CID_ORDER, Store
 from tests.conftest import NOW_MS, key_for
 
@@ -366,3 +367,97 @@ class TestBookCompaction:
         finally:
             node.store.close()
 
+
+def founder_log(n: int) -> tuple[Exchange, list[list[object]]]:
+    """A one-member network's founder and its first ``n`` entries as wire arrays."""
+    ex = Exchange(key_for(30))
+    entries = [ex.found(now_ms=NOW_MS)]
+    ex.apply_own(entries[0], now_ms=NOW_MS)
+    for i in range(1, n):
+        e = ex.prepare(Order(side=BUY, price=100 - i, qty=1), now_ms=NOW_MS + i)
+        ex.apply_own(e, now_ms=NOW_MS + i)
+        entries.append(e)
+    return ex, [e.to_wire() for e in entries]
+
+
+class TestSyncPages:
+    def node_and_peer(self, tmp_path: Path, founder: Exchange) -> tuple[Node, Peer]:
+        node = Node(NodeConfig(data_dir=tmp_path / "n", port=1), clock_ms=lambda: NOW_MS + 100)
+        node._load()
+        assert founder.network is not None
+        node.exchange.set_network(founder.network)
+        return node, Peer(record=PeerRecord.create(key_for(30), "http://127.0.0.1:7001", NOW_MS))
+
+    def test_a_page_pushed_meanwhile_does_not_end_the_pull(self, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+        """Regression: a page whose entries a push brought while it was asked for
+        (the peer pushes back what it sees this node lack) ended the pull as if
+        the peer had nothing more, so a catching-up node waited a pull interval
+        for each such page: a 100,000-entry catch-up took 5.4-6.4 s, 4.5-4.9 s
+        without the wait."""
+        founder, wires = founder_log(7)
+        origin = founder.node_id
+        node, peer = self.node_and_peer(tmp_path, founder)
+        asked: list[int] = []
+
+        async def call(_peer: Peer, path: str, body: dict[str, Any]) -> Any:
+            if path != "/peer/v1/sync":
+                return {}
+            start = body["vv"].get(origin, 0)
+            asked.append(start)
+            if start == 0:
+                node.ingest(wires[:4], peer="push")  # lands while the page is on its way
+            return {"entries": wires[start:start + 4], "more": start + 4 < len(wires), "vv": {origin: len(wires)}}
+
+        monkeypatch.setattr(node, "_call", call)
+        try:
+            asyncio.run(node.sync_with(peer))
+            assert asked == [0, 4]
+            assert node.exchange.replica.version_vector()[origin] == len(wires)
+            assert node.readiness.ready
+        finally:
+            node.store.close()
+
+    def test_a_page_of_nothing_new_ends_the_pull(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A peer that keeps answering with entries held already is not asked again."""
+        founder, wires = founder_log(4)
+        node, peer = self.node_and_peer(tmp_path, founder)
+        node.ingest(wires, peer="push")
+        asked: list[int] = []
+
+        async def call(_peer: Peer, path: str, body: dict[str, Any]) -> Any:
+            asked.append(len(asked))
+            return {"entries": wires, "more": True, "vv": {founder.node_id: len(wires)}}
+
+        monkeypatch.setattr(node, "_call", call)
+        try:
+            asyncio.run(node.sync_with(peer))
+            assert asked == [0] and not node.readiness.ready
+        finally:
+            node.store.close()
+
+    def test_one_sync_with_a_peer_at_a_time(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A pull round that picks a peer a sync is under way with (the one after
+        its proof, say) does not fetch the same pages a second time."""
+        founder, wires = founder_log(3)
+        node, peer = self.node_and_peer(tmp_path, founder)
+        asked: list[int] = []
+
+        async def call(_peer: Peer, path: str, body: dict[str, Any]) -> Any:
+            if path != "/peer/v1/sync":
+                return {}
+            asked.append(body["vv"].get(founder.node_id, 0))
+            await asyncio.sleep(0.01)
+            return {"entries": wires, "more": False, "vv": {founder.node_id: len(wires)}}
+
+        monkeypatch.setattr(node, "_call", call)
+
+        async def twice() -> None:
+            await asyncio.gather(node.sync_with(peer), node.sync_with(peer))
+            await node.sync_with(peer)  # and again once the first is done
+
+        try:
+            asyncio.run(twice())
+            assert asked == [0, len(wires)]
+        finally:
+            node.store.close()
