@@ -724,23 +724,29 @@ class Node:
         self.final_traded += sum(f[3] for b in batches for f in b.fills)
         now = self.clock_ms()
         before = self._final_seen
+        own_fills = other_fills = 0
         for b in batches:
             owners = {fo.oid: fo.owner for fo in b.orders}
-            for f in b.fills:
-                self.metrics.fills.labels("final", self._origin_label(owners.get(f[0]))).inc()
+            own = sum(1 for f in b.fills if owners.get(f[0]) == self.node_id)
+            own_fills += own
+            other_fills += len(b.fills) - own
             for fo in b.orders:
                 hlc = int.from_bytes(fo.key[:8], "big")
                 if hlc > before and fo.owner is not None:
                     self.final_latencies.append(now - physical_ms(hlc))
                     if fo.owner == self.node_id:
                         self.metrics.time_to_final.observe(max(now - physical_ms(hlc), 0) / 1000)
+        for label, n in (("self", own_fills), ("others", other_fills)):
+            if n:
+                self.metrics.fills.labels("final", label).inc(n)
         self._final_seen = self.exchange.frontiers().final
-        events: list[dict[str, Any]] = []
-        for b in batches:
-            fills = [self.fill_event(f, seq=b.first_seq + i, final=True) for i, f in enumerate(b.fills)]
-            if fills:
-                events.append({"type": "final", "frontier": self._final_seen, "fills": fills})
-        self._publish(events)
+        if self.subscribers:  # events are built only for someone to read them
+            events: list[dict[str, Any]] = []
+            for b in batches:
+                fills = [self.fill_event(f, seq=b.first_seq + i, final=True) for i, f in enumerate(b.fills)]
+                if fills:
+                    events.append({"type": "final", "frontier": self._final_seen, "fills": fills})
+            self._publish(events)
         self.finality_changed.set()
         self.finality_changed = asyncio.Event()
         self._finalized_since_compact += sum(b.records for b in batches)
