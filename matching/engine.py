@@ -19,7 +19,8 @@ changed are reported as a ``Revision``; ``rewrite`` also takes records out
 final: it hands back the final fills and the final state of every order they
 touched, drops closed orders and the journal below the key, and the fills
 list keeps only the provisional tail.  A record at or below the floor raises
-``RewindTooFar``.
+``RewindTooFar``.  ``restore`` starts from a final book; ``reload`` takes the
+final book anew, in lists it is handed, once nothing is provisional.
 
 Representation: per side a dict ``price -> deque`` of orders in time order
 and a sorted list of prices with the best price last.  An order is a list
