@@ -280,8 +280,8 @@ class TestFinalize:
         fresh.check_invariants()
 
     def test_reload_holds_the_lists_read_in_place_of_the_book(self) -> None:
-        """A quiet engine takes its final book anew (a node re-reads it from
-        storage after a long replay): the lists it held are let go before the
+        """A quiet engine takes its final book anew (a node holds it in new
+        objects after a long replay): the lists it held are let go before the
         new ones are read, and matching goes on over the new ones."""
         recs: list[Record] = [(i, GTC, f"o{i}", i % 2, 100 + (i % 5) - 2 * (i % 2), 1 + i % 4, "x")
                               for i in range(1, 40)]

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from crdt.entry import BUY, SELL, Cancel, Heartbeat, Order, encode_entry, make_entry
+from matching import exchange as exchange_module
 from matching.exchange import Exchange, NotCancellable, Submitted
 from net import node as node_module
 from net.addresses import AddressGuard, AddressPolicy, classify, parse_networks, parse_peer_url
@@ -368,6 +369,35 @@ class TestBookCompaction:
             node.store.close()
 
 
+class TestBookCompactionFails:
+    def test_a_book_that_cannot_be_unpacked_is_read_from_storage(self, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+        """The old book is let go before the new one is unpacked: if unpacking
+        fails (out of memory, say), the node takes the final book from SQLite,
+        as a restart would, instead of matching against an empty book."""
+        monkeypatch.setattr(node_module, "COMPACT_AFTER_RECORDS", 4)
+        node = lone_node(tmp_path)
+
+        def no_memory(*_: object, **__: object) -> None:
+            raise MemoryError
+
+        monkeypatch.setattr(exchange_module.msgpack, "Unpacker", no_memory)
+        try:
+            async def place() -> None:
+                for i in range(6):
+                    await node.submit_soon(Order(side=BUY, price=90 - i, qty=1 + i))
+                await asyncio.sleep(0.05)
+
+            asyncio.run(place())
+            engine = node.exchange.engine
+            assert node.book_compactions == 1 and engine.resting_count() == 6
+            node.flush()
+            assert sorted(map(tuple, node.store.resting_orders())) == sorted(map(tuple, engine.orders.values()))
+            engine.check_invariants()
+        finally:
+            node.store.close()
+
+
 def founder_log(n: int) -> tuple[Exchange, list[list[object]]]:
     """A one-member network's founder and its first ``n`` entries as wire arrays."""
     ex = Exchange(key_for(30))
@@ -433,6 +463,23 @@ class TestSyncPages:
         try:
             asyncio.run(node.sync_with(peer))
             assert asked == [0] and not node.readiness.ready
+        finally:
+            node.store.close()
+
+    def test_a_last_page_of_entries_held_already_makes_the_node_ready(self, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+        """The peer has nothing this node lacks: the pull reached its end."""
+        founder, wires = founder_log(4)
+        node, peer = self.node_and_peer(tmp_path, founder)
+        node.ingest(wires, peer="push")
+
+        async def call(_peer: Peer, path: str, body: dict[str, Any]) -> Any:
+            return {"entries": wires[-1:], "more": False, "vv": {founder.node_id: len(wires)}}
+
+        monkeypatch.setattr(node, "_call", call)
+        try:
+            asyncio.run(node.sync_with(peer))
+            assert node.readiness.ready
         finally:
             node.store.close()
 
