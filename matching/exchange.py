@@ -3,12 +3,12 @@
 Owns turning entries into engine records (only members' entries inside their
 membership are matched), submitting the node's own orders, cancels,
 heartbeats, admissions and votes, merging received entries, keeping the
-engine in step with the replica, and making records final as the stable
-frontier moves; and holding the resting book anew in compact objects
-(``compact_book``) after a long replay.  The shell supplies the wall clock (milliseconds) on each
-call and carries out what comes back: it commits entries before applying its
-own and after merging others', persists what ``take_finalized`` hands over,
-and pushes new entries to peers.
+engine in step with the replica, making records final as the stable frontier
+moves, and holding the resting book anew in compact objects after a long
+replay (``compact_book``).  The shell supplies the wall clock (milliseconds)
+on each call and carries out what comes back: it commits entries before
+applying its own and after merging others', persists what ``take_finalized``
+hands over, and pushes new entries to peers.
 """
 
 from __future__ import annotations
