@@ -291,7 +291,8 @@ class BadWireEntry:
     error: ValidationError
 
 
-def _claimed(item: Any) -> tuple[bytes | None, int | None]:
+def claimed(item: Any) -> tuple[bytes | None, int | None]:
+    """The origin and seq an undecoded wire entry claims (None where it names none)."""
     if type(item) is not list:
         return None, None
     origin = item[0] if item and type(item[0]) is bytes and len(item[0]) == PUBLIC_LEN else None
@@ -313,6 +314,6 @@ def decode_entries(raw: Any, *, max_entries: int) -> tuple[list[Entry], list[Bad
                 raise OversizeEntry(f"entry over {MAX_ENTRY_BYTES} bytes")
             good.append(decode_entry(item))
         except ValidationError as exc:
-            origin, seq = _claimed(item)
+            origin, seq = claimed(item)
             bad.append(BadWireEntry(origin=origin, seq=seq, error=exc))
     return good, bad

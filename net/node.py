@@ -38,6 +38,7 @@ from crdt.entry import (
     Entry,
     Heartbeat,
     Order,
+    claimed,
     decode_entries,
     decode_entry,
     encode_entry,
@@ -1392,8 +1393,8 @@ class Node:
         push back what they see this node lack), so the pull goes on.  Else the
         page was old or refused entries, and the pull ends there."""
         now = self.exchange.replica.version_vector()
-        lacked = [(item[0], item[1]) for item in wires if type(item) is list and len(item) == 7
-                  and type(item[0]) is bytes and type(item[1]) is int and item[1] > asked.get(item[0], 0)]
+        lacked = [(origin, seq) for origin, seq in map(claimed, wires)
+                  if origin is not None and seq is not None and seq > asked.get(origin, 0)]
         return bool(lacked) and all(seq <= now.get(origin, 0) for origin, seq in lacked)
 
     async def _pull_loop(self) -> None:

@@ -333,6 +333,13 @@ class TestBackpressure:
             node.store.close()
 
 
+def assert_book_as_stored(node: Node) -> None:
+    """The resting book in memory is the final book SQLite holds (what a restart loads)."""
+    node.flush()
+    held = node.exchange.engine.orders.values()
+    assert sorted(map(tuple, node.store.resting_orders())) == sorted(map(tuple, held))
+
+
 class TestBookCompaction:
     def test_the_book_is_held_anew_once_as_many_records_are_final(self, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
@@ -359,8 +366,7 @@ class TestBookCompaction:
             assert node.book_compactions == 1 and engine.resting_count() == 12
             assert all(engine.orders[o[1]] is not o and engine.orders[o[1]] == o for o in held)
             assert len({id(engine.orders[o[1]][7]) for o in held}) == 1  # one object per owner
-            node.flush()
-            assert sorted(map(tuple, node.store.resting_orders())) == sorted(map(tuple, engine.orders.values()))
+            assert_book_as_stored(node)
             engine.check_invariants()
             taker = node.submit(Order(side=SELL, price=90, qty=1))  # meets the best bid, held anew
             assert taker.status is not None and taker.status.remaining == 0
@@ -391,8 +397,7 @@ class TestBookCompactionFails:
             asyncio.run(place())
             engine = node.exchange.engine
             assert node.book_compactions == 1 and engine.resting_count() == 6
-            node.flush()
-            assert sorted(map(tuple, node.store.resting_orders())) == sorted(map(tuple, engine.orders.values()))
+            assert_book_as_stored(node)
             engine.check_invariants()
         finally:
             node.store.close()
