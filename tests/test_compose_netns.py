@@ -39,7 +39,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -52,6 +51,8 @@ from typing import Any, TypeVar
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.nodes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -706,20 +707,6 @@ class TestComposeRehearsal:
 
 
 # ---- the trader service's command, outside namespaces ----------------------------------------
-
-
-def free_port() -> int:
-    for _ in range(100):
-        with socket.socket() as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port = int(tcp.getsockname()[1])
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            try:
-                udp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port")
 
 
 class TestTraderCommand:
