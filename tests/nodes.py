@@ -165,6 +165,8 @@ class NodeProc:
     extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    #: ids of the orders a test placed here (``order``, or ``placed.append``), for ``cancel_leftovers``
+    placed: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -308,6 +310,7 @@ class NodeProc:
         """Place an order (``extra``: ``tif``, ``market``, ``cid``, ``wait_final``
         as for ``Client.place``); the node's reply."""
         view = self.call(lambda c: c.place(side, qty, price, **extra))
+        self.placed.append(view.id)
         return dict(view.raw)
 
     def cancel(self, oid: str) -> Outcome:
@@ -367,6 +370,40 @@ def _all_fills(c: SyncClient, max_pages: int) -> dict[str, Any]:
         if not page.fills or len(fills) >= total:
             break
     return {"fills": fills, "next": len(fills), "total": total}
+
+
+def cancel_leftovers(nodes: list[NodeProc], timeout: float = CONVERGE_TIMEOUT) -> None:
+    """Cancel every order the last test placed (``NodeProc.placed``) that still
+    rests, each at the node that placed it, and wait until every running node
+    knows: a module's tests that share nodes then each start from a book
+    without the previous test's orders, whether it passed or failed."""
+    up = [n for n in nodes if n.running()]
+    cancelled: list[str] = []
+    for n in up:
+        for oid in n.placed:
+            try:
+                view = n.call(lambda c: c.order(oid))  # noqa: B023 (called at once)
+            except ClientError:
+                continue  # unknown there (refused, or void): nothing rests
+            if view.remaining and view.status in ("open", "partially_filled"):
+                outcome = n.cancel(oid)
+                assert outcome.status == 200, f"cancelling {oid[:16]} left by the test at {n.name}: {outcome}"
+                cancelled.append(oid)
+    for n in nodes:
+        n.placed.clear()
+
+    def settled() -> bool:
+        for n in up:
+            for oid in cancelled:
+                try:
+                    if n.call(lambda c: c.order(oid)).status in ("open", "partially_filled"):  # noqa: B023
+                        return False
+                except ClientError:
+                    return False  # not there yet
+        return True
+
+    wait_until(settled, timeout=timeout, what=f"{len(cancelled)} leftover orders cancelled everywhere",
+               nodes=nodes, interval=0.05)
 
 
 def stop_all(nodes: Iterable[NodeProc]) -> None:
