@@ -19,8 +19,9 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# four test workers (pytest-xdist): most tests wait on node processes; a module sharing its nodes stays on one worker
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 4 --dist loadgroup
 
 demo: install
 	$(BIN)/python cli.py demo

@@ -32,6 +32,9 @@ from tests.nodes import (
     wait_until,
 )
 
+# The tests of this module share its node processes (module-scoped fixtures): one test worker runs them all.
+pytestmark = pytest.mark.xdist_group("test_client")
+
 THAW_AFTER_S = 1.5  # a frozen node is let go this long after the call starts
 CALL_TIMEOUT_S = 1.0  # and the client gives up on each attempt after this
 

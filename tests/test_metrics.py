@@ -15,6 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.nodes import NodeProc, http, make_nodes, start_network, stop_all, wait_until
 
+# The tests of this module share its node processes (module-scoped fixtures): one test worker runs them all.
+pytestmark = pytest.mark.xdist_group("test_metrics")
+
 
 def scrape(node: NodeProc) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample, by (name, sorted labels)."""

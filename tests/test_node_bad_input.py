@@ -30,6 +30,9 @@ from tests.nodes import (
     wait_until,
 )
 
+# The tests of this module share its node processes (module-scoped fixtures): one test worker runs them all.
+pytestmark = pytest.mark.xdist_group("test_node_bad_input")
+
 MSGPACK = "application/msgpack"
 CLIENT_CAP = 64 * 1024
 PEER_CAP = 4 * 1024 * 1024

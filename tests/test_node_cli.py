@@ -19,6 +19,9 @@ import pytest
 import cli
 from tests.nodes import NodeProc, free_port, logs_on_failure, run_cli
 
+# The tests of this module share its node processes (module-scoped fixtures): one test worker runs them all.
+pytestmark = pytest.mark.xdist_group("test_node_cli")
+
 CLIENT_COMMANDS = [
     ["status"], ["peers"], ["book"], ["fills"], ["show", "ab" * 32],
     ["order", "buy", "10@100"], ["order", "sell", "5", "--market"], ["cancel", "ab" * 32],

@@ -36,6 +36,9 @@ from tests.nodes import (
     wait_until,
 )
 
+# The tests of this module share its node processes (module-scoped fixtures): one test worker runs them all.
+pytestmark = pytest.mark.xdist_group("test_node_faults")
+
 #: Client timeout while a peer is frozen: an order must be accepted well within it.
 PROMPT = 3.0
 

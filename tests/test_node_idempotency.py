@@ -22,6 +22,9 @@ import pytest
 
 from tests.nodes import CLI, ROOT, NodeProc, free_port, logs_on_failure
 
+# The tests of this module share its node processes (module-scoped fixtures): one test worker runs them all.
+pytestmark = pytest.mark.xdist_group("test_node_idempotency")
+
 GOOD = {"side": "buy", "qty": 2, "price": 7}
 
 

@@ -33,6 +33,9 @@ from tests.nodes import (
 )
 from tests.test_metrics import scrape, value
 
+# The tests of this module share its node processes (module-scoped fixtures): one test worker runs them all.
+pytestmark = pytest.mark.xdist_group("test_node_links")
+
 MSGPACK = "application/msgpack"
 PEER_CAP = 4 * 1024 * 1024
 STRANGER = SigningKey(blake2b(b"p2pex test: link stranger", digest_size=32).digest())

@@ -3,7 +3,8 @@ process (``sim.scenario.run``) under partitions, loss, crashes, pauses, skewed
 and stepping clocks, evictions, equivocation and past-stamped entries, each
 checked after every step (prefix-consistent final fills, none retracted,
 convergence after healing, an independent replay of the final entries).
-Seeds run in a process pool; a failing seed replays with
+Seeds run in chunks, shared out among the test workers (or in a process pool
+without them); a failing seed replays with
 ``python -m sim --seed N``.  The checker is shown to fail on a broken rule.
 """
 
@@ -13,12 +14,17 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
+import pytest
+
 from sim.node import SimNode
 from sim.scenario import run
 
-#: Seeds run by ``make test`` (``python -m sim --seeds 1000`` runs more).
+#: Seeds run by ``make test`` (``python -m sim --seeds 1000`` runs more), in
+#: chunks that parallel test workers (pytest-xdist) share out.
 SEEDS = 200
 STORM_SEEDS = 24
+CHUNK = 25
+STORM_CHUNK = 8
 
 
 def _one(args: tuple[int, bool]) -> tuple[int, str | None, int]:
@@ -28,22 +34,34 @@ def _one(args: tuple[int, bool]) -> tuple[int, str | None, int]:
 
 
 def _run_many(seeds: range, *, storm: bool) -> list[tuple[int, str | None, int]]:
+    """Each seed's outcome: in this process under a test worker (the workers
+    are the parallelism), else in a pool of up to 4 processes."""
+    jobs = [(s, storm) for s in seeds]
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return [_one(job) for job in jobs]
     workers = max(1, min(4, os.cpu_count() or 1))
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(_one, [(s, storm) for s in seeds], chunksize=4))
+        return list(pool.map(_one, jobs, chunksize=4))
+
+
+def _chunks(total: int, size: int) -> list[range]:
+    return [range(lo, min(total, lo + size)) for lo in range(0, total, size)]
 
 
 class TestSimulatedNetworks:
-    def test_seeds_keep_every_finality_guarantee(self) -> None:
-        results = _run_many(range(SEEDS), storm=False)
+    @pytest.mark.parametrize("seeds", _chunks(SEEDS, CHUNK), ids=lambda r: f"seeds{r.start}-{r.stop - 1}")
+    def test_seeds_keep_every_finality_guarantee(self, seeds: range) -> None:
+        results = _run_many(seeds, storm=False)
         bad = [(s, v) for s, v, _ in results if v is not None]
         assert not bad, "\n".join(f"seed {s}: {v} (replay: python -m sim --seed {s})" for s, v in bad)
         # not vacuous: the seeds made fills final
-        assert sum(f for _, _, f in results) > SEEDS * 10
-        assert sum(1 for _, _, f in results if f) >= SEEDS * 9 // 10
+        assert sum(f for _, _, f in results) > len(seeds) * 10
+        assert sum(1 for _, _, f in results if f) >= len(seeds) * 9 // 10
 
-    def test_storm_seeds_stay_safe(self) -> None:
-        results = _run_many(range(STORM_SEEDS), storm=True)
+    @pytest.mark.parametrize("seeds", _chunks(STORM_SEEDS, STORM_CHUNK),
+                             ids=lambda r: f"storm{r.start}-{r.stop - 1}")
+    def test_storm_seeds_stay_safe(self, seeds: range) -> None:
+        results = _run_many(seeds, storm=True)
         bad = [(s, v) for s, v, _ in results if v is not None]
         assert not bad, "\n".join(f"seed {s}: {v} (replay: python -m sim --seed {s} --storm)" for s, v in bad)
 

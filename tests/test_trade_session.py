@@ -16,6 +16,9 @@ import pytest
 from client import Client, ClientError
 from tests.nodes import NodeProc, cluster, free_port, logs_on_failure, stop_all
 
+# The tests of this module share its node processes (module-scoped fixtures): one test worker runs them all.
+pytestmark = pytest.mark.xdist_group("test_trade_session")
+
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProc]]:

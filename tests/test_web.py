@@ -41,6 +41,9 @@ from tests.nodes import (
     wait_full_mesh,
 )
 
+# The tests of this module share its node processes (module-scoped fixtures): one test worker runs them all.
+pytestmark = pytest.mark.xdist_group("test_web")
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 #: Bound on what the cluster does by itself (a loaded machine is slow).

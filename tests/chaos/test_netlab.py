@@ -17,6 +17,9 @@ import pytest
 from tests.chaos.netlab import Capabilities, LinkFault, NetLab, capabilities
 from tests.chaos.shaper import LinkShape, Shaper
 
+# The tests of this module share its node processes (module-scoped fixtures): one test worker runs them all.
+pytestmark = pytest.mark.xdist_group("test_netlab")
+
 PORT = 9555
 # runs inside a namespace: receive (and echo) datagrams for a while, print what came
 RECEIVER = """
