@@ -37,6 +37,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import glob
+import importlib.metadata
 import os
 import re
 import shutil
@@ -283,6 +284,21 @@ def build_env(venv: Path, run_env: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def make_venv(venv: Path, tmp: Path) -> list[str]:
+    """A fresh venv (no system site-packages) made by this interpreter; returns how to
+    run pip for it.  With pip 22.3 or later this interpreter's pip serves the venv
+    (``pip --python``), which spares the venv a pip of its own (ensurepip takes
+    seconds); else the venv gets its own."""
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError, ValueError):
+        if tuple(int(x) for x in importlib.metadata.version("pip").split(".")[:2]) >= (22, 3):
+            run_checked([sys.executable, "-m", "venv", "--without-pip", str(venv)], what="python -m venv",
+                        cwd=tmp, env=dict(os.environ), timeout=VENV_TIMEOUT_S)
+            return [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python")]
+    run_checked([sys.executable, "-m", "venv", str(venv)], what="python -m venv", cwd=tmp, env=dict(os.environ),
+                timeout=VENV_TIMEOUT_S)
+    return [str(venv / "bin" / "python"), "-m", "pip"]
+
+
 def home_dir(root: Path, skipped: list[Step]) -> Path | None:
     """The image user's home as its useradd step sets it (Docker gives USER that HOME)."""
     for step in skipped:
@@ -306,8 +322,7 @@ def build_image(tmp: Path) -> Image:
         trouble = index_unreachable(Path(sys.executable), build_env(venv, {}))
         if trouble:
             unavailable(trouble)
-    run_checked([sys.executable, "-m", "venv", str(venv)], what="python -m venv", cwd=tmp, env=dict(os.environ),
-                timeout=VENV_TIMEOUT_S)
+    pip = make_venv(venv, tmp)
     skipped: list[Step] = []
     for run, chain in steps:
         cwd = image_path(root, run.workdir)
@@ -315,7 +330,7 @@ def build_image(tmp: Path) -> Image:
         for step in chain:
             if step.action == "pip-install":
                 args = step.argv[step.argv.index("install") + 1:]
-                run_checked([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *args],
+                run_checked([*pip, "install", "-q", *args],
                             what=" ".join(step.argv), cwd=cwd, env=env, timeout=PIP_TIMEOUT_S)
             elif step.action == "remove":
                 # the shell's globbing, inside WORKDIR only (run_steps refuses anything else)
