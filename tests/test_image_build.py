@@ -23,9 +23,11 @@ with the rules of tests/dockerbuild.py:
   image, and the installed project imported from outside WORKDIR.
 
 Not covered: the base image itself (its Debian and its Python: this
-interpreter's version is used), file ownership and the non-root ``USER``,
-Docker's layer cache.  Where a Docker engine answers, ``.ci/run`` builds the
-real image as well.
+interpreter's version is used), file ownership and the non-root ``USER``
+(in their place, the processes get the user's HOME, WORKDIR, and must write
+nothing under WORKDIR, which belongs to root in the image), Docker's layer
+cache.  Where a Docker engine answers, ``.ci/run`` builds the real image as
+well.
 
 ``pip install .`` needs the package index (or pip's cache): when it cannot
 reach it, the build tests skip with the reason, except under ``CI=true``,
@@ -428,7 +430,7 @@ class TestImage:
         print(f"healthy after {healthy_s:.1f} s")
         assert status == 0, f"exit status {status} on SIGTERM:\n{log.read_text()[-3000:]}"
         assert any(data.iterdir()), "the node keeps its state in P2PEX_DATA_DIR"
-        assert tree(image.app) == image.layout, "the node wrote into WORKDIR, which its user cannot write in the image"
+        assert tree(image.app) == image.layout, "the node wrote into WORKDIR, read-only to its user"
 
     def test_the_traders_command_runs_from_the_image(self, image: Image, tmp_path: Path) -> None:
         yaml = pytest.importorskip("yaml", reason="PyYAML reads docker-compose.yml: pip install pyyaml")
@@ -456,6 +458,7 @@ class TestImage:
         assert "node stopped (status 0)" in text, text[-3000:]
         found = re.search(r"^seed=\d+ submitted=(\d+) ", text, re.MULTILINE)
         assert found and int(found.group(1)) > 0, text[-3000:]
+        assert tree(image.app) == image.layout, "the trader wrote into WORKDIR, read-only to its user"
 
     def test_the_installed_project_imports_from_outside_workdir(self, image: Image, tmp_path: Path) -> None:
         modules = sorted(first_party_modules(ROOT))
