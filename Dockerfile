@@ -2,6 +2,8 @@
 #   docker build -t p2pex .
 #   docker run --rm -p 7001:7001 -p 7001:7001/udp -v p2pex-data:/data p2pex
 # Configuration is the P2PEX_* environment of `python cli.py node` (see cli.py).
+# tests/test_image_build.py builds it without Docker (context, COPY, RUN, CMD, HEALTHCHECK);
+# it refuses instructions tests/dockerbuild.py does not model.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1

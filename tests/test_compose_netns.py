@@ -17,6 +17,10 @@ compose file the way Docker would, with the parts that matter to the network:
   compose healthcheck command run inside its namespace;
 - ``docker stop``: SIGTERM to the service's main process only.
 
+It does not build the image: the services run from the checkout with this
+interpreter, so what ``.dockerignore``, ``COPY`` and ``pip install .`` put in
+the image is not covered here; tests/test_image_build.py builds it.
+
 A second run starts the services in reverse order, waiting for nothing.
 Each run then checks what the file promises: both traders' orders reach all six
 nodes and trade, peers know each other only by service name, all state hashes
