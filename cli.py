@@ -146,6 +146,7 @@ def add_node_parser(sub: Any) -> None:
 
 def run_node(args: argparse.Namespace) -> int:
     from net.config import NodeConfig, split_host_port
+    from net.errors import StorageError
     from net.logs import setup_logging
     from net.node import Node
 
@@ -176,7 +177,10 @@ def run_node(args: argparse.Namespace) -> int:
     offset = args.clock_offset_ms
 
     async def main() -> None:
-        node = Node(config, clock_ms=lambda: time.time_ns() // 1_000_000 + offset)
+        try:  # takes the data dir's lock first: a second node on it stops here, having changed nothing
+            node = Node(config, clock_ms=lambda: time.time_ns() // 1_000_000 + offset)
+        except StorageError as exc:
+            raise CliError(str(exc)) from None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, node.request_stop)
@@ -435,6 +439,13 @@ def run_trade(args: argparse.Namespace) -> int:
     if args.rate <= 0 or (args.seconds is not None and args.seconds <= 0) or args.mid < 1:
         raise CliError("--rate, --seconds and --mid must be positive")
     seed = args.seed if args.seed is not None else random.randrange(1 << 31)
+    if args.with_node:
+        from net.datadir import DataDirInUse, ensure_free
+
+        try:  # the child node would be refused; say so before trading against whichever node answers
+            ensure_free(Path(args.data_dir))
+        except DataDirInUse as exc:
+            raise CliError(str(exc)) from None
     node_argv = [sys.executable, str(Path(__file__).resolve()), "node", "--data-dir", str(args.data_dir)]
     # the child node listens on P2PEX_PORT; its endpoint file may not be written yet
     url = f"http://127.0.0.1:{env('PORT', '7001')}" if args.with_node and not args.node else node_url(args)

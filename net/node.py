@@ -1,6 +1,7 @@
 """The node process: wires the pure core to storage, HTTP and discovery.
 
-Owns the lifecycle (start from the last checkpoint, clean stop), founding a
+Owns the lifecycle (the data dir's lock, held from construction to stop;
+start from the last checkpoint, clean stop), founding a
 network or asking a member to be admitted, ingesting entries from clients and
 peers (validate in the core, commit to SQLite, then acknowledge), the ticks
 that write heartbeats and votes, persisting what becomes final, pushing new
@@ -60,6 +61,7 @@ from net.addresses import (
     resolve,
 )
 from net.config import NodeConfig, split_host_port
+from net.datadir import DataDirLock
 from net.discovery import Discovery
 from net.errors import BadReply, BadRequest, PeerError, PeerRefused, TooLarge
 from net.metrics import NodeMetrics
@@ -238,11 +240,16 @@ class Node:
         self.monotonic = monotonic
         self.rng = rng or random.Random()
         data_dir = Path(config.data_dir)
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.key = load_or_create_key(data_dir)
+        # first of all: nothing in the data dir is read or written without its lock
+        self.lock = DataDirLock.acquire(data_dir)
+        try:
+            self.key = load_or_create_key(data_dir)
+            self.store = Store(data_dir)
+        except BaseException:
+            self.lock.release()
+            raise
         self.node_id = self.key.public
         self.short = short_id(self.node_id)
-        self.store = Store(data_dir)
         evict_ms = int(config.evict_after * 1000)
         self.exchange = Exchange(self.key, params=Params(
             max_skew_ms=config.max_skew_ms, evict_after_ms=evict_ms, heartbeat_ms=config.heartbeat_ms,
@@ -466,6 +473,7 @@ class Node:
                 self._compact_handle.cancel()
                 self._compact_handle = None
             self.store.close()
+            self.lock.release()
         t3 = time.monotonic()
         logs.flush(force=True)
         log.info("%s: stopped in %.2f s (HTTP %.2f s, tasks %.2f s, SQLite %.2f s)", self.config.name,

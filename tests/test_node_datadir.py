@@ -1,0 +1,167 @@
+"""A data dir belongs to one node process and to one network.
+
+Real node processes on free 127.0.0.1 ports (``tests.nodes``), each wait
+bounded.  Pinned here: a second process on a data dir in use is refused
+before it touches anything; a start that fails before the node serves
+leaves nothing that commits to a network; a data dir of one network refuses
+peers of another and says so in one line that names both; a peer's error
+answer is decoded into its code and detail, never logged as raw bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.nodes import CLI, HOST, ROOT, NodeProc, free_port, logs_on_failure, run_cli
+
+EXIT_TIMEOUT = 20.0  # seconds for a refused process to exit (interpreter start-up on a busy machine)
+JOIN_TIMEOUT = 30.0
+WATCHED = ("endpoint", ".cookie", "node.key", "node.sqlite", "node.sqlite-wal", "node.sqlite-shm", ".lock")
+RAW_BYTES = re.compile(r"b'\\x|b\"\\x")
+
+
+def files_of(data_dir: Path) -> dict[str, tuple[bytes, int] | None]:
+    """Bytes and mtime (ns) of the files a node keeps in its data dir (None: absent)."""
+    out: dict[str, tuple[bytes, int] | None] = {}
+    for name in WATCHED:
+        path = data_dir / name
+        out[name] = (path.read_bytes(), path.stat().st_mtime_ns) if path.exists() else None
+    return out
+
+
+def wait_exit(node: NodeProc, timeout: float = EXIT_TIMEOUT) -> int:
+    """The exit status of a node process expected to end by itself (killed, and the test failed, if not)."""
+    assert node.proc is not None
+    try:
+        return node.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        node.stop()
+        raise AssertionError(f"{node.name} still ran {timeout:g} s after its start\n{node.logs()}") from None
+
+
+def last_start_output(node: NodeProc) -> str:
+    """What the node process wrote on stdout and stderr in its last start."""
+    text = node.out_file.read_text(errors="replace")
+    return text.rsplit("--- start ", 1)[-1].split("\n", 1)[1]
+
+
+def stored_network(data_dir: Path) -> tuple[bytes | None, int]:
+    """The network a data dir's database records, and how many entries it holds (read-only)."""
+    db = sqlite3.connect(f"file:{data_dir / 'node.sqlite'}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE name = 'network'").fetchone()
+        entries = db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+    finally:
+        db.close()
+    return (None if row is None else bytes(row[0])), int(entries)
+
+
+def network_of(node: NodeProc) -> str:
+    net = node.status()["finality"]["network"]
+    assert isinstance(net, str) and len(net) == 64, net
+    return net
+
+
+@contextlib.contextmanager
+def port_taken(kind: int, port: int) -> Iterator[None]:
+    """Hold ``port`` on 127.0.0.1: a listening TCP socket, or a bound UDP one."""
+    sock = socket.socket(socket.AF_INET, kind)
+    try:
+        sock.bind((HOST, port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen()
+        yield
+    finally:
+        sock.close()
+
+
+@pytest.fixture
+def founder(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NodeProc]:
+    """A running node that founded its network (the live network of these tests)."""
+    node = NodeProc(name="founder", port=free_port(), data_dir=tmp_path / "founder")
+    try:
+        with logs_on_failure(request, [node]):
+            yield node.start()
+    finally:
+        node.stop()
+
+
+class TestOneNodePerDataDir:
+    """Bug: a second ``cli.py node`` on the data dir of a running node rewrote
+    its ``endpoint`` and ``.cookie`` and wrote to its database (1,249 UNIQUE
+    constraint failures in 34 s at the first node, which then refused the
+    cookie the CLI read).  Now the data dir is locked: a second process exits
+    at once, non-zero, with one line naming the pid that holds it, and
+    changes nothing in the data dir."""
+
+    def test_second_node_is_refused_and_touches_nothing(self, founder: NodeProc, tmp_path: Path,
+                                                        request: pytest.FixtureRequest) -> None:
+        second = NodeProc(name="second", port=free_port(), data_dir=founder.data_dir)
+        try:
+            with logs_on_failure(request, [founder, second]):
+                founder.freeze()  # it writes nothing meanwhile: every byte that changes is the second's
+                try:
+                    before = files_of(founder.data_dir)
+                    started = time.monotonic()
+                    second.start(wait=False)
+                    status = wait_exit(second)
+                    took = time.monotonic() - started
+                    after = files_of(founder.data_dir)
+                finally:
+                    founder.thaw()
+                assert status != 0
+                lines = [line for line in last_start_output(second).splitlines() if line.strip()]
+                assert len(lines) == 1, lines
+                assert lines[0].startswith("error: ") and "in use" in lines[0], lines
+                assert str(founder.data_dir) in lines[0] and f"pid {founder.pid}" in lines[0], lines
+                assert took < EXIT_TIMEOUT
+                for name in WATCHED:
+                    assert after[name] == before[name], f"{name} changed"
+                assert not second.log_file.exists() or "serving" not in second.log_file.read_text()
+                # the first node still serves, and takes the token the CLI reads from the data dir
+                done = run_cli("order", "buy", "1@100", "--data-dir", str(founder.data_dir), "--json")
+                assert done.returncode == 0, done.stderr
+        finally:
+            second.stop()
+
+    def test_trade_with_node_is_refused(self, founder: NodeProc, request: pytest.FixtureRequest) -> None:
+        """``trade --with-node`` runs the data dir's node: on a data dir in use it stops at once."""
+        with logs_on_failure(request, [founder]):
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", "P2PEX_PORT": str(free_port())}
+            proc = subprocess.Popen(
+                [sys.executable, str(CLI), "trade", "--with-node", "--data-dir", str(founder.data_dir),
+                 "--seconds", "1", "--wait-ready", "10"],
+                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True, start_new_session=True)
+            try:
+                _, err = proc.communicate(timeout=EXIT_TIMEOUT)
+            finally:
+                if proc.poll() is None:  # it runs (with its node): end the group this test started
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.communicate(timeout=5)
+            assert proc.returncode != 0
+            assert "in use" in err and f"pid {founder.pid}" in err, err
+            assert founder.status()["ready"]
+
+    def test_write_history_is_refused(self, founder: NodeProc) -> None:
+        """The tests' and benchmarks' writer of a past into a data dir takes the lock too."""
+        from net.datadir import DataDirInUse
+        from tests.nodes import write_history
+
+        before = files_of(founder.data_dir)["node.key"]
+        with pytest.raises(DataDirInUse, match="in use"):
+            write_history(founder.data_dir, [], start_ms=int(time.time() * 1000))
+        assert files_of(founder.data_dir)["node.key"] == before
