@@ -146,7 +146,7 @@ def add_node_parser(sub: Any) -> None:
 
 def run_node(args: argparse.Namespace) -> int:
     from net.config import NodeConfig, split_host_port
-    from net.errors import StorageError
+    from net.errors import ListenError, StorageError
     from net.logs import setup_logging
     from net.node import Node
 
@@ -176,19 +176,28 @@ def run_node(args: argparse.Namespace) -> int:
     )
     offset = args.clock_offset_ms
 
+    def refused(line: str) -> CliError:
+        """A start that failed: its one line on stderr, and in the log file too when there is one."""
+        if args.log_file:
+            logging.getLogger("p2pex.node").error("%s: %s", args.name, line)
+        return CliError(line)
+
     async def main() -> None:
         try:  # takes the data dir's lock first: a second node on it stops here, having changed nothing
             node = Node(config, clock_ms=lambda: time.time_ns() // 1_000_000 + offset)
         except StorageError as exc:
-            raise CliError(str(exc)) from None
+            raise refused(str(exc)) from None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, node.request_stop)
-        try:
+        try:  # a start that fails before the node serves commits to no network (net/node.py, start)
             await node.start()
+        except (ListenError, StorageError) as exc:
+            await node.stop()
+            raise refused(str(exc)) from None
         except OSError as exc:
             await node.stop()
-            raise CliError(f"cannot listen on {config.host}:{config.port}: {exc}") from None
+            raise refused(f"cannot start the node: {exc}") from None
         print(f"node {node.short} ({config.name}) serving {node.url}; data in {config.data_dir}",
               file=sys.stderr, flush=True)
         try:

@@ -115,6 +115,15 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 @web.middleware
+async def serving_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Peer calls wait until the node serves: between binding its port and
+    going live (founding its network, if it does) it takes no entries."""
+    if request.path.startswith("/peer/") and not _node(request).serving:
+        raise ApiError("the node is starting or stopping", code="not_serving", status=503, retry_after=1)
+    return await handler(request)
+
+
+@web.middleware
 async def peer_content_type_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Peer routes take msgpack only.  A web page can POST ``text/plain`` to any
     address without a CORS preflight, so a browser on the node's machine could
@@ -1106,8 +1115,8 @@ async def peer_peers(request: web.Request) -> web.Response:
 
 
 def build_app(node: Node) -> web.Application:
-    app = web.Application(middlewares=[guard_middleware, metrics_middleware, errors_middleware, rate_limit_middleware,
-                                       body_cap_middleware, peer_content_type_middleware],
+    app = web.Application(middlewares=[guard_middleware, metrics_middleware, errors_middleware, serving_middleware,
+                                       rate_limit_middleware, body_cap_middleware, peer_content_type_middleware],
                           client_max_size=PEER_BODY_CAP)
     app[NODE] = node
     cfg = node.config

@@ -62,7 +62,11 @@ class DataDirLock:
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
-        if fd is not None:
+        if fd is None:
+            return
+        try:
+            os.ftruncate(fd, 0)  # no pid once nobody holds it
+        finally:
             os.close(fd)  # closing the descriptor drops the flock
 
     def __enter__(self) -> DataDirLock:

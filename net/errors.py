@@ -77,3 +77,9 @@ class BadReply(PeerError):
 
 class StorageError(ExchangeError):
     code = "storage_error"
+
+
+class ListenError(ExchangeError):
+    """The node cannot listen on its HTTP (TCP) or DHT (UDP) port."""
+
+    code = "cannot_listen"

@@ -63,7 +63,7 @@ from net.addresses import (
 from net.config import NodeConfig, split_host_port
 from net.datadir import DataDirLock
 from net.discovery import Discovery
-from net.errors import BadReply, BadRequest, PeerError, PeerRefused, TooLarge
+from net.errors import BadReply, BadRequest, ListenError, PeerError, PeerRefused, TooLarge
 from net.metrics import NodeMetrics
 from net.peers import (
     NONCE_LEN,
@@ -83,6 +83,7 @@ from net.store import (
     Store,
     StoredOrder,
     load_or_create_key,
+    new_token,
     write_cookie,
 )
 from net.wire import MSGPACK, PEER_BODY_CAP, pack, read_capped, unpack
@@ -255,7 +256,7 @@ class Node:
             max_skew_ms=config.max_skew_ms, evict_after_ms=evict_ms, heartbeat_ms=config.heartbeat_ms,
             liveness_ms=min(3_000, max(evict_ms // 3, 1)), max_clock_offset_ms=config.max_clock_offset_ms,
             max_foreign_origins=config.max_foreign_origins))
-        self.token = write_cookie(data_dir)
+        self.token = new_token()  # in .cookie once the node listens
         self.http_guard = Guard(ConnectionLimits(
             max_connections=config.max_connections, header_timeout=config.header_timeout,
             body_timeout=config.body_timeout, keepalive_timeout=config.keepalive_timeout,
@@ -271,6 +272,7 @@ class Node:
         self.url: str | None = None
         self.record: PeerRecord | None = None
         self.serving = False
+        self.founded = False  # this data dir founded its network (its genesis is this node's first entry)
         self.readiness = Readiness(ready=False, detail="starting")
         self.started_ms = 0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -346,9 +348,7 @@ class Node:
         if stored:
             self._offered.set()
         settle_memory()
-        if self.exchange.network is None and not self.exchange.replica.length(self.node_id) and (
-                self.config.genesis or (not self.config.bootstrap and not stored)):
-            self._found()
+        found = self._network_at_start(stored)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.config.peer_timeout),
             connector=aiohttp.TCPConnector(limit=64, limit_per_host=4, resolver=PeerResolver(self.guard)),
@@ -357,14 +357,19 @@ class Node:
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0,
                                      **handler_args(self.http_guard.limits))
         await self._runner.setup()
-        await GuardedSite(self._runner, self.config.host, self.config.port, self.http_guard).start()
+        await self._listen()
         self._spawn(self.http_guard.sweep_loop(), "http-sweep")
-        await self.discovery.listen()
         self.url = await self._advertised_url()
         self._refresh_record()
         self._policy_settled = await self._set_address_policy()
+        data_dir = Path(self.config.data_dir)
+        write_cookie(data_dir, self.token)
         local_host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
-        (Path(self.config.data_dir) / ENDPOINT_FILE).write_text(f"http://{local_host}:{self.config.port}\n")
+        (data_dir / ENDPOINT_FILE).write_text(f"http://{local_host}:{self.config.port}\n")
+        # Live from here, in one step: a network is founded only by a node that listens, so a start
+        # that failed before (a port in use) leaves a data dir that commits to no network.
+        if found:
+            self._found()
         self.serving = True
         log.info("%s: node %s serving %s (dht udp %d)", self.config.name, self.short, self.url,
                  self.config.udp_port)
@@ -427,12 +432,42 @@ class Node:
         self.final_traded = self.store.final_traded()
         return len(entries)
 
+    def _network_at_start(self, stored: int) -> bool:
+        """Say which network the data dir serves (it is known before anything
+        listens); whether this start founds one (no network yet, no entry of
+        its own, and ``--genesis``, or neither ``--bootstrap`` nor known peers)."""
+        network = self.exchange.network
+        if network is not None:
+            first = self.store.load_entry(self.node_id, 1)
+            self.founded = first is not None and first.hash == network
+            log.info("%s: this data dir %s network %s%s", self.config.name,
+                     "founded" if self.founded else "joined", network.hex()[:16],
+                     " (--genesis founds only on a fresh data dir)" if self.config.genesis else "")
+            return False
+        if self.exchange.replica.length(self.node_id):
+            return False
+        return self.config.genesis or (not self.config.bootstrap and not stored)
+
+    async def _listen(self) -> None:
+        """Bind the HTTP (TCP) and DHT (UDP) ports; ListenError says which failed."""
+        cfg = self.config
+        assert self._runner is not None
+        try:
+            await GuardedSite(self._runner, cfg.host, cfg.port, self.http_guard).start()
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {cfg.host}:{cfg.port} (HTTP, TCP): {exc}") from exc
+        try:
+            await self.discovery.listen()
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {cfg.host}:{cfg.udp_port} (DHT, UDP): {exc}") from exc
+
     def _found(self) -> None:
-        """The first node of a new network: its genesis entry admits itself."""
+        """The first node of a new network: its genesis entry admits itself,
+        committed with the network it names in one transaction."""
         entry = self.exchange.found(now_ms=self.clock_ms())
-        self.store.save_entries([entry])
         assert self.exchange.network is not None
-        self.store.save_network(self.exchange.network)
+        self.store.save([entry], network=self.exchange.network)
+        self.founded = True
         self._after(self.exchange.apply_own(entry, now_ms=self.clock_ms(), mono_ms=self.mono_ms()).received,
                     peer_id=None, own=entry)
         log.info("%s: founded network %s", self.config.name, self.exchange.network.hex()[:16])

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.nodes import CLI, HOST, ROOT, NodeProc, free_port, logs_on_failure, run_cli
+from tests.nodes import CLI, HOST, ROOT, NodeProc, free_port, logs_on_failure, run_cli, wait_until
 
 EXIT_TIMEOUT = 20.0  # seconds for a refused process to exit (interpreter start-up on a busy machine)
 JOIN_TIMEOUT = 30.0
@@ -165,3 +165,40 @@ class TestOneNodePerDataDir:
         with pytest.raises(DataDirInUse, match="in use"):
             write_history(founder.data_dir, [], start_ms=int(time.time() * 1000))
         assert files_of(founder.data_dir)["node.key"] == before
+
+
+class TestFailedStartLeavesNoNetwork:
+    """Bug: a first start that failed with "address already in use" had
+    written its genesis already; restarted with ``--bootstrap`` to a live
+    network, that data dir stayed in a one-member network of its own (and
+    took and finalized an order alone).  Now a start that fails before the
+    node serves commits to no network, and the next start joins."""
+
+    @pytest.mark.parametrize("which", ["http", "dht"])
+    def test_port_in_use_then_bootstrap_joins(self, founder: NodeProc, tmp_path: Path, which: str,
+                                              request: pytest.FixtureRequest) -> None:
+        port, dht_port = free_port(), free_port()
+        node = NodeProc(name="late", port=port, data_dir=tmp_path / "late", extra_args=["--dht-port", str(dht_port)])
+        try:
+            with logs_on_failure(request, [founder, node]):
+                held = (socket.SOCK_STREAM, port) if which == "http" else (socket.SOCK_DGRAM, dht_port)
+                with port_taken(*held):
+                    node.start(wait=False)
+                    assert wait_exit(node) != 0
+                out = last_start_output(node)
+                assert "cannot listen" in out and str(held[1]) in out, out
+                assert stored_network(node.data_dir) == (None, 0)
+                assert not (node.data_dir / "endpoint").exists()
+                node.bootstrap = [founder.port]
+                node.start()
+                net = network_of(founder)
+
+                def joined() -> bool:
+                    fin = node.status()["finality"]
+                    return bool(fin["member"]) and fin["network"] == net
+
+                wait_until(joined, timeout=JOIN_TIMEOUT, what="the late node a member of the live network",
+                           nodes=[founder, node], interval=0.2)
+                assert not RAW_BYTES.search(node.log_file.read_text())
+        finally:
+            node.stop()
