@@ -32,6 +32,7 @@ from net.errors import (
     BadRequest,
     Conflict,
     NotFound,
+    OtherNetwork,
     TooLarge,
     Unauthorized,
     Unprocessable,
@@ -973,8 +974,8 @@ def _same_network(node: Node, body: dict[str, Any]) -> None:
     theirs = body.get("net")
     ours = node.exchange.network
     if type(theirs) is bytes and ours is not None and theirs != ours:
-        raise ApiError(f"this node belongs to network {ours.hex()[:16]}, not {theirs.hex()[:16]}",
-                       code="wrong_network", status=409)
+        raise OtherNetwork(f"this node belongs to network {ours.hex()[:16]}, not {theirs.hex()[:16]}",
+                           network=ours)
 
 
 async def peer_join(request: web.Request) -> web.Response:
@@ -1071,7 +1072,7 @@ async def peer_link(request: web.Request) -> web.WebSocketResponse:
                 status = 200
             except ApiError as exc:
                 status = exc.status
-                out = {"error": exc.code, "detail": exc.detail, "status": exc.status}
+                out = {"error": exc.code, "detail": exc.detail, "status": exc.status, **exc.fields()}
                 if exc.retry_after is not None:
                     out["retry_after"] = exc.retry_after
             except Exception:

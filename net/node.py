@@ -63,7 +63,7 @@ from net.addresses import (
 from net.config import NodeConfig, split_host_port
 from net.datadir import DataDirLock
 from net.discovery import Discovery
-from net.errors import BadReply, BadRequest, ListenError, PeerError, PeerRefused, TooLarge
+from net.errors import BadReply, BadRequest, ListenError, PeerError, PeerErrorReply, PeerRefused, TooLarge
 from net.metrics import NodeMetrics
 from net.peers import (
     NONCE_LEN,
@@ -86,7 +86,7 @@ from net.store import (
     new_token,
     write_cookie,
 )
-from net.wire import MSGPACK, PEER_BODY_CAP, pack, read_capped, unpack
+from net.wire import MSGPACK, PEER_BODY_CAP, pack, peer_error, read_capped, unpack
 
 log = logging.getLogger("p2pex.node")
 
@@ -1246,7 +1246,7 @@ class Node:
                 raise PeerError(f"reply over the peer body cap: {exc}") from None
             self.counters["peer_bytes_received"] += len(data)
             if resp.status != 200:
-                raise PeerError(f"HTTP {resp.status}: {data[:200]!r}")
+                raise peer_error(resp.status, data)
             try:
                 return unpack(data)
             except BadRequest as exc:
@@ -1314,8 +1314,7 @@ class Node:
         except BadRequest as exc:
             raise BadReply(str(exc)) from None
         if isinstance(reply, dict) and "error" in reply and "accepted" not in reply:
-            raise PeerError(f"HTTP {reply.get('status')}: {str(reply.get('error'))[:50]}: "
-                            f"{str(reply.get('detail'))[:200]}")
+            raise peer_error(None, reply)
         return reply
 
     async def _open_link(self, url: str) -> aiohttp.ClientWebSocketResponse | None:
@@ -1353,6 +1352,11 @@ class Node:
             log.warning("peer %s (%s) sent a bad reply to %s: %s", peer.short, peer.record.url, path, exc)
             raise PeerError(str(exc)) from exc
         except PeerRefused:
+            raise
+        except PeerErrorReply as exc:
+            self.peers.failed(peer, self.monotonic(), str(exc))
+            if peer.failures == 1:
+                log.info("peer %s (%s) refused %s: %s", peer.short, peer.record.url, path, exc)
             raise
         except (aiohttp.ClientError, TimeoutError, OSError, PeerError) as exc:
             self.peers.failed(peer, self.monotonic(), f"{type(exc).__name__}: {exc}")

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from tests.nodes import CLI, HOST, ROOT, NodeProc, free_port, logs_on_failure, run_cli, wait_until
@@ -202,3 +203,39 @@ class TestFailedStartLeavesNoNetwork:
                 assert not RAW_BYTES.search(node.log_file.read_text())
         finally:
             node.stop()
+
+
+class TestPeerErrorBodies:
+    """Bug: a peer's error answer was logged as its raw bytes
+    (``HTTP 409: b'\\x82\\xa5error\\xadwrong_network...'``).  Now one function
+    decodes it, msgpack or JSON, into its code and detail."""
+
+    def test_msgpack_body(self) -> None:
+        from net.wire import peer_error
+
+        body = msgpack.packb({"error": "wrong_network", "detail": "this node belongs to network ab, not cd",
+                              "net": b"\x01" * 32}, use_bin_type=True)
+        exc = peer_error(409, body)
+        assert (exc.status, exc.code, exc.network) == (409, "wrong_network", b"\x01" * 32)
+        assert str(exc) == "HTTP 409 wrong_network: this node belongs to network ab, not cd"
+
+    def test_json_body(self) -> None:
+        from net.wire import peer_error
+
+        exc = peer_error(503, b'{"error": "not_ready", "detail": "catching up"}')
+        assert (exc.code, exc.detail, exc.network) == ("not_ready", "catching up", None)
+
+    @pytest.mark.parametrize("body", [b"\x82\xa5error\xc1\xff", b"<html>bad gateway</html>", b"", b"\x00\x1b[31m"])
+    def test_other_bodies_are_never_raw_bytes(self, body: bytes) -> None:
+        from net.wire import peer_error
+
+        text = str(peer_error(502, body))
+        assert text.startswith("HTTP 502 http_error: ") and not RAW_BYTES.search(text), text
+        assert all(c.isprintable() for c in text), text
+
+    def test_link_answer(self) -> None:
+        """A push answered on a peer link: the decoded map."""
+        from net.wire import peer_error
+
+        exc = peer_error(None, {"error": "too_large", "detail": "x" * 1000, "status": 413})
+        assert exc.status == 413 and exc.code == "too_large" and len(exc.detail) <= 200
