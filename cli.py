@@ -175,6 +175,7 @@ def run_node(args: argparse.Namespace) -> int:
         max_foreign_origins=args.max_foreign_origins,
     )
     offset = args.clock_offset_ms
+    failures: list[str] = []  # why the node stopped by itself
 
     def refused(line: str) -> CliError:
         """A start that failed: its one line on stderr, and in the log file too when there is one."""
@@ -204,9 +205,13 @@ def run_node(args: argparse.Namespace) -> int:
             await node.run_until_stopped()
         finally:
             await node.stop()
+        if node.failure is not None:
+            failures.append(node.failure)
 
     run_loop(main(), args.event_loop)
-    return 0
+    if failures and args.log_file:  # else the node's ERROR line on stderr said it already
+        raise CliError(failures[0])
+    return 1 if failures else 0
 
 
 def run_loop(main: Coroutine[Any, Any, None], choice: str) -> None:

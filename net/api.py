@@ -589,6 +589,7 @@ def status_data(node: Node) -> dict[str, Any]:
             "equivocating_origins": len(ex.replica.evidence()), "book_compactions": node.book_compactions,
         },
         "finality": finality_data(node),
+        "network_conflict": None if node.conflict is None else node.conflict.view(),
         "clock": {"offset_ms": ex.clock_offset_ms, "healthy": ex.clock_healthy(),
                   "limit_ms": node.config.max_clock_offset_ms},
         "replication": {

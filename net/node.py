@@ -65,6 +65,7 @@ from net.datadir import DataDirLock
 from net.discovery import Discovery
 from net.errors import BadReply, BadRequest, ListenError, PeerError, PeerErrorReply, PeerRefused, TooLarge
 from net.metrics import NodeMetrics
+from net.networks import NetworkConflict, is_fatal, short_network
 from net.peers import (
     NONCE_LEN,
     Candidates,
@@ -119,6 +120,7 @@ COOL_REFUSED_S = 300.0  # a URL the address policy refuses
 EXCHANGE_MIN_S = 0.2  # peer-exchange period while membership changes
 EXCHANGE_MAX_S = 5.0
 ENDPOINT_FILE = "endpoint"  # the local URL of the node, for the CLI
+MAX_FOREIGN = 1024  # peers of other networks remembered (not dialed again)
 JOIN_EVERY_S = 0.5  # how often a node that is not a member asks a peer to admit it
 EVIDENCE_PER_REPLY = 8  # equivocation proofs handed out in one sync reply
 OFFSET_TTL_S = 30.0  # a peer's clock reading older than this is not used
@@ -273,6 +275,10 @@ class Node:
         self.record: PeerRecord | None = None
         self.serving = False
         self.founded = False  # this data dir founded its network (its genesis is this node's first entry)
+        self.conflict: NetworkConflict | None = None  # the latest peer met of another network
+        self.failure: str | None = None  # why the node stopped by itself (its process exits non-zero)
+        self._foreign: dict[bytes, bytes | None] = {}  # peers of another network -> that network
+        self._met_own = False  # a peer of this node's network answered it since start
         self.readiness = Readiness(ready=False, detail="starting")
         self.started_ms = 0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -441,7 +447,7 @@ class Node:
             first = self.store.load_entry(self.node_id, 1)
             self.founded = first is not None and first.hash == network
             log.info("%s: this data dir %s network %s%s", self.config.name,
-                     "founded" if self.founded else "joined", network.hex()[:16],
+                     "founded" if self.founded else "joined", short_network(network),
                      " (--genesis founds only on a fresh data dir)" if self.config.genesis else "")
             return False
         if self.exchange.replica.length(self.node_id):
@@ -929,6 +935,7 @@ class Node:
             if self.exchange.network is None and type(network) is bytes and len(network) == 32:
                 self.exchange.set_network(network)
                 self.store.save_network(network)
+                self._met_own = True
                 log.info("%s: joining network %s (admitted by %s)", self.config.name, network.hex()[:16],
                          peer.short)
                 self._spawn(self._probe(peer), f"sync-{peer.short}")
@@ -1354,6 +1361,9 @@ class Node:
         except PeerRefused:
             raise
         except PeerErrorReply as exc:
+            if exc.code == "wrong_network":
+                self._other_network(peer.record.node_id, peer.record.url, exc.network)
+                raise
             self.peers.failed(peer, self.monotonic(), str(exc))
             if peer.failures == 1:
                 log.info("peer %s (%s) refused %s: %s", peer.short, peer.record.url, path, exc)
@@ -1375,11 +1385,44 @@ class Node:
             if type(their) is int:
                 peer.offset_ms = their - (sent + self.clock_ms()) // 2
                 peer.offset_at = self.monotonic()
-            net = result.get("net")
-            if type(net) is bytes and self.exchange.network is not None and net != self.exchange.network:
-                self._forget(peer.record.node_id, f"it belongs to another network ({net.hex()[:16]})")
-                raise PeerError(f"peer {peer.short} belongs to another network")
+            if not self._same_network(peer.record.node_id, peer.record.url, result.get("net")):
+                raise PeerError(f"peer {peer.short} serves another network")
         return result
+
+    def _same_network(self, node_id: bytes, url: str, theirs: Any) -> bool:
+        """Whether a peer's answer (its ``net``) leaves it a peer: True unless it
+        names another network than this node's, which is then dealt with."""
+        ours = self.exchange.network
+        if type(theirs) is not bytes or ours is None:
+            return True  # either side is not in a network yet
+        if theirs == ours:
+            self._met_own = True
+            return True
+        self._other_network(node_id, url, theirs)
+        return False
+
+    def _other_network(self, node_id: bytes, url: str, theirs: bytes | None) -> None:
+        """A peer serves another network than this data dir: it is dropped and
+        not dialed again, and one line names both networks.  The node stops
+        (``failure``) when its --bootstrap leads only there (``is_fatal``)."""
+        ours = self.exchange.network
+        if ours is None:
+            return
+        fatal = is_fatal(bootstrap=bool(self.discovery.bootstrap_addrs), genesis=self.config.genesis,
+                         met_own=self._met_own)
+        conflict = NetworkConflict(ours=ours, theirs=theirs, peer=short_id(node_id), url=url,
+                                   founded=self.founded, fatal=fatal)
+        self.conflict = conflict
+        if len(self._foreign) < MAX_FOREIGN:
+            self._foreign[node_id] = theirs
+        self._forget(node_id, conflict.detail, quiet=True)
+        if not fatal:
+            log.warning("%s: %s", self.config.name, conflict.detail,
+                        extra={"repeat_key": ("other network", theirs)})
+        elif self.failure is None:
+            self.failure = conflict.detail
+            log.error("%s: %s", self.config.name, conflict.detail)
+            self.request_stop()
 
     async def sync_with(self, peer: Peer) -> None:
         """Pull what the peer has and we lack, in pages; push back what it lacks.
@@ -1499,7 +1542,7 @@ class Node:
         """Take a verified record: a newer record of a proven peer at the URL it
         proved refreshes it; any other waits among the candidates until its node
         proves its key at that URL."""
-        if rec.node_id == self.node_id or not self.peers.fresh(rec, now):
+        if rec.node_id == self.node_id or rec.node_id in self._foreign or not self.peers.fresh(rec, now):
             return False
         if self.peers.refresh(rec, now):
             self.store.save_peer(rec.node_id, rec.encode())
@@ -1559,6 +1602,9 @@ class Node:
             log.warning("the node at %s did not prove key %s; record dropped", rec.url, short_id(rec.node_id))
             return
         self.candidates.done(rec, mono)
+        assert isinstance(reply, dict)
+        if not self._same_network(rec.node_id, rec.url, reply.get("net")):
+            return
         admitted, displaced = self.peers.admit(rec, self.clock_ms())
         for nid in displaced:
             self._forget(nid, f"displaced at {rec.url} by {short_id(rec.node_id)}")
@@ -1568,15 +1614,14 @@ class Node:
         peer = self.peers.peers[rec.node_id]
         self.peers.ok(peer, self.monotonic(), (self.monotonic() - start) * 1000)
         log.info("peer %s proved its key at %s", peer.short, rec.url)
-        assert isinstance(reply, dict)
         self.offer_records(reply.get("records"), source=rec.url)
         try:
             await asyncio.wait_for(self.sync_with(peer), self.config.peer_timeout * 3)
         except (PeerError, TimeoutError):
             pass
 
-    def _forget(self, node_id: bytes, why: str) -> None:
-        if self.peers.remove(node_id):
+    def _forget(self, node_id: bytes, why: str, *, quiet: bool = False) -> None:
+        if self.peers.remove(node_id) and not quiet:
             log.info("forgot peer %s: %s", short_id(node_id), why)
         self.store.delete_peer(node_id)
         self._push_queues.pop(node_id, None)

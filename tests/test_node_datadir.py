@@ -21,11 +21,12 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
 
-from tests.nodes import CLI, HOST, ROOT, NodeProc, free_port, logs_on_failure, run_cli, wait_until
+from tests.nodes import CLI, HOST, ROOT, NodeProc, free_port, logs_on_failure, run_cli, stop_all, wait_until
 
 EXIT_TIMEOUT = 20.0  # seconds for a refused process to exit (interpreter start-up on a busy machine)
 JOIN_TIMEOUT = 30.0
@@ -200,9 +201,70 @@ class TestFailedStartLeavesNoNetwork:
 
                 wait_until(joined, timeout=JOIN_TIMEOUT, what="the late node a member of the live network",
                            nodes=[founder, node], interval=0.2)
+                assert node.status()["network_conflict"] is None
                 assert not RAW_BYTES.search(node.log_file.read_text())
         finally:
             node.stop()
+
+
+class TestDataDirOfAnotherNetwork:
+    """Bug: a data dir that had founded a network of its own, started with
+    ``--bootstrap`` to a live network, stayed alone in its own (its peers
+    answered 409 ``wrong_network`` and the node logged only an INFO line with
+    raw msgpack bytes and showed the peer as down).  Now it logs one ERROR
+    line naming both networks and what to do, and exits non-zero."""
+
+    def test_founded_elsewhere_then_bootstrap_exits(self, founder: NodeProc, tmp_path: Path,
+                                                    request: pytest.FixtureRequest) -> None:
+        other = NodeProc(name="other", port=free_port(), data_dir=tmp_path / "other")
+        try:
+            with logs_on_failure(request, [founder, other]):
+                other.start()
+                ours = network_of(other)
+                assert other.stop() == 0
+                theirs = network_of(founder)
+                assert ours != theirs
+                other.bootstrap = [founder.port]
+                other.start(wait=False)
+                assert wait_exit(other, JOIN_TIMEOUT) != 0
+                log = other.log_file.read_text()
+                errors = [line for line in log.splitlines() if " ERROR " in line]
+                assert len(errors) == 1, errors
+                for text in (errors[0], last_start_output(other)):
+                    assert ours[:16] in text and theirs[:16] in text, text
+                    assert "--data-dir" in text and "--bootstrap" in text, text
+                assert not RAW_BYTES.search(log)
+                # the live network did not take it in
+                fin = founder.status()["finality"]
+                assert fin["network"] == theirs and len(fin["members"]) == 1
+        finally:
+            other.stop()
+
+    def test_genesis_with_bootstrap_keeps_running_and_shows_the_conflict(
+            self, founder: NodeProc, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+        """``--genesis --bootstrap`` founds a network on purpose next to another
+        one: its node keeps running, drops the other network's peers and says
+        so in one WARNING line, in ``/v1/status`` and in ``cli.py status``."""
+        node = NodeProc(name="genesis", port=free_port(), data_dir=tmp_path / "genesis",
+                        bootstrap=[founder.port], extra_args=["--genesis"])
+        try:
+            with logs_on_failure(request, [founder, node]):
+                node.start()
+                ours, theirs = network_of(node), network_of(founder)
+                assert ours != theirs
+                conflict = wait_until(lambda: node.status()["network_conflict"], timeout=JOIN_TIMEOUT,
+                                      what="a network conflict in the status", nodes=[founder, node], interval=0.2)
+                assert conflict["ours"] == ours and conflict["theirs"] == theirs and not conflict["fatal"]
+                assert ours[:16] in conflict["detail"] and theirs[:16] in conflict["detail"]
+                done = run_cli("status", "--data-dir", str(node.data_dir))
+                assert done.returncode == 0 and theirs[:16] in done.stdout, done.stdout + done.stderr
+                assert node.running() and node.status()["finality"]["network"] == ours
+                log = node.log_file.read_text()
+                warned = [line for line in log.splitlines() if theirs[:16] in line and " WARNING " in line]
+                assert len(warned) == 1, warned
+                assert not RAW_BYTES.search(log)
+        finally:
+            stop_all([node])
 
 
 class TestPeerErrorBodies:
@@ -239,3 +301,60 @@ class TestPeerErrorBodies:
 
         exc = peer_error(None, {"error": "too_large", "detail": "x" * 1000, "status": 413})
         assert exc.status == 413 and exc.code == "too_large" and len(exc.detail) <= 200
+
+
+class TestWrongNetworkAnswer:
+    """Bug: a peer's ``409 wrong_network`` was taken for an unreachable peer
+    (logged at INFO with the raw body, the peer shown as down and called
+    again).  Now the peer is dropped and not dialed again, the conflict names
+    both networks, and it stops a node whose --bootstrap leads only there."""
+
+    @staticmethod
+    def node_with_peer(tmp_path: Path, bootstrap: tuple[tuple[str, int], ...]) -> tuple[Any, Any, bytes]:
+        from net.config import NodeConfig
+        from net.node import Node
+        from net.peers import PeerRecord
+        from net.wire import pack, peer_error
+        from tests.conftest import NOW_MS, key_for
+
+        node = Node(NodeConfig(data_dir=tmp_path / "n", port=1, bootstrap=bootstrap), clock_ms=lambda: NOW_MS)
+        node._load()
+        node._found()
+        rec = PeerRecord.create(key_for(30), "http://127.0.0.1:7001", NOW_MS)
+        assert node.peers.admit(rec, NOW_MS)[0]
+        theirs = b"\x07" * 32
+        ours = node.exchange.network
+        assert ours is not None
+
+        async def refuse(url: str, path: str, body: dict[str, Any]) -> Any:
+            raise peer_error(409, pack({"error": "wrong_network", "net": theirs,
+                                        "detail": f"this node belongs to network {theirs.hex()[:16]}, "
+                                                  f"not {ours.hex()[:16]}"}))
+
+        node._request = refuse  # type: ignore[method-assign]
+        return node, rec, theirs
+
+    @pytest.mark.parametrize("bootstrap", [(), (("127.0.0.1", 9),)], ids=["alone", "bootstrap"])
+    def test_peer_of_another_network_is_dropped(self, tmp_path: Path, bootstrap: tuple[tuple[str, int], ...],
+                                                caplog: pytest.LogCaptureFixture) -> None:
+        import asyncio
+
+        from net.errors import PeerError
+        from tests.conftest import NOW_MS
+
+        node, rec, theirs = self.node_with_peer(tmp_path, bootstrap)
+        try:
+            peer = node.peers.peers[rec.node_id]
+            with caplog.at_level("INFO", logger="p2pex.node"), pytest.raises(PeerError, match="wrong_network"):
+                asyncio.run(node._call(peer, "/peer/v1/sync", {"from": node.node_id}))
+            conflict = node.conflict
+            assert conflict is not None and conflict.theirs == theirs and conflict.founded
+            assert rec.node_id not in node.peers.peers and not node._offer(rec, NOW_MS)
+            lines = [r.getMessage() for r in caplog.records if theirs.hex()[:16] in r.getMessage()]
+            assert len(lines) == 1 and node.exchange.network.hex()[:16] in lines[0], lines
+            assert not RAW_BYTES.search(caplog.text)
+            assert conflict.fatal == bool(bootstrap) and (node.failure is not None) == bool(bootstrap)
+            assert node._stopping.is_set() == bool(bootstrap)
+        finally:
+            node.store.close()
+            node.lock.release()
