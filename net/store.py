@@ -1,5 +1,7 @@
 """Persistence in the data dir: identity key, API cookie, SQLite (WAL) for
-entries, peer records, client order ids, and what finality made final.
+entries, peer records, client order ids, the network the data dir serves,
+and what finality made final.  Whoever opens these holds the data dir's
+lock first (``net.datadir``).
 
 An entry is committed here before the node acknowledges it.  What became
 final (fills, the final state of the orders they touched, and the
