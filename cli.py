@@ -146,6 +146,7 @@ def add_node_parser(sub: Any) -> None:
 
 def run_node(args: argparse.Namespace) -> int:
     from net.config import NodeConfig, split_host_port
+    from net.errors import ListenError, StorageError
     from net.logs import setup_logging
     from net.node import Node
 
@@ -174,26 +175,43 @@ def run_node(args: argparse.Namespace) -> int:
         max_foreign_origins=args.max_foreign_origins,
     )
     offset = args.clock_offset_ms
+    failures: list[str] = []  # why the node stopped by itself
+
+    def refused(line: str) -> CliError:
+        """A start that failed: its one line on stderr, and in the log file too when there is one."""
+        if args.log_file:
+            logging.getLogger("p2pex.node").error("%s: %s", args.name, line)
+        return CliError(line)
 
     async def main() -> None:
-        node = Node(config, clock_ms=lambda: time.time_ns() // 1_000_000 + offset)
+        try:  # takes the data dir's lock first: a second node on it stops here, having changed nothing
+            node = Node(config, clock_ms=lambda: time.time_ns() // 1_000_000 + offset)
+        except StorageError as exc:
+            raise refused(str(exc)) from None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, node.request_stop)
-        try:
+        try:  # a start that fails before the node serves commits to no network (net/node.py, start)
             await node.start()
+        except (ListenError, StorageError) as exc:
+            await node.stop()
+            raise refused(str(exc)) from None
         except OSError as exc:
             await node.stop()
-            raise CliError(f"cannot listen on {config.host}:{config.port}: {exc}") from None
+            raise refused(f"cannot start the node: {exc}") from None
         print(f"node {node.short} ({config.name}) serving {node.url}; data in {config.data_dir}",
               file=sys.stderr, flush=True)
         try:
             await node.run_until_stopped()
         finally:
             await node.stop()
+        if node.failure is not None:
+            failures.append(node.failure)
 
     run_loop(main(), args.event_loop)
-    return 0
+    if failures and args.log_file:  # else the node's ERROR line on stderr said it already
+        raise CliError(failures[0])
+    return 1 if failures else 0
 
 
 def run_loop(main: Coroutine[Any, Any, None], choice: str) -> None:
@@ -435,6 +453,13 @@ def run_trade(args: argparse.Namespace) -> int:
     if args.rate <= 0 or (args.seconds is not None and args.seconds <= 0) or args.mid < 1:
         raise CliError("--rate, --seconds and --mid must be positive")
     seed = args.seed if args.seed is not None else random.randrange(1 << 31)
+    if args.with_node:
+        from net.datadir import DataDirInUse, ensure_free
+
+        try:  # the child node would be refused; say so before trading against whichever node answers
+            ensure_free(Path(args.data_dir))
+        except DataDirInUse as exc:
+            raise CliError(str(exc)) from None
     node_argv = [sys.executable, str(Path(__file__).resolve()), "node", "--data-dir", str(args.data_dir)]
     # the child node listens on P2PEX_PORT; its endpoint file may not be written yet
     url = f"http://127.0.0.1:{env('PORT', '7001')}" if args.with_node and not args.node else node_url(args)

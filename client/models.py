@@ -192,6 +192,7 @@ class Status:
     final_fills: int
     resting: int
     book_hash: str | None = None  # with verify=True
+    network_conflict: str | None = None  # the latest peer met of another network, in one line
     raw: Json = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -203,7 +204,8 @@ class Status:
             member=bool(d.get("finality", {}).get("member", False)),
             peers=tuple(Peer.from_json(p) for p in d["peers"]), entries=int(c["entries"]),
             orders=int(c["orders"]), fills=int(c["fills"]), final_fills=int(c["final_fills"]),
-            resting=int(c["resting"]), book_hash=d.get("book_hash"), raw=d,
+            resting=int(c["resting"]), book_hash=d.get("book_hash"),
+            network_conflict=_conflict_line(d.get("network_conflict")), raw=d,
         )
 
 
@@ -252,3 +254,10 @@ class Event:
         return cls(type=str(d["type"]), fill=Fill.from_json(fill) if isinstance(fill, Mapping) else None,
                    fills=tuple(Fill.from_json(f) for f in d.get("fills") or ()),
                    frontier=_int_or_none(d.get("frontier")), error=d.get("error"), detail=d.get("detail"), raw=d)
+
+
+def _conflict_line(conflict: Any) -> str | None:
+    """``network_conflict`` of a status reply as its one line (None when there is none)."""
+    if not isinstance(conflict, dict):
+        return None
+    return str(conflict.get("detail", ""))

@@ -106,6 +106,8 @@ def status_table(st: Status) -> Table:
         + (f", held back by {holding['member'][:8]} (silent {holding['for_ms'] / 1000:.1f} s)" if holding else ""))
     row(t, "clock", f"{-clock['offset_ms']} ms off the peers' median"
         + ("" if clock["healthy"] else f", more than {clock['limit_ms']} ms: orders are refused"))
+    if st.network_conflict:
+        row(t, "network", f"CONFLICT: {st.network_conflict}")
     return t
 
 

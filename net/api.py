@@ -32,6 +32,7 @@ from net.errors import (
     BadRequest,
     Conflict,
     NotFound,
+    OtherNetwork,
     TooLarge,
     Unauthorized,
     Unprocessable,
@@ -112,6 +113,15 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         log.exception("internal error on %s %s", request.method, request.path)
         return error_reply(request, ApiError("internal error; see the node's log", code="internal",
                                              status=500))
+
+
+@web.middleware
+async def serving_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Peer calls wait until the node serves: between binding its port and
+    going live (founding its network, if it does) it takes no entries."""
+    if request.path.startswith("/peer/") and not _node(request).serving:
+        raise ApiError("the node is starting or stopping", code="not_serving", status=503, retry_after=1)
+    return await handler(request)
 
 
 @web.middleware
@@ -579,6 +589,7 @@ def status_data(node: Node) -> dict[str, Any]:
             "equivocating_origins": len(ex.replica.evidence()), "book_compactions": node.book_compactions,
         },
         "finality": finality_data(node),
+        "network_conflict": None if node.conflict is None else node.conflict.view(),
         "clock": {"offset_ms": ex.clock_offset_ms, "healthy": ex.clock_healthy(),
                   "limit_ms": node.config.max_clock_offset_ms},
         "replication": {
@@ -964,8 +975,8 @@ def _same_network(node: Node, body: dict[str, Any]) -> None:
     theirs = body.get("net")
     ours = node.exchange.network
     if type(theirs) is bytes and ours is not None and theirs != ours:
-        raise ApiError(f"this node belongs to network {ours.hex()[:16]}, not {theirs.hex()[:16]}",
-                       code="wrong_network", status=409)
+        raise OtherNetwork(f"this node belongs to network {ours.hex()[:16]}, not {theirs.hex()[:16]}",
+                           network=ours)
 
 
 async def peer_join(request: web.Request) -> web.Response:
@@ -1062,7 +1073,7 @@ async def peer_link(request: web.Request) -> web.WebSocketResponse:
                 status = 200
             except ApiError as exc:
                 status = exc.status
-                out = {"error": exc.code, "detail": exc.detail, "status": exc.status}
+                out = {"error": exc.code, "detail": exc.detail, "status": exc.status, **exc.fields()}
                 if exc.retry_after is not None:
                     out["retry_after"] = exc.retry_after
             except Exception:
@@ -1106,8 +1117,8 @@ async def peer_peers(request: web.Request) -> web.Response:
 
 
 def build_app(node: Node) -> web.Application:
-    app = web.Application(middlewares=[guard_middleware, metrics_middleware, errors_middleware, rate_limit_middleware,
-                                       body_cap_middleware, peer_content_type_middleware],
+    app = web.Application(middlewares=[guard_middleware, metrics_middleware, errors_middleware, serving_middleware,
+                                       rate_limit_middleware, body_cap_middleware, peer_content_type_middleware],
                           client_max_size=PEER_BODY_CAP)
     app[NODE] = node
     cfg = node.config

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from crdt.errors import ExchangeError
 
 
@@ -20,6 +22,10 @@ class ApiError(ExchangeError):
             self.code = code
         if status is not None:
             self.status = status
+
+    def fields(self) -> dict[str, Any]:
+        """What the error body carries besides ``error`` and ``detail``."""
+        return {}
 
 
 class BadRequest(ApiError):
@@ -40,6 +46,19 @@ class NotFound(ApiError):
 class Conflict(ApiError):
     status = 409
     code = "conflict"
+
+
+class OtherNetwork(Conflict):
+    """A peer call from a node of another network; the answer names this node's (``net``)."""
+
+    code = "wrong_network"
+
+    def __init__(self, detail: str, *, network: bytes) -> None:
+        super().__init__(detail)
+        self.network = network
+
+    def fields(self) -> dict[str, Any]:
+        return {"net": self.network}
 
 
 class TooLarge(ApiError):
@@ -63,6 +82,19 @@ class PeerError(ExchangeError):
     code = "peer_error"
 
 
+class PeerErrorReply(PeerError):
+    """A peer answered a call with an error: its HTTP status (None when it
+    said none), its error code and detail, and the network it serves when it
+    said (``net``).  Built by ``net.wire.peer_error`` from the decoded body."""
+
+    def __init__(self, *, status: int | None, code: str, detail: str, network: bytes | None = None) -> None:
+        super().__init__(f"HTTP {status} {code}: {detail}" if status is not None else f"{code}: {detail}")
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.network = network
+
+
 class PeerRefused(PeerError):
     """The node will not dial that peer URL (its address policy refuses it)."""
 
@@ -77,3 +109,9 @@ class BadReply(PeerError):
 
 class StorageError(ExchangeError):
     code = "storage_error"
+
+
+class ListenError(ExchangeError):
+    """The node cannot listen on its HTTP (TCP) or DHT (UDP) port."""
+
+    code = "cannot_listen"

@@ -1,6 +1,7 @@
 """The node process: wires the pure core to storage, HTTP and discovery.
 
-Owns the lifecycle (start from the last checkpoint, clean stop), founding a
+Owns the lifecycle (the data dir's lock, held from construction to stop;
+start from the last checkpoint, clean stop), founding a
 network or asking a member to be admitted, ingesting entries from clients and
 peers (validate in the core, commit to SQLite, then acknowledge), the ticks
 that write heartbeats and votes, persisting what becomes final, pushing new
@@ -60,9 +61,11 @@ from net.addresses import (
     resolve,
 )
 from net.config import NodeConfig, split_host_port
+from net.datadir import DataDirLock
 from net.discovery import Discovery
-from net.errors import BadReply, BadRequest, PeerError, PeerRefused, TooLarge
+from net.errors import BadReply, BadRequest, ListenError, PeerError, PeerErrorReply, PeerRefused, TooLarge
 from net.metrics import NodeMetrics
+from net.networks import NetworkConflict, is_fatal, short_network
 from net.peers import (
     NONCE_LEN,
     Candidates,
@@ -81,9 +84,10 @@ from net.store import (
     Store,
     StoredOrder,
     load_or_create_key,
+    new_token,
     write_cookie,
 )
-from net.wire import MSGPACK, PEER_BODY_CAP, pack, read_capped, unpack
+from net.wire import MSGPACK, PEER_BODY_CAP, pack, peer_error, read_capped, unpack
 
 log = logging.getLogger("p2pex.node")
 
@@ -116,6 +120,7 @@ COOL_REFUSED_S = 300.0  # a URL the address policy refuses
 EXCHANGE_MIN_S = 0.2  # peer-exchange period while membership changes
 EXCHANGE_MAX_S = 5.0
 ENDPOINT_FILE = "endpoint"  # the local URL of the node, for the CLI
+MAX_FOREIGN = 1024  # peers of other networks remembered (not dialed again)
 JOIN_EVERY_S = 0.5  # how often a node that is not a member asks a peer to admit it
 EVIDENCE_PER_REPLY = 8  # equivocation proofs handed out in one sync reply
 OFFSET_TTL_S = 30.0  # a peer's clock reading older than this is not used
@@ -238,17 +243,22 @@ class Node:
         self.monotonic = monotonic
         self.rng = rng or random.Random()
         data_dir = Path(config.data_dir)
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.key = load_or_create_key(data_dir)
+        # first of all: nothing in the data dir is read or written without its lock
+        self.lock = DataDirLock.acquire(data_dir)
+        try:
+            self.key = load_or_create_key(data_dir)
+            self.store = Store(data_dir)
+        except BaseException:
+            self.lock.release()
+            raise
         self.node_id = self.key.public
         self.short = short_id(self.node_id)
-        self.store = Store(data_dir)
         evict_ms = int(config.evict_after * 1000)
         self.exchange = Exchange(self.key, params=Params(
             max_skew_ms=config.max_skew_ms, evict_after_ms=evict_ms, heartbeat_ms=config.heartbeat_ms,
             liveness_ms=min(3_000, max(evict_ms // 3, 1)), max_clock_offset_ms=config.max_clock_offset_ms,
             max_foreign_origins=config.max_foreign_origins))
-        self.token = write_cookie(data_dir)
+        self.token = new_token()  # in .cookie once the node listens
         self.http_guard = Guard(ConnectionLimits(
             max_connections=config.max_connections, header_timeout=config.header_timeout,
             body_timeout=config.body_timeout, keepalive_timeout=config.keepalive_timeout,
@@ -264,6 +274,11 @@ class Node:
         self.url: str | None = None
         self.record: PeerRecord | None = None
         self.serving = False
+        self.founded = False  # this data dir founded its network (its genesis is this node's first entry)
+        self.conflict: NetworkConflict | None = None  # the latest peer met of another network
+        self.failure: str | None = None  # why the node stopped by itself (its process exits non-zero)
+        self._foreign: dict[bytes, bytes | None] = {}  # peers of another network -> that network
+        self._met_own = False  # a peer of this node's network answered it since start
         self.readiness = Readiness(ready=False, detail="starting")
         self.started_ms = 0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -339,9 +354,7 @@ class Node:
         if stored:
             self._offered.set()
         settle_memory()
-        if self.exchange.network is None and not self.exchange.replica.length(self.node_id) and (
-                self.config.genesis or (not self.config.bootstrap and not stored)):
-            self._found()
+        found = self._network_at_start(stored)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.config.peer_timeout),
             connector=aiohttp.TCPConnector(limit=64, limit_per_host=4, resolver=PeerResolver(self.guard)),
@@ -350,14 +363,19 @@ class Node:
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0,
                                      **handler_args(self.http_guard.limits))
         await self._runner.setup()
-        await GuardedSite(self._runner, self.config.host, self.config.port, self.http_guard).start()
+        await self._listen()
         self._spawn(self.http_guard.sweep_loop(), "http-sweep")
-        await self.discovery.listen()
         self.url = await self._advertised_url()
         self._refresh_record()
         self._policy_settled = await self._set_address_policy()
+        data_dir = Path(self.config.data_dir)
+        write_cookie(data_dir, self.token)
         local_host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
-        (Path(self.config.data_dir) / ENDPOINT_FILE).write_text(f"http://{local_host}:{self.config.port}\n")
+        (data_dir / ENDPOINT_FILE).write_text(f"http://{local_host}:{self.config.port}\n")
+        # Live from here, in one step: a network is founded only by a node that listens, so a start
+        # that failed before (a port in use) leaves a data dir that commits to no network.
+        if found:
+            self._found()
         self.serving = True
         log.info("%s: node %s serving %s (dht udp %d)", self.config.name, self.short, self.url,
                  self.config.udp_port)
@@ -420,12 +438,42 @@ class Node:
         self.final_traded = self.store.final_traded()
         return len(entries)
 
+    def _network_at_start(self, stored: int) -> bool:
+        """Say which network the data dir serves (it is known before anything
+        listens); whether this start founds one (no network yet, no entry of
+        its own, and ``--genesis``, or neither ``--bootstrap`` nor known peers)."""
+        network = self.exchange.network
+        if network is not None:
+            first = self.store.load_entry(self.node_id, 1)
+            self.founded = first is not None and first.hash == network
+            log.info("%s: this data dir %s network %s%s", self.config.name,
+                     "founded" if self.founded else "joined", short_network(network),
+                     " (--genesis founds only on a fresh data dir)" if self.config.genesis else "")
+            return False
+        if self.exchange.replica.length(self.node_id):
+            return False
+        return self.config.genesis or (not self.config.bootstrap and not stored)
+
+    async def _listen(self) -> None:
+        """Bind the HTTP (TCP) and DHT (UDP) ports; ListenError says which failed."""
+        cfg = self.config
+        assert self._runner is not None
+        try:
+            await GuardedSite(self._runner, cfg.host, cfg.port, self.http_guard).start()
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {cfg.host}:{cfg.port} (HTTP, TCP): {exc}") from exc
+        try:
+            await self.discovery.listen()
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {cfg.host}:{cfg.udp_port} (DHT, UDP): {exc}") from exc
+
     def _found(self) -> None:
-        """The first node of a new network: its genesis entry admits itself."""
+        """The first node of a new network: its genesis entry admits itself,
+        committed with the network it names in one transaction."""
         entry = self.exchange.found(now_ms=self.clock_ms())
-        self.store.save_entries([entry])
         assert self.exchange.network is not None
-        self.store.save_network(self.exchange.network)
+        self.store.save([entry], network=self.exchange.network)
+        self.founded = True
         self._after(self.exchange.apply_own(entry, now_ms=self.clock_ms(), mono_ms=self.mono_ms()).received,
                     peer_id=None, own=entry)
         log.info("%s: founded network %s", self.config.name, self.exchange.network.hex()[:16])
@@ -466,6 +514,7 @@ class Node:
                 self._compact_handle.cancel()
                 self._compact_handle = None
             self.store.close()
+            self.lock.release()
         t3 = time.monotonic()
         logs.flush(force=True)
         log.info("%s: stopped in %.2f s (HTTP %.2f s, tasks %.2f s, SQLite %.2f s)", self.config.name,
@@ -886,6 +935,7 @@ class Node:
             if self.exchange.network is None and type(network) is bytes and len(network) == 32:
                 self.exchange.set_network(network)
                 self.store.save_network(network)
+                self._met_own = True
                 log.info("%s: joining network %s (admitted by %s)", self.config.name, network.hex()[:16],
                          peer.short)
                 self._spawn(self._probe(peer), f"sync-{peer.short}")
@@ -1203,7 +1253,7 @@ class Node:
                 raise PeerError(f"reply over the peer body cap: {exc}") from None
             self.counters["peer_bytes_received"] += len(data)
             if resp.status != 200:
-                raise PeerError(f"HTTP {resp.status}: {data[:200]!r}")
+                raise peer_error(resp.status, data)
             try:
                 return unpack(data)
             except BadRequest as exc:
@@ -1271,8 +1321,7 @@ class Node:
         except BadRequest as exc:
             raise BadReply(str(exc)) from None
         if isinstance(reply, dict) and "error" in reply and "accepted" not in reply:
-            raise PeerError(f"HTTP {reply.get('status')}: {str(reply.get('error'))[:50]}: "
-                            f"{str(reply.get('detail'))[:200]}")
+            raise peer_error(None, reply)
         return reply
 
     async def _open_link(self, url: str) -> aiohttp.ClientWebSocketResponse | None:
@@ -1311,6 +1360,14 @@ class Node:
             raise PeerError(str(exc)) from exc
         except PeerRefused:
             raise
+        except PeerErrorReply as exc:
+            if exc.code == "wrong_network":
+                self._other_network(peer.record.node_id, peer.record.url, exc.network)
+                raise
+            self.peers.failed(peer, self.monotonic(), str(exc))
+            if peer.failures == 1:
+                log.info("peer %s (%s) refused %s: %s", peer.short, peer.record.url, path, exc)
+            raise
         except (aiohttp.ClientError, TimeoutError, OSError, PeerError) as exc:
             self.peers.failed(peer, self.monotonic(), f"{type(exc).__name__}: {exc}")
             if peer.failures == 1:
@@ -1328,11 +1385,44 @@ class Node:
             if type(their) is int:
                 peer.offset_ms = their - (sent + self.clock_ms()) // 2
                 peer.offset_at = self.monotonic()
-            net = result.get("net")
-            if type(net) is bytes and self.exchange.network is not None and net != self.exchange.network:
-                self._forget(peer.record.node_id, f"it belongs to another network ({net.hex()[:16]})")
-                raise PeerError(f"peer {peer.short} belongs to another network")
+            if not self._same_network(peer.record.node_id, peer.record.url, result.get("net")):
+                raise PeerError(f"peer {peer.short} serves another network")
         return result
+
+    def _same_network(self, node_id: bytes, url: str, theirs: Any) -> bool:
+        """Whether a peer's answer (its ``net``) leaves it a peer: True unless it
+        names another network than this node's, which is then dealt with."""
+        ours = self.exchange.network
+        if type(theirs) is not bytes or ours is None:
+            return True  # either side is not in a network yet
+        if theirs == ours:
+            self._met_own = True
+            return True
+        self._other_network(node_id, url, theirs)
+        return False
+
+    def _other_network(self, node_id: bytes, url: str, theirs: bytes | None) -> None:
+        """A peer serves another network than this data dir: it is dropped and
+        not dialed again, and one line names both networks.  The node stops
+        (``failure``) when its --bootstrap leads only there (``is_fatal``)."""
+        ours = self.exchange.network
+        if ours is None:
+            return
+        fatal = is_fatal(bootstrap=bool(self.discovery.bootstrap_addrs), genesis=self.config.genesis,
+                         met_own=self._met_own)
+        conflict = NetworkConflict(ours=ours, theirs=theirs, peer=short_id(node_id), url=url,
+                                   founded=self.founded, fatal=fatal)
+        self.conflict = conflict
+        if len(self._foreign) < MAX_FOREIGN:
+            self._foreign[node_id] = theirs
+        self._forget(node_id, conflict.detail, quiet=True)
+        if not fatal:
+            log.warning("%s: %s", self.config.name, conflict.detail,
+                        extra={"repeat_key": ("other network", theirs)})
+        elif self.failure is None:
+            self.failure = conflict.detail
+            log.error("%s: %s", self.config.name, conflict.detail)
+            self.request_stop()
 
     async def sync_with(self, peer: Peer) -> None:
         """Pull what the peer has and we lack, in pages; push back what it lacks.
@@ -1452,7 +1542,7 @@ class Node:
         """Take a verified record: a newer record of a proven peer at the URL it
         proved refreshes it; any other waits among the candidates until its node
         proves its key at that URL."""
-        if rec.node_id == self.node_id or not self.peers.fresh(rec, now):
+        if rec.node_id == self.node_id or rec.node_id in self._foreign or not self.peers.fresh(rec, now):
             return False
         if self.peers.refresh(rec, now):
             self.store.save_peer(rec.node_id, rec.encode())
@@ -1512,6 +1602,9 @@ class Node:
             log.warning("the node at %s did not prove key %s; record dropped", rec.url, short_id(rec.node_id))
             return
         self.candidates.done(rec, mono)
+        assert isinstance(reply, dict)
+        if not self._same_network(rec.node_id, rec.url, reply.get("net")):
+            return
         admitted, displaced = self.peers.admit(rec, self.clock_ms())
         for nid in displaced:
             self._forget(nid, f"displaced at {rec.url} by {short_id(rec.node_id)}")
@@ -1521,15 +1614,14 @@ class Node:
         peer = self.peers.peers[rec.node_id]
         self.peers.ok(peer, self.monotonic(), (self.monotonic() - start) * 1000)
         log.info("peer %s proved its key at %s", peer.short, rec.url)
-        assert isinstance(reply, dict)
         self.offer_records(reply.get("records"), source=rec.url)
         try:
             await asyncio.wait_for(self.sync_with(peer), self.config.peer_timeout * 3)
         except (PeerError, TimeoutError):
             pass
 
-    def _forget(self, node_id: bytes, why: str) -> None:
-        if self.peers.remove(node_id):
+    def _forget(self, node_id: bytes, why: str, *, quiet: bool = False) -> None:
+        if self.peers.remove(node_id) and not quiet:
             log.info("forgot peer %s: %s", short_id(node_id), why)
         self.store.delete_peer(node_id)
         self._push_queues.pop(node_id, None)

@@ -1,5 +1,7 @@
 """Persistence in the data dir: identity key, API cookie, SQLite (WAL) for
-entries, peer records, client order ids, and what finality made final.
+entries, peer records, client order ids, the network the data dir serves,
+and what finality made final.  Whoever opens these holds the data dir's
+lock first (``net.datadir``).
 
 An entry is committed here before the node acknowledges it.  What became
 final (fills, the final state of the orders they touched, and the
@@ -89,11 +91,14 @@ def load_or_create_key(data_dir: Path) -> SigningKey:
     return SigningKey(seed)
 
 
-def write_cookie(data_dir: Path) -> str:
-    """A fresh API token for this run, readable only by the node's user."""
-    token = secrets.token_hex(32)
+def new_token() -> str:
+    """A fresh API token for one run of the node."""
+    return secrets.token_hex(32)
+
+
+def write_cookie(data_dir: Path, token: str) -> None:
+    """The run's API token, readable only by the node's user (written once it listens)."""
     _write_private(data_dir / COOKIE_FILE, token.encode())
-    return token
 
 
 def read_cookie(data_dir: Path) -> str:
@@ -150,12 +155,13 @@ class Store:
         self.save(list(entries), client_ids=[client_id] if client_id is not None else [])
 
     def save(self, entries: Sequence[Entry], *, client_ids: Sequence[ClientId] = (),
-             finals: tuple[list[FinalBatch], Checkpoint] | None = None) -> None:
+             finals: tuple[list[FinalBatch], Checkpoint] | None = None, network: bytes | None = None) -> None:
         """One transaction: entries (in the order given), the client's ids of the
-        requests that wrote some of them, and final fills with the final state
-        of their orders and the new checkpoint. All or nothing."""
+        requests that wrote some of them, final fills with the final state of
+        their orders and the new checkpoint, and the network this data dir
+        serves (a genesis and the network it names). All or nothing."""
         rows = [(e.origin, e.seq, e.body.to_wire()[0], encode_entry(e)) for e in entries]
-        if not rows and finals is None:
+        if not rows and finals is None and network is None:
             return
         with self._db:
             self._db.execute("BEGIN")
@@ -165,6 +171,8 @@ class Store:
                                  [(c.kind, c.cid, c.entry, c.order_id) for c in client_ids])
             if finals is not None:
                 self._write_finals(*finals)
+            if network is not None:
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('network', ?)", (network,))
 
     def find_client_id(self, kind: int, cid: str) -> ClientId | None:
         row = self._db.execute("SELECT entry, order_id FROM client_ids WHERE kind = ? AND cid = ?",
@@ -186,6 +194,10 @@ class Store:
                                    (origin, bases.get(origin, 0)))
             out.extend(decode_entry_bytes(bytes(row[0])) for row in cur)
         return out
+
+    def load_entry(self, origin: bytes, seq: int) -> Entry | None:
+        row = self._db.execute("SELECT wire FROM entries WHERE origin = ? AND seq = ?", (origin, seq)).fetchone()
+        return None if row is None else decode_entry_bytes(bytes(row[0]))
 
     def wire_range(self, origin: bytes, lo: int, hi: int) -> list[object]:
         """Entries ``lo..hi`` of ``origin`` as wire arrays (for a peer's delta; not re-verified)."""

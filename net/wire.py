@@ -1,18 +1,20 @@
 """Request and response bodies: JSON for clients (msgpack on request),
-msgpack for peers; one error shape ``{"error": code, "detail": text}``."""
+msgpack for peers; one error shape ``{"error": code, "detail": text}`` (a
+``wrong_network`` refusal adds the refusing node's network, ``net``), and
+the one reading of a peer's error answer (``peer_error``)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgpack
 from aiohttp import StreamReader, web
 
-from net.errors import ApiError, BadRequest, TooLarge
+from net.errors import ApiError, BadRequest, PeerErrorReply, TooLarge
 from net.server import GUARD
 
 MSGPACK = "application/msgpack"
@@ -31,7 +33,7 @@ def reply(request: web.Request, data: Any, *, status: int = 200) -> web.Response
 
 
 def error_reply(request: web.Request, exc: ApiError) -> web.Response:
-    body = {"error": exc.code, "detail": exc.detail}
+    body = {"error": exc.code, "detail": exc.detail, **exc.fields()}
     if request.path.startswith("/peer/"):
         resp = web.Response(body=pack(body), status=exc.status, content_type=MSGPACK)
     else:
@@ -39,6 +41,59 @@ def error_reply(request: web.Request, exc: ApiError) -> web.Response:
     if exc.retry_after is not None:
         resp.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     return resp
+
+
+PEER_CODE_CHARS = 50
+PEER_DETAIL_CHARS = 200
+NETWORK_ID_LEN = 32
+
+
+def peer_error(status: int | None, body: bytes | Mapping[Any, Any]) -> PeerErrorReply:
+    """What a peer's error answer says: from the body of an HTTP reply (msgpack,
+    or JSON) or a peer link's decoded answer, its code, detail and network
+    (``net``), and its status (a link answer carries ``status``).  Text only
+    and bounded: a body in neither shape is ``http_error`` with a printable
+    excerpt, never raw bytes in a log line."""
+    fields = body if isinstance(body, Mapping) else _error_fields(body)
+    code = fields.get("error") if fields is not None else None
+    if fields is None or not isinstance(code, str):
+        return PeerErrorReply(status=status, code="http_error", detail=_not_an_error_body(body))
+    said = fields.get("status")
+    if status is None and type(said) is int:
+        status = said
+    detail = fields.get("detail")
+    net = fields.get("net")
+    return PeerErrorReply(
+        status=status, code=printable(code, PEER_CODE_CHARS),
+        detail=printable(detail if isinstance(detail, str) else "", PEER_DETAIL_CHARS),
+        network=net if type(net) is bytes and len(net) == NETWORK_ID_LEN else None)
+
+
+def _error_fields(data: bytes) -> Mapping[Any, Any] | None:
+    """An error body as a map: msgpack (what peers send), else JSON; None if neither."""
+    for decode in (unpack, json.loads):
+        try:
+            obj = decode(data)
+        except (BadRequest, ValueError, RecursionError):
+            continue
+        return obj if isinstance(obj, Mapping) else None
+    return None
+
+
+def _not_an_error_body(body: bytes | Mapping[Any, Any]) -> str:
+    if not isinstance(body, bytes):
+        return "an answer without an error code"
+    if not body:
+        return "an empty answer"
+    excerpt = printable(body.decode("utf-8", "replace"), 80)
+    return f"a {len(body)}-byte answer that is not an error body: {excerpt}"
+
+
+def printable(text: str, limit: int) -> str:
+    """``text`` in at most ``limit`` characters (ending ``...`` when cut), each one
+    not printable replaced by ``?``."""
+    cut = text if len(text) <= limit else text[:max(limit - 3, 0)] + "..."
+    return "".join(c if c.isprintable() else "?" for c in cut)
 
 
 def pack(data: Any) -> bytes:

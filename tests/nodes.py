@@ -581,24 +581,27 @@ def logs_on_failure(request: pytest.FixtureRequest, nodes: Iterable[NodeProc]) -
 def write_history(data_dir: Path, bodies: Iterable[Any], *, start_ms: int) -> None:
     """Give a node that has not started yet a past: the data dir of the founder
     of a one-node network whose log holds ``bodies`` (orders, cancels), one
-    millisecond apart from ``start_ms``, each committed as the node would have."""
+    millisecond apart from ``start_ms``, each committed as the node would have.
+    Holds the data dir's lock meanwhile, as a node does (``DataDirInUse``
+    while a node runs on it)."""
     from matching.exchange import Exchange
+    from net.datadir import DataDirLock
     from net.store import Store, load_or_create_key
 
-    data_dir.mkdir(parents=True, exist_ok=True)
-    ex = Exchange(load_or_create_key(data_dir))
-    store = Store(data_dir)
-    try:
-        genesis = ex.found(now_ms=start_ms)
-        ex.apply_own(genesis, now_ms=start_ms)
-        assert ex.network is not None
-        store.save_network(ex.network)
-        entries = [genesis]
-        for i, body in enumerate(bodies):
-            e = ex.prepare(body, now_ms=start_ms + 1 + i)
-            ex.apply_own(e, now_ms=start_ms + 1 + i)
-            ex.take_finalized()  # the node recomputes what is final when it loads these entries
-            entries.append(e)
-        store.save_entries(entries)
-    finally:
-        store.close()
+    with DataDirLock.acquire(data_dir):
+        ex = Exchange(load_or_create_key(data_dir))
+        store = Store(data_dir)
+        try:
+            genesis = ex.found(now_ms=start_ms)
+            ex.apply_own(genesis, now_ms=start_ms)
+            assert ex.network is not None
+            store.save_network(ex.network)
+            entries = [genesis]
+            for i, body in enumerate(bodies):
+                e = ex.prepare(body, now_ms=start_ms + 1 + i)
+                ex.apply_own(e, now_ms=start_ms + 1 + i)
+                ex.take_finalized()  # the node recomputes what is final when it loads these entries
+                entries.append(e)
+            store.save_entries(entries)
+        finally:
+            store.close()
