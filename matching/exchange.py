@@ -3,17 +3,19 @@
 Owns turning entries into engine records (only members' entries inside their
 membership are matched), submitting the node's own orders, cancels,
 heartbeats, admissions and votes, merging received entries, keeping the
-engine in step with the replica, making records final as the stable frontier
-moves, and holding the resting book anew in compact objects after a long
-replay (``compact_book``).  The shell supplies the wall clock (milliseconds)
-on each call and carries out what comes back: it commits entries before
-applying its own and after merging others', persists what ``take_finalized``
-hands over, and pushes new entries to peers.
+engine in step with the replica, reporting the fills each call added (with
+their takers' origins, read before the takers can leave the engine) and
+revoked, making records final as the stable frontier moves, and holding the
+resting book anew in compact objects after a long replay (``compact_book``).
+The shell supplies the wall clock (milliseconds) on each call and carries
+out what comes back: it commits entries before applying its own and after
+merging others', persists what ``take_finalized`` hands over, and pushes new
+entries to peers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from hashlib import blake2b
 from typing import Any
@@ -105,6 +107,10 @@ class Submitted:
 class Received:
     merge: MergeResult
     added: tuple[Fill, ...] = ()  # provisional fills that appeared
+    #: the origin of the taker of every fill in ``added``, by taker id: once final,
+    #: a closed taker (filled in full, IOC or market, cancelled) leaves the engine,
+    #: on a lone member within this very call, and ``owner`` no longer knows it
+    taker_origins: Mapping[bytes, bytes] = field(default_factory=dict)
     revoked: tuple[Fill, ...] = ()  # provisional fills that went away
     finalized: bool = False  # the stable frontier moved: see ``take_finalized``
     decisions: tuple[Decision, ...] = ()
@@ -129,6 +135,7 @@ class Checkpoint:
 @dataclass(slots=True, kw_only=True)
 class _Effects:
     added: list[Fill] = field(default_factory=list)
+    taker_origins: dict[bytes, bytes] = field(default_factory=dict)
     revoked: list[Fill] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
     voided: list[Entry] = field(default_factory=list)
@@ -346,8 +353,9 @@ class Exchange:
         return self._received(merge, fx)
 
     def _received(self, merge: MergeResult, fx: _Effects) -> Received:
-        return Received(merge=merge, added=tuple(fx.added), revoked=tuple(fx.revoked), finalized=fx.finalized,
-                        decisions=tuple(fx.decisions), voided=tuple(fx.voided))
+        return Received(merge=merge, added=tuple(fx.added), taker_origins=fx.taker_origins,
+                        revoked=tuple(fx.revoked), finalized=fx.finalized, decisions=tuple(fx.decisions),
+                        voided=tuple(fx.voided))
 
     def _is_matched(self, e: Entry) -> bool:
         return e.seq <= self.finality.end(e.origin) and self.membership.valid(e.origin, e.seq, e.key)
@@ -426,11 +434,22 @@ class Exchange:
         n0 = len(fills)
         revisions: list[Revision] = change()
         if not revisions:
-            fx.added += fills[n0:]
+            self._note_added(fills[n0:], fx)
             return
         for rev in revisions:
             fx.revoked += rev.revoked
-            fx.added += rev.added
+            self._note_added(rev.added, fx)
+
+    def _note_added(self, added: Sequence[Fill], fx: _Effects) -> None:
+        """Collect fills that appeared, with their takers' origins, read now:
+        a fill's taker is in the engine until the next ``finalize``."""
+        fx.added += added
+        origins = fx.taker_origins
+        owner = self.engine.owner
+        for f in added:
+            taker = f[0]
+            if taker not in origins:
+                origins[taker] = owner(taker)
 
     def _settle(self, fx: _Effects) -> None:
         """Move the frontiers and decide evictions until nothing changes, then

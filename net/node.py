@@ -728,7 +728,7 @@ class Node:
             self._publish([{"type": "revoked", "fill": self.fill_event(f)} for f in result.revoked])
         if result.added:
             for f in result.added:
-                self.metrics.fills.labels("provisional", self._origin_label(self.exchange.owner(f[0]))).inc()
+                self.metrics.fills.labels("provisional", self._origin_label(result.taker_origins[f[0]])).inc()
             self._publish([{"type": "fill", "fill": self.fill_event(f)} for f in result.added])
         if result.finalized:
             self._unsaved_finals.extend(self.exchange.take_finalized())

@@ -596,6 +596,82 @@ class TestSubmit:
         assert physical_ms(ex.prepare(Heartbeat(), now_ms=NOW_MS).hlc) >= NOW_MS + 3_000
 
 
+class TestTakerOrigins:
+    """Regression: ``p2pex_fills_total{origin}`` looked a provisional fill's
+    taker up with ``owner`` after the call, when a closed taker (filled in
+    full, IOC, market) that became final within the call had left the engine
+    and so counted as another node's.  ``Received.taker_origins`` carries the
+    origin with every added fill; a final fill's taker is among the orders of
+    the batch that made it final, with its owner."""
+
+    @staticmethod
+    def origins(got: Received | None) -> list[bytes]:
+        assert got is not None
+        assert set(got.taker_origins) == {f[0] for f in got.added}
+        return [got.taker_origins[f[0]] for f in got.added]
+
+    @staticmethod
+    def final_owners(ex: Exchange) -> tuple[list[Fill], dict[bytes, bytes]]:
+        """The fills made final since the last call and the owners of their orders."""
+        fills: list[Fill] = []
+        owners: dict[bytes, bytes] = {}
+        for batch in ex.take_finalized():
+            fills += batch.fills
+            owners.update((fo.oid, fo.owner) for fo in batch.orders)
+        return fills, owners
+
+    def test_every_kind_of_taker_on_a_lone_member(self) -> None:
+        ex = Lockstep(1).nodes[0]
+        me = ex.node_id
+        ex.take_finalized()
+        takers = {  # the ask placed first, the taker: one fill each
+            "filled in full": (2, Order(side=BUY, price=100, qty=2)),
+            "ioc, the rest expires": (1, Order(side=BUY, price=100, qty=3, tif=IOC)),
+            "market, the rest expires": (1, Order(side=BUY, price=0, qty=2, tif=IOC, market=True)),
+            "partially filled, resting": (1, Order(side=BUY, price=100, qty=3)),
+        }
+        for what, (ask_qty, body) in takers.items():
+            ask = ex.submit(Order(side=SELL, price=100, qty=ask_qty), now_ms=NOW_MS)
+            got = ex.submit(body, now_ms=NOW_MS)
+            taker = got.entry.hash
+            assert got.fills == ((taker, ask.entry.hash, 100, ask_qty),), what
+            assert ex.frontiers().final >= got.entry.hlc, what  # a lone member: final within the call
+            assert self.origins(got.received) == [me], what
+            assert ex.owner(taker) == (me if what.endswith("resting") else None), what  # what was looked up
+            fills, owners = self.final_owners(ex)
+            assert fills == list(got.fills) and owners[taker] == me, what
+
+    def test_a_taker_from_another_origin_then_cancelled(self) -> None:
+        net = Lockstep(2)
+        alice, bob = net.nodes
+        ask = net.write(0, Order(side=SELL, price=100, qty=3))
+        net.deliver()
+        before = len(net.finals[0])
+        bids = [net.write(1, Order(side=BUY, price=0, qty=1, tif=IOC, market=True)),
+                net.write(1, Order(side=BUY, price=100, qty=5))]  # fills 2, 3 rest
+        net.write(1, Cancel(order_id=bids[1].hash))
+        got = alice.receive(net.log, now_ms=net.now)
+        assert got.added == ((bids[0].hash, ask.hash, 100, 1), (bids[1].hash, ask.hash, 100, 2))
+        assert self.origins(got) == [bob.node_id] * 2
+        net.run(100)
+        assert alice.pending() == 0 and alice.engine.orders == {}  # final and closed: forgotten
+        fills, owners = net.finals[0][before:], net.final_orders[0]  # what alice's batches handed over
+        assert fills == list(got.added) and [owners[f[0]].owner for f in fills] == [bob.node_id] * 2
+
+    def test_fills_revised_by_a_late_entry(self) -> None:
+        a, b, c = (LogBuilder(key_for(i)) for i in range(3))
+        from tests.conftest import admit_all
+        admit_all([a, b, c], ms=NOW_MS - 1_000)
+        ask = a.order(SELL, 100, 1, ms=NOW_MS - 30)
+        early_bid = b.order(BUY, 101, 1, ms=NOW_MS - 20)
+        late_bid = c.order(BUY, 100, 1, ms=NOW_MS - 10)
+        ex = observer(0, a.entries[0].hash)
+        assert self.origins(ex.receive([*a.entries, late_bid], now_ms=NOW_MS)) == [c.origin]
+        got = ex.receive([early_bid], now_ms=NOW_MS)
+        assert got.added == ((early_bid.hash, ask.hash, 100, 1),)
+        assert self.origins(got) == [b.origin]
+
+
 class TestRestart:
     def test_a_checkpoint_and_the_entries_above_it_give_the_same_state(self) -> None:
         net = Lockstep(3)

@@ -13,7 +13,7 @@ import msgpack
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.nodes import NodeProc, http, make_nodes, start_network, stop_all, wait_until
+from tests.nodes import NodeProc, all_final, cluster, http, make_nodes, start_network, stop_all, wait_until
 
 # The tests of this module share its node processes (module-scoped fixtures): one test worker runs them all.
 pytestmark = pytest.mark.xdist_group("test_metrics")
@@ -43,6 +43,74 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProc]]:
         yield nodes
     finally:
         stop_all(nodes)
+
+
+def fills_by_label(node: NodeProc) -> dict[tuple[str, str], float]:
+    """``p2pex_fills_total`` by (state, origin), whatever label values the node reports."""
+    return {(dict(labels)["state"], dict(labels)["origin"]): v
+            for (name, labels), v in scrape(node).items() if name == "p2pex_fills_total"}
+
+
+def fills_since(node: NodeProc, start: dict[tuple[str, str], float]) -> dict[tuple[str, str], float]:
+    """What ``p2pex_fills_total`` gained since ``start``, by (state, origin), zeros left out."""
+    now = fills_by_label(node)
+    return {k: v - start.get(k, 0.0) for k, v in now.items() if v != start.get(k, 0.0)}
+
+
+def place_takers(node: NodeProc) -> int:
+    """Orders on ``node`` whose takers leave the book in every way a taker can:
+    filled in full, IOC and market with a remainder that expires, resting
+    partially filled, and a sell filled in full against that rest; how many
+    fills they make (one each, all of them with a taker placed on ``node``)."""
+    for ask, taker in ((2, {"side": "buy", "qty": 2, "price": 100}),
+                       (1, {"side": "buy", "qty": 3, "price": 100, "tif": "IOC"}),
+                       (1, {"side": "buy", "qty": 2, "market": True}),
+                       (1, {"side": "buy", "qty": 3, "price": 100})):
+        node.order("sell", ask, 100)
+        node.order(**taker)
+    node.order("sell", 1, 100)  # the taker: the resting buy above is its maker
+    return 5
+
+
+class TestFillsByOrigin:
+    """Regression: ``p2pex_fills_total{origin}`` named the taker's origin by
+    looking the taker up in the book after the fill; a taker filled in full,
+    an IOC or a market taker had left it by then (at once on a lone node,
+    where a fill is final within the call), so a node's own fills counted as
+    ``origin="others"``: 4 of 5 on a single node."""
+
+    def test_a_single_node_counts_every_own_taker_as_self(self, tmp_path: Path) -> None:
+        nodes = make_nodes(tmp_path, ("solo",))
+        try:
+            start_network(nodes)
+            (solo,) = nodes
+            start, finals = fills_by_label(solo), solo.status()["counts"]["final_fills"]
+            n = place_takers(solo)
+            wait_until(lambda: all_final(nodes) and solo.status()["counts"]["final_fills"] == finals + n,
+                       timeout=30, what=f"{n} fills final", nodes=nodes)
+            assert fills_since(solo, start) == {("provisional", "self"): n, ("final", "self"): n}
+        finally:
+            stop_all(nodes)
+
+    def test_takers_count_as_self_where_placed_and_others_elsewhere(self, tmp_path: Path) -> None:
+        with cluster(tmp_path, ("a", "b")) as nodes:
+            a, b = nodes
+            starts = [fills_by_label(a), fills_by_label(b)]
+            finals = a.status()["counts"]["final_fills"]
+
+            def final(n: int) -> None:
+                wait_until(lambda: all_final(nodes) and a.status()["counts"]["final_fills"] == finals + n,
+                           timeout=30, what=f"{n} fills final on both", nodes=nodes)
+
+            n = place_takers(a)  # the last one leaves a buy of 1 resting at 100
+            final(n)
+            b.order("sell", 1, 100)  # b's taker, a's maker
+            final(n + 1)
+            assert [value(scrape(x), "p2pex_fills_revoked_total") for x in nodes] == [0, 0]  # none counted twice
+            assert fills_since(a, starts[0]) == {("provisional", "self"): n, ("final", "self"): n,
+                                                 ("provisional", "others"): 1, ("final", "others"): 1}
+            assert fills_since(b, starts[1]) == {("provisional", "others"): n, ("final", "others"): n,
+                                                 ("provisional", "self"): 1, ("final", "self"): 1}
 
 
 class TestMetrics:
