@@ -68,6 +68,9 @@ from tests.dockerbuild import (
 )
 from tests.nodes import free_port
 
+# TestImage builds the image once for the class (a class-scoped fixture): one test worker runs it all.
+pytestmark = pytest.mark.xdist_group("test_image_build")
+
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY = "cli"  # the module every command of the image runs: python cli.py ...
 VENV_TIMEOUT_S = 120.0

@@ -23,7 +23,7 @@ from sim.scenario import run
 #: chunks that parallel test workers (pytest-xdist) share out.
 SEEDS = 200
 STORM_SEEDS = 24
-CHUNK = 25
+CHUNK = 10
 STORM_CHUNK = 8
 
 
