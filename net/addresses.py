@@ -19,7 +19,6 @@ record is checked and to a refused one when it is dialed is still refused.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import re
 import socket
@@ -29,7 +28,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import ThreadedResolver
+
+from net.threads import off_loop
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -168,7 +168,7 @@ def parse_networks(text: str) -> tuple[str, ...] | None:
 
 class AddressGuard:
     """Checks a peer URL before the node dials it; resolutions are cached for
-    ``ttl_s`` and looked up in the default executor, never on the loop."""
+    ``ttl_s`` and looked up in a daemon thread (``net.threads``), never on the loop."""
 
     def __init__(self, policy: AddressPolicy, *, ttl_s: float = 30.0, max_cached: int = 4096,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
@@ -199,7 +199,7 @@ class AddressGuard:
         now = self.monotonic()
         hit = self._cache.get(key)
         if hit is None or hit[0] < now:
-            ips = await asyncio.get_running_loop().run_in_executor(None, resolve, parsed.host, parsed.port)
+            ips = await off_loop(resolve, parsed.host, parsed.port)
             if len(self._cache) >= self.max_cached:
                 self._cache.clear()
             self._cache[key] = (now + self.ttl_s, ips)
@@ -211,22 +211,31 @@ class AddressGuard:
 
 
 class PeerResolver(AbstractResolver):
-    """aiohttp's threaded resolver, less the addresses the guard's policy refuses."""
+    """aiohttp's threaded resolver, less the addresses the guard's policy
+    refuses, and with its lookups in daemon threads (``net.threads``): the
+    loop's executor threads are waited for at exit, and a lookup stuck on a
+    name server that does not answer kept a stopped node alive."""
 
     def __init__(self, guard: AddressGuard) -> None:
         self._guard = guard
-        self._inner = ThreadedResolver()
 
     async def resolve(self, host: str, port: int = 0,
                       family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
-        kept = [r for r in results if self._guard.policy.allows(ipaddress.ip_address(r["host"].split("%", 1)[0]))]
+        infos = await off_loop(socket.getaddrinfo, host, port, family, socket.SOCK_STREAM, 0, socket.AI_ADDRCONFIG)
+        kept: list[ResolveResult] = []
+        for fam, _, proto, _, sockaddr in infos:
+            if fam not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            address = str(sockaddr[0])  # a scoped IPv6 address keeps its "%zone"
+            if self._guard.policy.allows(ipaddress.ip_address(address.split("%", 1)[0])):
+                kept.append(ResolveResult(hostname=host, host=address, port=int(sockaddr[1]), family=fam, proto=proto,
+                                          flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV))
         if not kept:
             raise OSError(f"{host} resolves only to addresses this node does not dial")
         return kept
 
     async def close(self) -> None:
-        await self._inner.close()
+        pass
 
 
 __all__ = ["AddressGuard", "AddressPolicy", "PeerResolver", "PeerUrl", "classify", "parse_peer_url"]

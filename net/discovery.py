@@ -5,19 +5,28 @@ keys and reads all slots for seeds; HTTP peer exchange spreads the rest.
 Bootstrap host names are resolved with getaddrinfo (the library wants IPs)
 and retried with exponential backoff until a seed answers.  The DHT node id
 is derived from the node's public key, so it is stable across restarts.
+
+Every wait here is cancellable at once, so a stop never waits for the DHT:
+time limits are ``asyncio.timeout`` blocks (Python 3.11's ``wait_for``
+returns the result, and drops the cancellation, when what it waits for ends
+in the same step), nothing catches a cancellation, lookups run in daemon
+threads (``net.threads``), and ``stop`` settles the library's calls still
+waiting for an answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import random
 from hashlib import blake2b
 
 from kademlia.network import Server
 from kademlia.protocol import KademliaProtocol
-from tenacity import AsyncRetrying, retry_if_result, wait_exponential_jitter
 
 from net.config import resolve_udp
+from net.threads import off_loop
 
 log = logging.getLogger("p2pex.dht")
 SLOTS = 4
@@ -33,6 +42,14 @@ logging.getLogger("rpcudp").setLevel(logging.CRITICAL)
 
 
 _RPC_TIMEOUT = 2  # seconds; the library's 5 s default slows every join attempt
+JOIN_FIRST_WAIT_S = 0.2  # between join attempts: doubling from this, plus up to JOIN_JITTER_S, at most JOIN_MAX_WAIT_S
+JOIN_JITTER_S = 1.0
+JOIN_MAX_WAIT_S = 5.0
+
+
+def join_wait(failures: int, rng: random.Random) -> float:
+    """Seconds before the next join attempt, after ``failures`` failed ones."""
+    return min(JOIN_FIRST_WAIT_S * 2.0 ** min(failures, 16) + rng.uniform(0, JOIN_JITTER_S), JOIN_MAX_WAIT_S)
 
 
 class _Protocol(KademliaProtocol):  # type: ignore[misc]
@@ -57,6 +74,32 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
             await super()._accept_request(msg_id, data, address)
         except Exception as exc:
             self._dropped(address, exc)
+
+    def _timeout(self, msg_id: bytes) -> None:
+        """The library's, for a call that its caller gave up on meanwhile (a
+        time limit or a stop cancels the waiting future; setting its result
+        when the timer fired raised InvalidStateError, a traceback in the log)."""
+        waiting = self._outstanding.pop(msg_id, None)
+        if waiting is not None and not waiting[0].done():
+            waiting[0].set_result((False, None))
+
+    def _accept_response(self, msg_id: bytes, data: object, address: tuple[str, int]) -> None:
+        """The library's, for an answer that comes after its caller gave up."""
+        waiting = self._outstanding.pop(msg_id, None)
+        if waiting is None:
+            return
+        future, timer = waiting
+        timer.cancel()
+        if not future.done():
+            future.set_result((True, data))
+
+    def settle_all(self) -> None:
+        """Every call still waiting for an answer is given up, its timer cancelled."""
+        for future, timer in list(self._outstanding.values()):
+            timer.cancel()
+            if not future.done():
+                future.cancel()
+        self._outstanding.clear()
 
     def _dropped(self, address: tuple[str, int], exc: Exception) -> None:
         self.junk += 1
@@ -88,47 +131,48 @@ class Discovery:
             self.joined.set()  # the first node of its network
 
     async def join(self) -> None:
-        """Retry the bootstrap addresses until one answers (runs until it does)."""
+        """Retry the bootstrap addresses until one answers (runs until it
+        does, or until cancelled).  A plain loop: tenacity's ``with attempt:``
+        block took a stop's CancelledError for a failed attempt, and the join
+        went on retrying a bootstrap node that was gone while the stop waited
+        for it (a node that ignored SIGTERM)."""
         if not self.bootstrap_addrs:
             return
-        loop = asyncio.get_running_loop()
-
-        async def attempt() -> bool:
-            addrs: list[tuple[str, int]] = []
-            for host, port in self.bootstrap_addrs:
-                try:
-                    addrs += await loop.run_in_executor(None, resolve_udp, host, port)
-                except OSError as exc:
-                    log.info("bootstrap %s:%d does not resolve yet: %s", host, port, exc)
-            if not addrs:
-                return False
-            found = await asyncio.wait_for(self.server.bootstrap(addrs), _DHT_TIMEOUT)
-            if not found:
-                log.info("bootstrap %s not answering yet; retrying", addrs)
-            return bool(found)
-
-        retrying = AsyncRetrying(
-            wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
-            retry=retry_if_result(lambda ok: not ok),
-            reraise=True,
-        )
-        async for attempt_ctx in retrying:
-            with attempt_ctx:
-                try:
-                    ok = await attempt()
-                except TimeoutError:
-                    ok = False
-            attempt_ctx.retry_state.set_result(ok)
+        rng = random.Random()
+        for failures in itertools.count():
+            if await self._join_once():
+                break
+            await asyncio.sleep(join_wait(failures, rng))
         self.joined.set()
         log.info("joined the DHT")
+
+    async def _join_once(self) -> bool:
+        """One attempt: whether a bootstrap address answered."""
+        addrs: list[tuple[str, int]] = []
+        for host, port in self.bootstrap_addrs:
+            try:
+                addrs += await off_loop(resolve_udp, host, port)
+            except OSError as exc:
+                log.info("bootstrap %s:%d does not resolve yet: %s", host, port, exc)
+        if not addrs:
+            return False
+        try:
+            async with asyncio.timeout(_DHT_TIMEOUT):
+                found = await self.server.bootstrap(addrs)
+        except TimeoutError:
+            found = []
+        if not found:
+            log.info("bootstrap %s not answering yet; retrying", addrs)
+        return bool(found)
 
     async def observed_host(self) -> str | None:
         """Our IP as a bootstrap node sees it (STUN over the DHT protocol)."""
         for host, port in self.bootstrap_addrs:
             try:
-                addrs = await asyncio.get_running_loop().run_in_executor(None, resolve_udp, host, port)
+                addrs = await off_loop(resolve_udp, host, port)
                 for addr in addrs:
-                    result = await asyncio.wait_for(self.server.protocol.stun(addr), _DHT_TIMEOUT)
+                    async with asyncio.timeout(_DHT_TIMEOUT):
+                        result = await self.server.protocol.stun(addr)
                     if result and result[0]:
                         return str(result[1][0])
             except (OSError, TimeoutError):
@@ -138,7 +182,8 @@ class Discovery:
     async def publish(self, record: bytes) -> None:
         for key in self._slots:
             try:
-                await asyncio.wait_for(self.server.set(key, record), _DHT_TIMEOUT)
+                async with asyncio.timeout(_DHT_TIMEOUT):
+                    await self.server.set(key, record)
             except TimeoutError:
                 log.debug("publishing under %s timed out", key)
 
@@ -146,7 +191,8 @@ class Discovery:
         out: list[bytes] = []
         for key in SLOT_KEYS:
             try:
-                value = await asyncio.wait_for(self.server.get(key), _DHT_TIMEOUT)
+                async with asyncio.timeout(_DHT_TIMEOUT):
+                    value = await self.server.get(key)
             except TimeoutError:
                 continue
             if isinstance(value, bytes):
@@ -154,4 +200,8 @@ class Discovery:
         return out
 
     def stop(self) -> None:
+        """Close the socket, stop the library's timers, give up the calls under way."""
         self.server.stop()
+        protocol = self.server.protocol
+        if protocol is not None:
+            protocol.settle_all()
