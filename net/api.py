@@ -432,7 +432,8 @@ async def _until_final(node: Node, hlc: int, timeout: float) -> bool:
         if left <= 0:
             return False
         try:
-            await asyncio.wait_for(node.finality_changed.wait(), left)
+            async with asyncio.timeout(left):
+                await node.finality_changed.wait()
         except TimeoutError:
             return False
     return True
@@ -724,38 +725,43 @@ async def stream(request: web.Request) -> web.WebSocketResponse:
     """``GET /v1/stream`` (WebSocket): one JSON event per message: ``fill``
     (provisional), ``revoked`` (a provisional fill that went away), ``final``
     (fills that became final, with the frontier), ``book`` (top of book,
-    coalesced, at most 10 a second)."""
+    coalesced, at most 10 a second).  A reader that reads nothing loses the
+    stream once a message waits SEND_TIMEOUT_S to be sent; a stop closes it
+    with the sessions and links."""
     node = _node(request)
     ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=TRADE_MSG_CAP)  # it reads nothing from the client
     await ws.prepare(request)
+    app = request.app
+    transport = request.transport
+    app[SOCKETS][ws] = transport
     sub = node.subscribe()
-    await ws.send_str(json.dumps({"type": "hello", "node": node.node_id.hex(), "frontier":
-                                  node.exchange.frontiers().final, "book": _top(node)}))
     reader = asyncio.create_task(_drain_ws(ws))
     last_book: Any = None
     try:
+        await _send(ws, json.dumps({"type": "hello", "node": node.node_id.hex(), "frontier":
+                                    node.exchange.frontiers().final, "book": _top(node)}), transport)
         while not ws.closed and not reader.done():
             try:
-                ev = await asyncio.wait_for(sub.queue.get(), 0.1)
+                async with asyncio.timeout(0.1):
+                    ev: dict[str, Any] | None = await sub.queue.get()
             except TimeoutError:
                 ev = None
             if sub.dropped:
-                await ws.send_str(json.dumps({"type": "error", "error": "too_slow",
-                                              "detail": "the stream fell too far behind; reconnect"}))
+                await _send(ws, json.dumps({"type": "error", "error": "too_slow",
+                                            "detail": "the stream fell too far behind; reconnect"}), transport)
                 break
             if ev is not None:
-                await ws.send_str(json.dumps(ev))
+                await _send(ws, json.dumps(ev), transport)
             book = _top(node)
             if book != last_book:
                 last_book = book
-                await ws.send_str(json.dumps({"type": "book", **book}))
-    except (ConnectionResetError, RuntimeError):
-        pass
+                await _send(ws, json.dumps({"type": "book", **book}), transport)
     finally:
+        app[SOCKETS].pop(ws, None)
         node.subscribers.discard(sub)
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
-        await ws.close()
+        await _close(ws, transport)
     return ws
 
 
@@ -776,9 +782,9 @@ TRADE_MSG_CAP = 4096
 TRADE_OPS = ("place", "cancel")
 #: How long sending one message on a session or link (or closing it) may take.
 SEND_TIMEOUT_S = 5.0
-#: Open trading sessions and peer links, closed when the node stops.
+#: Open trading sessions, peer links and event streams, closed when the node stops.
 SOCKETS: web.AppKey[dict[web.WebSocketResponse, asyncio.Transport | None]] = web.AppKey("sockets")
-SHUTDOWN_CLOSE_S = 1.0  # how long a stop waits for each session or link to close before cutting it
+SHUTDOWN_CLOSE_S = 0.5  # how long a stop waits for each session, link or stream to close before cutting it
 
 
 async def trade(request: web.Request) -> web.WebSocketResponse:
@@ -920,9 +926,9 @@ def _take_write(app: web.Application) -> None:
 
 
 async def _close_sockets(app: web.Application) -> None:
-    """On shutdown: tell every trading session and peer link the node is going
-    away, all at once, each under a timeout (a peer that does not read must
-    not hold up the stop)."""
+    """On shutdown: tell every trading session, peer link and event stream
+    the node is going away, all at once, each under a timeout (a peer or
+    client that does not read must not hold up the stop)."""
     await asyncio.gather(*(_close(ws, t, within=SHUTDOWN_CLOSE_S, why=b"the node is stopping")
                            for ws, t in tuple(app[SOCKETS].items())))
 

@@ -1,8 +1,9 @@
 """The node process: wires the pure core to storage, HTTP and discovery.
 
 Owns the lifecycle (the data dir's lock, held from construction to stop;
-start from the last checkpoint, clean stop), founding a
-network or asking a member to be admitted, ingesting entries from clients and
+start from the last checkpoint; a clean stop, bounded in time whatever peers
+and callers do), founding a network or asking a member to be admitted,
+ingesting entries from clients and
 peers (validate in the core, commit to SQLite, then acknowledge), the ticks
 that write heartbeats and votes, persisting what becomes final, pushing new
 entries to every peer at once, periodic pull anti-entropy with equivocation
@@ -87,6 +88,7 @@ from net.store import (
     new_token,
     write_cookie,
 )
+from net.threads import off_loop
 from net.wire import MSGPACK, PEER_BODY_CAP, pack, peer_error, read_capped, unpack
 
 log = logging.getLogger("p2pex.node")
@@ -130,6 +132,15 @@ STREAM_QUEUE = 10_000  # events buffered per stream subscriber before it is drop
 # once this many records (and at least as many as orders rest) became final since the book was last
 # held anew, it is held anew at the next moment nothing is provisional (see _compact_book)
 COMPACT_AFTER_RECORDS = 50_000
+# a stop takes at most STOP_BUDGET_S (README: the process exits within 3 s of SIGTERM): stop taking requests
+# (HTTP_SHUTDOWN_S of it for in-flight requests), cancel the node's tasks, close links to peers, the HTTP client
+# and the DHT, then commit and close SQLite (no timer can interrupt that; committing what is queued takes ms)
+STOP_HTTP_S = 1.25
+HTTP_SHUTDOWN_S = 0.3  # aiohttp's wait for a request in flight, then again for it once cancelled
+STOP_TASKS_S = 0.5
+STOP_RECANCEL_S = 0.05
+STOP_PEERS_S = 0.5
+STOP_BUDGET_S = STOP_HTTP_S + STOP_TASKS_S + STOP_PEERS_S + 0.25
 
 
 def wall_ms() -> int:
@@ -360,7 +371,7 @@ class Node:
             connector=aiohttp.TCPConnector(limit=64, limit_per_host=4, resolver=PeerResolver(self.guard)),
         )
         app = build_app(self)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0,
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_S,
                                      **handler_args(self.http_guard.limits))
         await self._runner.setup()
         await self._listen()
@@ -491,21 +502,21 @@ class Node:
                                      detail=f"no live peer synced within {self.config.ready_timeout:g} s"))
 
     async def stop(self) -> None:
+        """Stop within STOP_BUDGET_S, whatever peers and callers do: stop
+        taking requests (sessions, links and streams are told, in-flight
+        requests finish or are cut), cancel every task, close the links to
+        peers, the HTTP client and the DHT, then commit what is queued and
+        close the database.  Each step that waits is bounded; the log says
+        how long each took."""
         self.serving = False
         self._stopping.set()
         t0 = time.monotonic()
-        if self._runner is not None:  # first stop taking requests, which may spawn pushes
-            await self._runner.cleanup()
+        await self._stop_http(STOP_HTTP_S)
         t1 = time.monotonic()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        links = [link.ws for link in self._links.values() if link.ws is not None and not link.ws.closed]
-        await asyncio.gather(*(asyncio.wait_for(ws.close(), LINK_CLOSE_S) for ws in links), return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
-        self.discovery.stop()
+        stuck = await self._stop_tasks(STOP_TASKS_S)
         t2 = time.monotonic()
+        await self._stop_peers(STOP_PEERS_S)
+        t3 = time.monotonic()
         try:
             self._commit_own()
             self.flush()
@@ -515,10 +526,64 @@ class Node:
                 self._compact_handle = None
             self.store.close()
             self.lock.release()
-        t3 = time.monotonic()
+        t4 = time.monotonic()
+        if stuck:
+            log.warning("%s: %d tasks did not end when cancelled: %s", self.config.name, len(stuck),
+                        ", ".join(sorted(stuck)[:10]))
         logs.flush(force=True)
-        log.info("%s: stopped in %.2f s (HTTP %.2f s, tasks %.2f s, SQLite %.2f s)", self.config.name,
-                 t3 - t0, t1 - t0, t2 - t1, t3 - t2)
+        log.info("%s: stopped in %.2f s (HTTP %.2f s, tasks %.2f s, peers %.2f s, SQLite %.2f s)",
+                 self.config.name, t4 - t0, t1 - t0, t2 - t1, t3 - t2, t4 - t3)
+
+    async def _stop_http(self, within: float) -> None:
+        """Stop taking requests first (they may spawn pushes): aiohttp's
+        shutdown tells sessions, links and streams (``net.api``), gives
+        in-flight requests HTTP_SHUTDOWN_S and then cancels them.  Whatever
+        is still open after ``within`` is cut."""
+        if self._runner is None:
+            return
+        try:
+            async with asyncio.timeout(within):
+                await self._runner.cleanup()
+        except TimeoutError:
+            cut = self.http_guard.abort_all()
+            log.warning("%s: the HTTP shutdown took over %.1f s; %d connections cut", self.config.name, within, cut)
+
+    async def _stop_tasks(self, within: float) -> list[str]:
+        """Cancel every task of the node and wait for them, at most ``within``;
+        the names of those still running then.  A task is cancelled again
+        every STOP_RECANCEL_S: Python 3.11's ``wait_for`` drops a cancellation
+        that comes in the step where what it waits for ends, and a loop
+        around it would run on (a node that ignored SIGTERM); tasks spawned
+        meanwhile (closing a link) are cancelled too."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while self._tasks:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.wait(list(self._tasks), timeout=min(left, STOP_RECANCEL_S))
+        return [task.get_name() for task in self._tasks]
+
+    async def _stop_peers(self, within: float) -> None:
+        """Close the links to peers, then the HTTP client, each in at most
+        half of ``within`` (a peer that reads nothing is cut), and the DHT."""
+        links = [link.ws for link in self._links.values() if link.ws is not None and not link.ws.closed]
+        self._links.clear()
+        session, self._session = self._session, None
+        try:
+            async with asyncio.timeout(within / 2):
+                await asyncio.gather(*(ws.close() for ws in links), return_exceptions=True)
+        except TimeoutError:
+            log.info("%s: closing links to peers took over %.2f s; cut", self.config.name, within / 2)
+        if session is not None:
+            try:
+                async with asyncio.timeout(within / 2):
+                    await session.close()
+            except TimeoutError:
+                log.info("%s: closing the HTTP client took over %.2f s", self.config.name, within / 2)
+        self.discovery.stop()
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
@@ -565,13 +630,13 @@ class Node:
         if own is not None:
             ip = literal(own.host)
             try:
-                ips = [ip] if ip is not None else await asyncio.get_running_loop().run_in_executor(
-                    None, resolve, own.host, own.port)
-            except OSError as exc:
+                async with asyncio.timeout(self.config.peer_timeout):
+                    ips = [ip] if ip is not None else await off_loop(resolve, own.host, own.port)
+            except (OSError, TimeoutError) as exc:
                 settled = False
                 bound = literal(self.config.host)
                 ips = [bound] if bound is not None else []
-                log.info("our URL %s does not resolve yet (%s)", self.url, exc)
+                log.info("our URL %s does not resolve yet (%s)", self.url, str(exc) or "no answer in time")
         policy = AddressPolicy.own_network(ips)
         if policy != self.guard.policy:
             self.guard.policy = policy
@@ -1111,6 +1176,8 @@ class Node:
         return len(times)
 
     def _queue_push(self, peer: Peer, batch: list[Entry]) -> None:
+        if self._stopping.is_set():  # a stop commits what is queued: peers pull it after
+            return
         nid = peer.record.node_id
         queue = self._push_queues.setdefault(nid, [])
         if len(queue) + len(batch) > PUSH_QUEUE_CAP:
@@ -1227,11 +1294,12 @@ class Node:
 
     async def _allowed(self, url: str) -> None:
         """Raise PeerRefused when the address policy forbids a peer URL (nothing
-        is to be sent), PeerError when it does not resolve."""
+        is to be sent), PeerError when it does not resolve (within the peer timeout)."""
         try:
-            refusal = await self.guard.refusal(url)
-        except OSError as exc:
-            raise PeerError(f"{url} does not resolve: {exc}") from None
+            async with asyncio.timeout(self.config.peer_timeout):
+                refusal = await self.guard.refusal(url)
+        except (OSError, TimeoutError) as exc:
+            raise PeerError(f"{url} does not resolve: {str(exc) or 'no answer in time'}") from None
         if refusal is not None:
             raise PeerRefused(f"{url}: {refusal}")
 
@@ -1502,7 +1570,8 @@ class Node:
         if live:
             peer = self.rng.choice(live)
             try:
-                await asyncio.wait_for(self.sync_with(peer), self.config.peer_timeout * 3)
+                async with asyncio.timeout(self.config.peer_timeout * 3):
+                    await self.sync_with(peer)
             except (PeerError, TimeoutError) as exc:
                 self.counters["pull_failures"] += 1
                 log.debug("pull from %s failed: %s", peer.short, exc)
@@ -1513,7 +1582,8 @@ class Node:
 
     async def _probe(self, peer: Peer) -> None:
         try:
-            await asyncio.wait_for(self.sync_with(peer), self.config.peer_timeout * 3)
+            async with asyncio.timeout(self.config.peer_timeout * 3):
+                await self.sync_with(peer)
         except (PeerError, TimeoutError):
             pass
         finally:
@@ -1566,7 +1636,8 @@ class Node:
         policy_at = self.monotonic() + POLICY_EVERY_S
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._offered.wait(), PROVE_EVERY_S)
+                async with asyncio.timeout(PROVE_EVERY_S):
+                    await self._offered.wait()
             self._offered.clear()
             try:
                 if not self._policy_settled and self.monotonic() >= policy_at:
@@ -1616,7 +1687,8 @@ class Node:
         log.info("peer %s proved its key at %s", peer.short, rec.url)
         self.offer_records(reply.get("records"), source=rec.url)
         try:
-            await asyncio.wait_for(self.sync_with(peer), self.config.peer_timeout * 3)
+            async with asyncio.timeout(self.config.peer_timeout * 3):
+                await self.sync_with(peer)
         except (PeerError, TimeoutError):
             pass
 

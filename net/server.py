@@ -162,6 +162,13 @@ class Guard:
             self.conns.pop(conn.transport, None)
             conn.transport.abort()
 
+    def abort_all(self) -> int:
+        """Cut every connection at once (a stop that ran out of time); how many."""
+        conns = list(self.conns.values())
+        for conn in conns:
+            self._close(conn)
+        return len(conns)
+
     def busy(self, transport: asyncio.BaseTransport | None) -> _Conn | None:
         conn = self.conns.get(transport) if transport is not None else None
         if conn is not None:

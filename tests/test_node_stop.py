@@ -1,7 +1,10 @@
 """A node stops on SIGTERM within 3 s, with exit status 0, whatever it is
-doing: here, its DHT join retrying a bootstrap node that is gone.  Real node
-processes on 127.0.0.1, free ports only; every process a test starts is
-stopped by its pid before the test ends.
+doing: its DHT join retrying a bootstrap node that is gone, a peer paused
+(SIGSTOP) or killed, a peer that takes a connection and never answers,
+callers that open a peer link, a trading session or the event stream and
+never read while the node sends much, a sync in flight over a slow link, and
+orders being committed.  Real node processes on 127.0.0.1, free ports only;
+every process a test starts is stopped by its pid before the test ends.
 
 The bound is the product's promise (README), measured from SIGTERM to the
 exit of the process with ``time.monotonic``.
@@ -9,7 +12,10 @@ exit of the process with ``time.monotonic``.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -17,17 +23,26 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
+import msgpack
 import pytest
 
+from crdt.keys import SigningKey
+from net.peers import PeerRecord
+from tests.linkproxy import slow_link
 from tests.nodes import (
     HOST,
     NodeProc,
     free_port,
     logs_on_failure,
+    make_nodes,
     report,
+    start_network,
+    wait_until,
 )
 
 STOP_BOUND_S = 3.0  # README: a node stops within 3 s of SIGTERM
+SMALL_RCVBUF = 4096  # a caller that reads nothing offers the node a small TCP window
 
 
 # ---- helpers ---------------------------------------------------------------------------
@@ -71,6 +86,84 @@ def figures(request: pytest.FixtureRequest, what: str, took: float) -> None:
     report(request, f"\n[figures] {request.node.name}: stopped {took:.2f} s after SIGTERM ({what})")
 
 
+def upgrade(n: NodeProc, path: str, headers: dict[str, str]) -> socket.socket:
+    """A raw WebSocket on ``path`` with a tiny receive buffer, upgraded, that
+    the test will never read from again."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RCVBUF)  # before connecting: a small window
+    s.settimeout(5.0)
+    s.connect((HOST, n.port))
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    s.sendall((f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n").encode())
+    head = b""
+    for _ in range(64):  # the head of the 101 answer (and perhaps a first message after it)
+        head += s.recv(1024)
+        if b"\r\n\r\n" in head:
+            break
+    assert head.startswith(b"HTTP/1.1 101"), head[:200]
+    return s
+
+
+def frame(payload: bytes, *, text: bool) -> bytes:
+    """One client WebSocket frame (masked, with a zero mask: the payload goes as it is)."""
+    n = len(payload)
+    if n < 126:
+        length = bytes([0x80 | n])
+    elif n < 1 << 16:
+        length = bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        length = bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    return bytes([0x81 if text else 0x82]) + length + b"\0\0\0\0" + payload
+
+
+def send_until_stalled(s: socket.socket, data: bytes, *, count: int, stall_s: float = 1.0) -> int:
+    """Send ``data`` up to ``count`` times; stop once the node has stopped
+    reading (a send blocked ``stall_s``).  How many went out."""
+    s.settimeout(stall_s)
+    for i in range(count):
+        try:
+            s.sendall(data)
+        except TimeoutError:
+            return i
+    return count
+
+
+def place_many(n: NodeProc, count: int, *, crossing: bool = True) -> int:
+    """Orders through a trading session, all answered; crossing ones trade
+    (fills and book changes for the stream).  How many were accepted."""
+    async def run() -> int:
+        url = n.url.replace("http://", "ws://") + "/v1/trade"
+        async with aiohttp.ClientSession() as session, \
+                session.ws_connect(url, headers=n.auth(), compress=0) as ws:
+            for i in range(count):
+                price = 100 if crossing else 100 + (i % 50) * (1 if i % 2 else -1)
+                await ws.send_str(json.dumps({"ref": i, "op": "place", "side": "buy" if i % 2 else "sell",
+                                              "qty": 1, "price": price}))
+            accepted = 0
+            async with asyncio.timeout(30.0):
+                for _ in range(count):
+                    msg = await ws.receive()
+                    assert msg.type is aiohttp.WSMsgType.TEXT, msg
+                    accepted += json.loads(msg.data)["status"] == 201
+            return accepted
+
+    return asyncio.run(run())
+
+
+def alone(tmp_path: Path, name: str, *extra: str) -> NodeProc:
+    """A node of its own network (no bootstrap: it founds one), started and ready."""
+    return NodeProc(name=name, port=free_port(), data_dir=tmp_path / name, extra_args=list(extra)).start()
+
+
+def pair(tmp_path: Path, nodes: list[NodeProc]) -> tuple[NodeProc, NodeProc]:
+    """Two members of one network, peers of each other, with links between them."""
+    a, b = make_nodes(tmp_path, ("a", "b"))
+    nodes += [a, b]
+    start_network([a, b])
+    return a, b
+
+
 # ---- the DHT -----------------------------------------------------------------------------
 
 
@@ -103,3 +196,128 @@ class TestDhtJoin:
         log = n.log_file.read_text()
         assert "Traceback" not in log, log[-3000:]
         figures(request, "DHT join retrying a silent bootstrap", took)
+
+
+# ---- peers -----------------------------------------------------------------------------------
+
+
+class TestPeersGone:
+    def test_a_paused_peer_with_pushes_queued_and_calls_in_flight(
+            self, tmp_path: Path, nodes: list[NodeProc], request: pytest.FixtureRequest) -> None:
+        """A peer frozen by SIGSTOP: the link to it stalls with a push in
+        flight, thousands of entries queue up for it, pulls and peer exchange
+        with it wait for answers that never come."""
+        a, b = pair(tmp_path, nodes)
+        b.freeze()
+        try:
+            assert place_many(a, 3000) == 3000  # each pushed to b at once: pushes in flight, the rest queued
+            took = sigterm(a)
+        finally:
+            b.thaw()
+        figures(request, "peer paused, pushes queued for it", took)
+
+    def test_a_killed_peer(self, tmp_path: Path, nodes: list[NodeProc], request: pytest.FixtureRequest) -> None:
+        """A peer killed with SIGKILL: pushes and pulls to it fail, its link is gone."""
+        a, b = pair(tmp_path, nodes)
+        b.kill9()
+        assert place_many(a, 500) == 500  # each pushed to b at once
+        took = sigterm(a)
+        figures(request, "peer killed", took)
+
+    def test_a_peer_that_takes_the_connection_and_never_answers(
+            self, tmp_path: Path, nodes: list[NodeProc], request: pytest.FixtureRequest) -> None:
+        """A peer record whose URL is a socket that accepts and never reads:
+        the node's greeting (an HTTP request under the peer timeout) is in
+        flight when SIGTERM comes."""
+        n = alone(tmp_path, "greeter")
+        nodes.append(n)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
+            silent.bind((HOST, 0))
+            silent.listen(8)
+            silent.settimeout(10.0)
+            rec = PeerRecord.create(SigningKey(secrets.token_bytes(32)), f"http://{HOST}:{silent.getsockname()[1]}",
+                                    time.time_ns() // 1_000_000)
+            r = n.request("POST", "/peer/v1/peers", raw=msgpack.packb({"records": [rec.to_wire()]}),
+                          content_type="application/msgpack", token=None)
+            assert r.status == 200, r
+            conn, _ = silent.accept()  # the greeting's connection: never read, never answered
+            with conn:
+                took = sigterm(n)
+        figures(request, "a request in flight to a peer that never answers", took)
+
+
+# ---- callers that read nothing -------------------------------------------------------------------
+
+
+class TestCallersThatReadNothing:
+    def test_a_peer_link_that_reads_nothing(self, tmp_path: Path, nodes: list[NodeProc],
+                                            request: pytest.FixtureRequest) -> None:
+        """A half-open link: pushes keep coming, none of the answers is read."""
+        n = alone(tmp_path, "linked", "--peer-limit", "0")
+        nodes.append(n)
+        with upgrade(n, "/peer/v1/link", {"Content-Type": "application/msgpack"}) as s:
+            junk = msgpack.packb({"entries": [[b"x" * 32, i] for i in range(3000)]})  # 3000 refusals per answer
+            sent = send_until_stalled(s, frame(junk, text=False), count=150)
+            assert sent < 150, "the node read every push although none of its answers was read"
+            took = sigterm(n)
+        figures(request, f"link: {sent} pushes sent, no answer read", took)
+
+    def test_a_trading_session_that_reads_nothing_while_orders_commit(
+            self, tmp_path: Path, nodes: list[NodeProc], request: pytest.FixtureRequest) -> None:
+        """A half-open trading session: orders keep coming (and are committed
+        to SQLite) while none of the answers is read.
+
+        Regression: before, this node (of its own network, alone) did not stop
+        at all in 7 runs of 16.  Its DHT publish loop dropped the stop's
+        cancellation: with no DHT neighbour, ``set`` and ``get`` end in their
+        first step, and Python 3.11's ``asyncio.wait_for`` returns the result
+        of what it waited for when the cancellation comes in the step where
+        that ends (the order flood makes the loop's steps long); the loop then
+        slept and went round again while the stop waited for it for ever."""
+        n = alone(tmp_path, "trading", "--write-limit", "0")
+        nodes.append(n)
+        with upgrade(n, "/v1/trade", n.auth()) as s:
+            orders = b"".join(frame(json.dumps({"ref": i, "op": "place", "side": "buy" if i % 2 else "sell",
+                                                "qty": 1, "price": 100 + i % 7}).encode(), text=True)
+                              for i in range(100))
+            sent = send_until_stalled(s, orders, count=200)
+            took = sigterm(n)
+        figures(request, f"trading session: {sent * 100} orders sent, no answer read", took)
+
+    def test_an_event_stream_that_reads_nothing(self, tmp_path: Path, nodes: list[NodeProc],
+                                                request: pytest.FixtureRequest) -> None:
+        """A stream reader that reads nothing while trades make events."""
+        n = alone(tmp_path, "streaming", "--write-limit", "0")
+        nodes.append(n)
+        with upgrade(n, "/v1/stream", {}):
+            assert place_many(n, 4000) == 4000  # 2000 fills: fill, book and final events
+            took = sigterm(n)
+        figures(request, "stream: 4000 orders' events unread", took)
+
+
+# ---- sync ---------------------------------------------------------------------------------------------
+
+
+class TestSync:
+    def test_a_sync_in_flight_over_slow_links(self, tmp_path: Path, nodes: list[NodeProc],
+                                              request: pytest.FixtureRequest) -> None:
+        """A joiner catching up on a history of 2000 orders through slow links
+        both ways (each node advertises a proxy that forwards 200 kB/s): a
+        sync reply, and the member's push of what the joiner lacks, are half
+        received when SIGTERM comes."""
+        to_a, to_b = free_port(), free_port()
+        a = NodeProc(name="a", port=free_port(), data_dir=tmp_path / "a",
+                     extra_args=["--advertise", f"{HOST}:{to_a}", "--write-limit", "0"])
+        b = NodeProc(name="b", port=free_port(), data_dir=tmp_path / "b", bootstrap=[a.port],
+                     extra_args=["--advertise", f"{HOST}:{to_b}"])
+        nodes += [a, b]
+        with slow_link(listen_port=to_a, target_port=a.port, chunk=4096, pause=0.02) as link_a, \
+                slow_link(listen_port=to_b, target_port=b.port, chunk=4096, pause=0.02) as link_b:
+            a.start()
+            assert place_many(a, 2000, crossing=False) == 2000
+            b.start(wait=False)
+            wait_until(lambda: link_a.bytes_forwarded + link_b.bytes_forwarded > 64 * 1024, timeout=20.0,
+                       what="the history on its way to b", nodes=[a, b])
+            took = sigterm(b)
+            kb = (link_a.bytes_forwarded + link_b.bytes_forwarded) / 1024
+        figures(request, f"sync in flight, {kb:.0f} kB forwarded", took)
