@@ -15,7 +15,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -215,7 +215,11 @@ def run_node(args: argparse.Namespace) -> int:
 
 
 def run_loop(main: Coroutine[Any, Any, None], choice: str) -> None:
-    """Run ``main`` on uvloop (``auto``: where it is installed) or on asyncio's loop."""
+    """Run ``main`` on uvloop (``auto``: where it is installed) or on asyncio's
+    loop, with an exit bounded in time (``net.runloop``)."""
+    from net import runloop
+
+    factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
     if choice != "asyncio":
         try:
             import uvloop
@@ -223,9 +227,8 @@ def run_loop(main: Coroutine[Any, Any, None], choice: str) -> None:
             if choice == "uvloop":
                 raise CliError("--event-loop uvloop: uvloop is not installed") from None
         else:
-            uvloop.run(main)
-            return
-    asyncio.run(main)
+            factory = uvloop.new_event_loop
+    runloop.run(main, loop_factory=factory)
 
 
 # ---- client commands -------------------------------------------------------------
