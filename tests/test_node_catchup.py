@@ -26,6 +26,7 @@ from tests.nodes import NodeProc, free_port, http, logs_on_failure, report, stop
 ORIGINS = 10_000  # one heartbeat each: a version vector of about 400 KB
 ORDER_ORIGINS = 3
 ORDERS_EACH = 4_000  # a full sync page of orders is about 0.8 MB
+READ_TIMEOUT = 30.0  # seconds for one read of the catching-up node (see the test)
 
 
 def _key(i: int) -> SigningKey:
@@ -59,14 +60,14 @@ def _push(node: NodeProc, wires: list[list[object]]) -> None:
 
 def merged_here(node: NodeProc) -> float:
     """Entries of other origins the node merged (``p2pex_entries_received``, every kind)."""
-    text = http("GET", node.url + "/metrics").body.decode()
+    text = http("GET", node.url + "/metrics", timeout=READ_TIMEOUT).body.decode()
     return sum(s.value for fam in text_string_to_metric_families(text) if fam.name == "p2pex_entries_received"
                for s in fam.samples if s.name == "p2pex_entries_received_total")
 
 
 def book_state_hash(node: NodeProc) -> str:
     """The state hash, as a one-level book reply carries it."""
-    return str(node.get("/v1/book?depth=1")["state_hash"])
+    return str(node.get("/v1/book?depth=1", timeout=READ_TIMEOUT)["state_hash"])
 
 
 @pytest.fixture
@@ -97,7 +98,10 @@ class TestLargeReplies:
             b.start()
             # Polled through cheap reads: /v1/status carries the version vector, about 0.8 MB of
             # JSON with these 10,000 origins, and five of those a second kept a loaded machine
-            # busy enough that b's status call itself timed out while b was catching up.
+            # busy.  A read still waits while b takes in a page (4,000 entries and two version
+            # vectors of 10,000 origins in one step of its loop): seconds on a loaded machine.
+            # The node promises no read latency while it catches up, only the catch-up itself
+            # (the 90 s below), so a read may take up to READ_TIMEOUT.
             wait_until(lambda: merged_here(b) >= total, timeout=90.0,
                        what=f"b holding all {total} entries", nodes=[a, b], interval=0.2)
             wait_until(lambda: book_state_hash(b) == book_state_hash(a), timeout=20.0,
