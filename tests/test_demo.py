@@ -15,11 +15,21 @@ ROOT = Path(__file__).resolve().parent.parent
 ROLES = ("seed1", "seed2", "exchange1", "exchange2", "trader1", "trader2")
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """In the demo's process, before it starts: Ctrl-C (SIGINT) does what it
+    does for a command typed in a terminal.  A process started in the
+    background of a shell without job control inherits SIGINT ignored (POSIX),
+    and so do its children: the suite run that way saw the demo ignore the
+    test's Ctrl-C and time out."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_demo(logs: Path, *extra: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("P2PEX_")}
     return subprocess.Popen(
         [sys.executable, "cli.py", "demo", "--seconds", "4", "--rate", "8", "--logs", str(logs), *extra],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=_ctrl_c_as_in_a_terminal,
     )
 
 
