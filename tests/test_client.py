@@ -260,7 +260,8 @@ class TestStream:
         assert {"fill", "final", "book"} <= kinds, kinds
         fill = next(ev.fill for ev in events if ev.type == "fill" and ev.fill and ev.fill.taker == taker.id)
         assert (fill.maker, fill.price, fill.qty, fill.final) == (maker.id, 600, 2, False)
-        final = next(ev for ev in events if ev.type == "final")
+        # the final event of this taker's fill (an earlier one may carry another test's fills)
+        final = next(ev for ev in events if ev.type == "final" and any(f.taker == taker.id for f in ev.fills))
         mine = [f for f in final.fills if f.taker == taker.id]
         assert mine and mine[0].final and isinstance(mine[0].seq, int) and isinstance(final.frontier, int)
         book = next(ev for ev in events if ev.type == "book")
