@@ -104,8 +104,8 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from net.localnet import NodeProc, make_nodes, start_network, stop_all
 from net.node import LATENCY_SAMPLES
-from tests.nodes import NodeProc, make_nodes, start_network, stop_all
 
 NAMES = ("a", "b", "c", "d", "e")
 MID = 1000

@@ -47,7 +47,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from crdt.entry import BUY, SELL, Order
-from tests.nodes import NodeProc, all_final, make_nodes, start_network, stop_all, wait_until, write_history
+from net.localnet import NodeProc, all_final, make_nodes, start_network, stop_all, wait_until, write_history
 
 
 def percentile(xs: list[float], q: float) -> float:

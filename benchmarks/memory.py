@@ -3,7 +3,7 @@
 What it measures
 ----------------
 For ``--orders`` resting orders (100,000 and 1,000,000 by default): a one-node network's data
-dir is given a history of that many non-crossing GTC orders (``tests.nodes.write_history``; bid
+dir is given a history of that many non-crossing GTC orders (``net.localnet.write_history``; bid
 and ask alternately, bids at prices 1..5000 and asks at 10001..15000 for a million orders, 100
 orders per level, fewer levels for fewer orders, as the memory book of
 ``benchmarks/matching.py``), so every order rests.  The node (``python cli.py node``) starts on
@@ -36,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from crdt.entry import BUY, SELL, Order
-from tests.nodes import NodeProc, make_nodes, stop_all, wait_until, write_history
+from net.localnet import NodeProc, make_nodes, stop_all, wait_until, write_history
 
 TARGET_BYTES_PER_ORDER = 300
 SETTLE_S = 1.0  # after the conditions hold, before RSS is read

@@ -4,7 +4,7 @@ What it measures
 ----------------
 1. **Catch-up**: a one-node network whose founder's data dir holds ``--history`` orders
    (``benchmarks.finality.history``: buys and sells that mostly trade, so the book stays small,
-   written with ``tests.nodes.write_history``) is started and everything made final.  Then a
+   written with ``net.localnet.write_history``) is started and everything made final.  Then a
    fresh node (empty data dir, ``--bootstrap`` to the founder) is spawned, and timed from spawn
    to (a) ``/readyz`` 200 and (b) caught up: its ``version_vector`` equals the founder's for the
    founder's origin and its state hash equals the founder's (both read from ``/v1/status``, the
@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.finality import history, restart_figures
 from client import ClientError
-from tests.nodes import (
+from net.localnet import (
     POLL,
     NodeProc,
     all_logs,

@@ -10,7 +10,7 @@
 - after healing, all live replicas converge: one state hash, one final-fill
   digest, one book;
 - an independent replay of the final entries through the naive reference
-  matcher (``tests/reference_matcher.py``) gives the same final fills.
+  matcher (``matching/reference.py``) gives the same final fills.
 
 A violation is a ``Violation`` with a short description; the simulation stops
 at the first one and prints the trace.
@@ -26,8 +26,8 @@ from typing import Any
 from crdt.entry import Admit, Cancel, Entry, Order
 from crdt.membership import Decision
 from matching.engine import CANCEL, GTC, IOC, MARKET, Fill
+from matching.reference import reference
 from sim.node import SimNode
-from tests.reference_matcher import reference
 
 
 class Violation(AssertionError):

@@ -32,8 +32,8 @@ from matching.engine import (
     Revision,
     RewindTooFar,
 )
+from matching.reference import RefResult, reference
 from tests.conftest import prop
-from tests.reference_matcher import RefResult, reference
 
 KINDS = (GTC, GTC, GTC, GTC, IOC, MARKET, CANCEL, CANCEL, NOOP)
 

@@ -27,6 +27,7 @@ from crdt.keys import SigningKey
 from crdt.membership import Decision
 from matching.engine import CANCELLED, FILLED, OPEN, PARTIAL, Fill, FinalOrder
 from matching.exchange import Exchange, NotCancellable, Params, Received, UnknownOrder, fill_id, record_of
+from matching.reference import reference
 from tests.conftest import (
     NOW_MS,
     LogBuilder,
@@ -39,7 +40,6 @@ from tests.conftest import (
     prop,
     signed_entry,
 )
-from tests.reference_matcher import reference
 
 OBSERVER_KEYS = 100  # observers get keys far from the origins' ones
 

@@ -104,6 +104,8 @@ class TestLargeReplies:
             # (the 90 s below), so a read may take up to READ_TIMEOUT.
             wait_until(lambda: merged_here(b) >= total, timeout=90.0,
                        what=f"b holding all {total} entries", nodes=[a, b], interval=0.2)
+            # a wait for equality, not an assertion of it: both nodes are idle (a liveness
+            # heartbeat every 3 s), so the hashes are equal between heartbeats once b holds all
             wait_until(lambda: book_state_hash(b) == book_state_hash(a), timeout=20.0,
                        what="equal state hashes", nodes=[a, b], interval=0.2)
             log = b.log_file.read_text()

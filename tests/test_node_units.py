@@ -69,6 +69,8 @@ class TestCommitBeforeApply:
                 raise sqlite3.OperationalError("disk I/O error")
 
             monkeypatch.setattr(node.store, "save", failing)
+            # quiesced by construction: a node that was never started runs no loop, writes no
+            # heartbeat, and its clock is fixed, so only the failed write could move its state
             before = (node.exchange.state_hash(), node.exchange.replica.version_vector())
             with pytest.raises(sqlite3.OperationalError):
                 node.submit(Order(side=SELL, price=100, qty=1))
@@ -113,6 +115,7 @@ class TestGroupCommit:
         """Every request of the group gets the error; the log goes on at the same seq."""
         node = lone_node(tmp_path)
         try:
+            # quiesced: the node runs no loop (no heartbeat), so only the failed group could move it
             before = (node.exchange.state_hash(), node.exchange.replica.version_vector())
             save = node.store.save
 

@@ -41,3 +41,26 @@ class TestPurity:
         sample = tmp_path / "sample.py"
         sample.write_text("import os.path\nfrom time import monotonic\nfrom . import x\n")
         assert imported_roots(sample) & FORBIDDEN == {"os", "time"}
+
+
+#: Every Python file of the project outside tests/ (the venv and caches left out).
+OUTSIDE_TESTS = sorted(p for p in ROOT.rglob("*.py")
+                       if not {"tests", ".venv", "build", "data", "logs"} & set(p.relative_to(ROOT).parts))
+
+
+class TestOnlyTestsImportTests:
+    """A helper shared by tests and code lives in the package that owns it
+    (``matching.reference``, ``net.localnet``), never in tests/."""
+
+    def test_there_are_files_to_check(self) -> None:
+        assert any(p.parent.name == "benchmarks" for p in OUTSIDE_TESTS)
+        assert any(p.parent.name == "sim" for p in OUTSIDE_TESTS)
+
+    @pytest.mark.parametrize("path", OUTSIDE_TESTS, ids=lambda p: str(p.relative_to(ROOT)))
+    def test_no_import_of_tests(self, path: Path) -> None:
+        assert "tests" not in imported_roots(path), f"{path.relative_to(ROOT)} imports tests"
+
+    def test_the_check_sees_an_import_of_tests(self, tmp_path: Path) -> None:
+        bad = tmp_path / "bench.py"
+        bad.write_text("from tests.nodes import NodeProc\n")
+        assert "tests" in imported_roots(bad)

@@ -1,5 +1,5 @@
 """The independent replay: which entries count, in which order, and what the
-naive reference matcher (``tests/reference_matcher.py``) makes of them.
+naive reference matcher (``matching/reference.py``) makes of them.
 
 ``counted_entries`` is THE rule, and the only place it lives: the checker
 replays what it returns, in the order it returns it.  An Order or Cancel
@@ -27,9 +27,9 @@ import msgpack
 from crdt.entry import BUY, IOC, SELL, Cancel, Entry, Order, decode_entry
 from crdt.membership import Decision
 from matching.engine import CANCEL, GTC, MARKET
+from matching.reference import Record, reference
 from sim.checker import naive_validity
 from tests.chaos.history import FillKey
-from tests.reference_matcher import Record, reference
 
 
 def decode_wire_hex(wire: str) -> Entry:
