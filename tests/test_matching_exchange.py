@@ -32,6 +32,7 @@ from tests.conftest import (
     NOW_MS,
     LogBuilder,
     Op,
+    admit_all,
     build_logs,
     engine_view,
     genesis_of,
@@ -91,6 +92,18 @@ def unreliable_delivery(ex: Exchange, entries: Sequence[Entry], rng: random.Rand
 
 def full_view(ex: Exchange, oids: Sequence[bytes]) -> tuple[object, ...]:
     return (ex.state_hash(), ex.replica.version_vector(), ex.replica.entries(), *engine_view(ex.engine, oids))
+
+
+def late_bid_world() -> tuple[LogBuilder, Entry, Entry, Entry, Exchange]:
+    """Three members; a's ask at 100, b's bid at 101 stamped before c's bid
+    at 100; an observer.  Delivered without b's bid, c's bid takes the ask;
+    b's bid then arrives late and takes it in its place."""
+    a, b, c = (LogBuilder(key_for(i)) for i in range(3))
+    admit_all([a, b, c], ms=NOW_MS - 1_000)
+    ask = a.order(SELL, 100, 1, ms=NOW_MS - 30)
+    early_bid = b.order(BUY, 101, 1, ms=NOW_MS - 20)
+    late_bid = c.order(BUY, 100, 1, ms=NOW_MS - 10)
+    return a, ask, early_bid, late_bid, observer(0, a.entries[0].hash)
 
 
 class Lockstep:
@@ -208,13 +221,7 @@ class TestConvergence:
             assert msgpack.packb(ex.engine.fills) == msgpack.packb(ref.fills)
 
     def test_late_entry_rewinds_and_reports_revised_fills(self) -> None:
-        a, b, c = (LogBuilder(key_for(i)) for i in range(3))
-        from tests.conftest import admit_all
-        admit_all([a, b, c], ms=NOW_MS - 1_000)
-        ask = a.order(SELL, 100, 1, ms=NOW_MS - 30)
-        early_bid = b.order(BUY, 101, 1, ms=NOW_MS - 20)
-        late_bid = c.order(BUY, 100, 1, ms=NOW_MS - 10)
-        ex = observer(0, a.entries[0].hash)
+        a, ask, early_bid, late_bid, ex = late_bid_world()
         ex.receive([*a.entries, late_bid], now_ms=NOW_MS)
         assert ex.engine.fills == [(late_bid.hash, ask.hash, 100, 1)]
         got = ex.receive([early_bid], now_ms=NOW_MS)
@@ -659,17 +666,11 @@ class TestTakerOrigins:
         assert fills == list(got.added) and [owners[f[0]].owner for f in fills] == [bob.node_id] * 2
 
     def test_fills_revised_by_a_late_entry(self) -> None:
-        a, b, c = (LogBuilder(key_for(i)) for i in range(3))
-        from tests.conftest import admit_all
-        admit_all([a, b, c], ms=NOW_MS - 1_000)
-        ask = a.order(SELL, 100, 1, ms=NOW_MS - 30)
-        early_bid = b.order(BUY, 101, 1, ms=NOW_MS - 20)
-        late_bid = c.order(BUY, 100, 1, ms=NOW_MS - 10)
-        ex = observer(0, a.entries[0].hash)
-        assert self.origins(ex.receive([*a.entries, late_bid], now_ms=NOW_MS)) == [c.origin]
+        a, ask, early_bid, late_bid, ex = late_bid_world()
+        assert self.origins(ex.receive([*a.entries, late_bid], now_ms=NOW_MS)) == [late_bid.origin]
         got = ex.receive([early_bid], now_ms=NOW_MS)
         assert got.added == ((early_bid.hash, ask.hash, 100, 1),)
-        assert self.origins(got) == [b.origin]
+        assert self.origins(got) == [early_bid.origin]
 
 
 class TestRestart:
