@@ -3,7 +3,7 @@ takes before replication falls behind.
 
 What it measures
 ----------------
-Five ``python cli.py node`` processes on free 127.0.0.1 ports (``tests/nodes.py``;
+Five ``python cli.py node`` processes on free 127.0.0.1 ports (``net/localnet.py``;
 the first founds the network, the other four join; the run starts once all
 five are members).  An open-loop generator offers stepped rates (default 250,
 500, 1000 and 2000 orders/s, ``--seconds`` each) spread evenly over the five
