@@ -32,6 +32,19 @@ READY_TIMEOUT_S = 30.0
 MESH_TIMEOUT_S = 20.0
 QUIESCE_TIMEOUT_S = 30.0
 HTTP_TIMEOUT_S = 3.0
+LAST_LINES = 5  # of a node's log, quoted when it exits during the demo
+
+
+def last_lines(path: Path, count: int) -> list[str]:
+    """The last ``count`` non-empty lines of a log file (none if it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    return [line for line in text.splitlines() if line.strip()][-count:]
 
 
 class DemoError(Exception):
@@ -124,14 +137,20 @@ class Demo:
             cmd.append("--seed")
         proc.log_path.unlink(missing_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("P2PEX_")}
-        proc.popen = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True)
+        # stderr goes to the log as well: a traceback that escapes the node's
+        # logging (a crash on the way out) would otherwise be lost
+        with open(proc.log_path, "ab") as stderr:
+            proc.popen = subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=stderr, start_new_session=True)
 
     def check_alive(self) -> None:
         for p in self.procs:
             if p.popen is not None and p.popen.poll() is not None:
-                raise DemoError(f"{p.name} exited with status {p.popen.returncode}; see {p.log_path}")
+                last = last_lines(p.log_path, LAST_LINES)
+                said = "".join(f"\n  {line}" for line in last)
+                raise DemoError(f"{p.name} exited with status {p.popen.returncode}; see {p.log_path}"
+                                + (f"; its last lines:{said}" if said else ""))
 
     def stop_all(self) -> None:
         """SIGTERM every node we started (by pid), then SIGKILL what is left."""

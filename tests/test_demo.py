@@ -113,3 +113,28 @@ class TestDemo:
         assert demo.returncode != 0
         assert "stopping every node" in out, out
         assert not wait_gone(str(logs)), "node processes left running after Ctrl-C"
+
+    def test_a_node_that_exits_is_named_with_the_last_lines_of_its_log(self, tmp_path: Path) -> None:
+        """A node that exits during the demo ends it, and the error quotes the
+        node's last log lines (a node once exited with status 1 in a CI run
+        and the error said only "see trader2.log", a file the run threw away)."""
+        logs = tmp_path / "logs"
+        demo = start_demo(logs, "--seconds", "60")
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                pids = procs_mentioning(str(logs / "trader1.log"))
+                if pids and (logs / "trader1.log").exists() and "serving" in (logs / "trader1.log").read_text():
+                    break
+                time.sleep(0.2)
+            pids = procs_mentioning(str(logs / "trader1.log"))
+            assert len(pids) == 1, "the demo did not start trader1"
+            os.kill(pids[0], signal.SIGTERM)
+            out, _ = demo.communicate(timeout=60)
+        finally:
+            kill_demo(demo, logs)
+        assert demo.returncode == 1, out
+        assert "error: trader1 exited with status 0" in out, out
+        quoted = out.split("its last lines:", 1)[1].split("logs are in", 1)[0]
+        assert "trader1: stopped in" in quoted, out  # the node's own last words, from its log
+        assert not wait_gone(str(logs)), "node processes left running"
