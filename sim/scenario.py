@@ -55,6 +55,37 @@ class Result:
     trace: list[str]
 
 
+@dataclass(slots=True, kw_only=True)
+class Schedule:
+    """A pinned run instead of a planned one: how many nodes, for how long, and
+    exactly which faults (the seed still drives delays and trading)."""
+
+    nodes: int
+    duration: int
+    faults: list[Fault]
+
+
+def split_brain(*, fresh: bool = False) -> Schedule:
+    """Two sides of a partition that each grow a membership of their own.
+
+    Four nodes.  n3 and then n2 crash and are voted out, which leaves n0 and n1
+    as the members.  The network splits {n0, n2} | {n1, n3}, and n2 and n3
+    restart and ask to join, each on its own side.  With admission by a single
+    member, each side admitted its joiner, held a "majority" of its own
+    three-member view, voted the other side's old member out, and finalized
+    its own fills.  ``fresh``: the same with a two-member network and two
+    fresh joiners (n2 and n3 are down from the start, so never members)."""
+    duration = 6_500
+    if fresh:
+        faults = [Fault(kind="crash", start=0, end=1_500, node=2), Fault(kind="crash", start=0, end=1_500, node=3),
+                  Fault(kind="partition", start=1_000, end=duration, node=0, groups=[[0, 2], [1, 3]])]
+    else:
+        faults = [Fault(kind="crash", start=400, end=3_400, node=3),
+                  Fault(kind="crash", start=1_800, end=3_400, node=2),
+                  Fault(kind="partition", start=3_000, end=duration, node=0, groups=[[0, 2], [1, 3]])]
+    return Schedule(nodes=4, duration=duration, faults=faults)
+
+
 def key_for(seed: int, i: int) -> SigningKey:
     return SigningKey(blake2b(f"sim {seed} node {i}".encode(), digest_size=32).digest())
 
@@ -104,19 +135,23 @@ def plan(rng: random.Random, n: int, duration: int, *, storm: bool = False) -> l
 
 
 def run(seed: int, *, trace: bool = False, storm: bool = False,
-        rule: Callable[[SimNode], None] | None = None) -> Result:
+        rule: Callable[[SimNode], None] | None = None, schedule: Schedule | None = None) -> Result:
     """One run; ``storm`` overlaps every kind of fault and checks safety only;
-    ``rule`` may alter each node's core (a test of the checker itself)."""
+    ``rule`` may alter each node's core (a test of the checker itself);
+    ``schedule`` pins the nodes, the duration and the faults."""
     rng = random.Random(seed)
-    n = rng.randint(3, 5)
-    duration = rng.randint(2_500, 4_500)
+    if schedule is None:
+        n = rng.randint(3, 5)
+        duration = rng.randint(2_500, 4_500)
+    else:
+        n, duration = schedule.nodes, schedule.duration
     net = Network(rng)
     nodes = [SimNode(i, key_for(seed, i), PARAMS, net, rng) for i in range(n)]
     for nd in nodes:
         nd.peers = [j for j in range(n) if j != nd.index]
         if rule is not None:
             rule(nd)
-    faults = plan(rng, n, duration, storm=storm)
+    faults = plan(rng, n, duration, storm=storm) if schedule is None else list(schedule.faults)
     checker = Checker.new(frozenset(f.node for f in faults if f.kind == "equivocate") if storm else frozenset())
     log: list[str] = []
     rate = rng.choice((20, 60, 150))  # orders per simulated second, over all nodes

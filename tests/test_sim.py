@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from sim.node import SimNode
-from sim.scenario import run
+from sim.scenario import run, split_brain
 
 #: Seeds run by ``make test`` (``python -m sim --seeds 1000`` runs more), in
 #: chunks that parallel test workers (pytest-xdist) share out.
@@ -143,6 +143,22 @@ class TestSimulatedNetworks:
         assert r.violation is None, r.violation
         assert r.evictions == 1
         assert r.finals > 250
+
+    @pytest.mark.parametrize("fresh", [False, True], ids=["voted-out-rejoin", "fresh-joiners"])
+    def test_split_brain_two_sides_cannot_each_grow_a_majority(self, fresh: bool) -> None:
+        """Regression (issue 20): admission was unilateral.  Of four nodes, n3
+        and n2 were voted out, leaving n0 and n1; the network split {n0, n2} |
+        {n1, n3} and n2 and n3 rejoined, each on its own side.  Each side's
+        member admitted its joiner alone, held a majority of its own
+        three-member view, voted the other side's member out and finalized:
+        "final fill #N differs from another node's" in every seed (also with a
+        two-member network and two fresh joiners).  Admission now needs a
+        majority of the current members, so neither side can change the
+        membership, and both converge once the network heals."""
+        for seed in range(4):
+            r = run(seed, schedule=split_brain(fresh=fresh))
+            assert r.violation is None, f"seed {seed}: {r.violation}"
+            assert r.finals > 0
 
     def test_a_seed_replays_exactly(self) -> None:
         first, again = run(7, trace=True), run(7, trace=True)
