@@ -1,19 +1,25 @@
 """Membership: which origins' entries are matched, derived from replicated entries.
 
 A network is named by the hash of its genesis entry: its founder's ``Admit``
-of itself at seq 1.  After that, a member admits another origin with an
-``Admit(member, after)`` entry in its own log: the admitted origin's entries
-with a seq above ``after`` (its log length when it asked) and stamped after
-that entry (by canonical key) are matched.  An eviction, once decided (see
-``crdt.finality``), ends the evicted origin's membership: its entries up to
-seq ``cut`` stay valid, every later one is void until a fresh admission.
-An origin proven to equivocate is never admitted again past its fork: its log
-can no longer grow the same way on every replica.
+of itself at seq 1.  After that, admitting an origin is a majority decision of
+the current members: each member that agrees writes ``Admit(member, after)``
+in its own log (a vote), and the admission takes effect at the vote that
+completes a majority of the members at that key, in canonical order.  The
+admitted origin's entries with a seq above ``after`` (the highest ``after``
+among the counted votes: its log length when it asked) and stamped after that
+deciding vote (by canonical key) are matched.  A lone member is a majority of
+one.  An eviction, once decided (see ``crdt.finality``), ends the evicted
+origin's membership: its entries up to seq ``cut`` stay valid, every later one
+is void until a fresh admission.  An origin proven to equivocate is never
+admitted again past its fork: its log can no longer grow the same way on every
+replica.
 
-Membership is a pure function of the admissions and decisions taken in
-canonical order, so every replica that holds the same entries derives the same
-intervals.  Events at or below the stable frontier are folded into a base
-snapshot, which is what a checkpoint stores.
+Membership is a pure function of the admission votes and eviction decisions
+taken in canonical order, so every replica that holds the same entries
+derives the same intervals.  Events at or below the stable frontier are folded
+into a base snapshot, which is what a checkpoint stores, together with the
+admission votes that have not decided anything yet (a later vote may still
+complete their majority).
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ class Decision:
 class Interval:
     """One membership of an origin: its entries with key > ``start`` and
     ``after`` < seq (<= ``end_seq`` once closed) are valid; ``closed_at`` is the
-    key of the deciding vote; ``admitter``/``admit_seq`` name the ``Admit``."""
+    key of the vote that decided its eviction; ``admitter``/``admit_seq`` name
+    the ``Admit`` vote that completed the majority (``start`` is its key), and
+    ``voters`` every counted admission vote as ``(voter, seq)``."""
 
     start: bytes
     after: int
@@ -45,6 +53,7 @@ class Interval:
     admit_seq: int
     end_seq: int | None = None
     closed_at: bytes | None = None
+    voters: tuple[tuple[bytes, int], ...] = ()
 
     def covers(self, seq: int, key: bytes) -> bool:
         return key > self.start and seq > self.after and (self.end_seq is None or seq <= self.end_seq)
@@ -54,22 +63,35 @@ class Interval:
         return self.covers(seq, key) and (self.closed_at is None or key < self.closed_at)
 
     def to_wire(self) -> list[Any]:
-        return [self.start, self.after, self.admitter, self.admit_seq, self.end_seq, self.closed_at]
+        return [self.start, self.after, self.admitter, self.admit_seq, self.end_seq, self.closed_at,
+                [[v, seq] for v, seq in self.voters]]
 
     @classmethod
     def from_wire(cls, raw: list[Any]) -> Interval:
-        start, after, admitter, admit_seq, end_seq, closed_at = raw
+        start, after, admitter, admit_seq, end_seq, closed_at = raw[:6]
+        voters = tuple((v, seq) for v, seq in raw[6]) if len(raw) > 6 else ((admitter, admit_seq),)
         return cls(start=start, after=after, admitter=admitter, admit_seq=admit_seq, end_seq=end_seq,
-                   closed_at=closed_at)
+                   closed_at=closed_at, voters=voters)
 
 
 Intervals = dict[bytes, list[Interval]]
+#: admission votes that decided nothing yet: joiner -> voter -> (key, seq, after)
+Pending = dict[bytes, dict[bytes, tuple[bytes, int, int]]]
+#: the snapshot's entry for the base's pending admission votes (no origin is empty)
+PENDING_KEY = b""
+
+
+def majority(n: int) -> int:
+    """The smallest number of members that is more than half of ``n``."""
+    return n // 2 + 1
 
 
 class Membership:
     def __init__(self, network: bytes | None = None) -> None:
         self._network = network
         self._base: Intervals = {}
+        self._base_pending: Pending = {}  # admission votes at or below the base that decided nothing yet
+        self._pending: Pending = {}
         # pending events above the base, in key order:
         # (key, 0, admitter, seq, entry hash, member, after) or (key, 1, member, cut)
         self._events: list[tuple[Any, ...]] = []
@@ -118,18 +140,23 @@ class Membership:
             self._derive()
 
     def remove_events(self, keys: Iterable[bytes]) -> None:
-        """Forget admissions whose entries became void (their writer was evicted)."""
+        """Forget admission votes whose entries became void (their writer was evicted)."""
         drop = set(keys)
         if drop:
             self._events = [ev for ev in self._events if ev[0] not in drop]
+            for votes in self._base_pending.values():
+                for voter in [v for v, (k, _, _) in votes.items() if k in drop]:
+                    del votes[voter]
             self._derive()
 
     def compact(self, floor_key: bytes) -> None:
-        """Fold events at or below ``floor_key`` into the base snapshot."""
+        """Fold events at or below ``floor_key`` into the base snapshot.  Votes
+        that decided nothing by then stay as they are: only a vote above the
+        floor can complete their majority, counted against the members there."""
         keep = [ev for ev in self._events if ev[0] > floor_key]
         if len(keep) == len(self._events):
             return
-        self._base = self._derive_upto(floor_key)
+        self._base, self._base_pending = self._derive_upto(floor_key)
         self._events = keep
 
     # ---- queries -----------------------------------------------------------
@@ -180,17 +207,34 @@ class Membership:
         return None
 
     def depends_on(self, origin: bytes, key: bytes, x: bytes, cut: int) -> bool:
-        """Does ``origin``'s membership at ``key`` rest on an ``Admit`` that ``x``
-        wrote past seq ``cut`` (directly or through whoever admitted its admitter)?"""
-        for _ in range(32):
-            iv = next((iv for iv in self._intervals.get(origin, ())
-                       if iv.start < key and (iv.closed_at is None or key < iv.closed_at)), None)
-            if iv is None or iv.admitter == origin:
-                return False
-            if iv.admitter == x and iv.admit_seq > cut:
-                return True
-            origin, key = iv.admitter, iv.start
+        """Does ``origin``'s membership at ``key`` rest on an ``Admit`` vote that
+        ``x`` wrote past seq ``cut`` (one of the votes counted for it, or, in
+        turn, for the membership of one of its voters)?"""
+        todo = [(origin, key)]
+        seen: set[tuple[bytes, bytes]] = set()
+        while todo and len(seen) < 256:
+            o, k = todo.pop()
+            if (o, k) in seen:
+                continue
+            seen.add((o, k))
+            iv = next((iv for iv in self._intervals.get(o, ())
+                       if iv.start < k and (iv.closed_at is None or k < iv.closed_at)), None)
+            if iv is None:
+                continue
+            for voter, seq in iv.voters:
+                if voter == x and seq > cut:
+                    return True
+                if voter != o:
+                    todo.append((voter, iv.start))
         return False
+
+    def voted(self, voter: bytes, member: bytes) -> bool:
+        """Has ``voter`` an admission vote for ``member`` that decided nothing yet?"""
+        return voter in self._pending.get(member, {})
+
+    def admitting(self) -> dict[bytes, list[bytes]]:
+        """Origins with admission votes that decided nothing yet, and their voters."""
+        return {m: sorted(votes) for m, votes in self._pending.items() if votes}
 
     def decisions(self) -> list[Decision]:
         """Every eviction applied: those folded into the base and those above it."""
@@ -200,44 +244,72 @@ class Membership:
         return sorted(out, key=lambda d: d.at)
 
     def snapshot(self) -> dict[bytes, list[list[Any]]]:
-        """The base intervals, for a checkpoint (events above the floor replay from entries)."""
-        return {o: [iv.to_wire() for iv in ivs] for o, ivs in self._base.items()}
+        """The base intervals and the base's pending admission votes (under
+        ``PENDING_KEY``), for a checkpoint (events above the floor replay from entries)."""
+        out: dict[bytes, list[list[Any]]] = {o: [iv.to_wire() for iv in ivs] for o, ivs in self._base.items()}
+        pending = [[m, v, k, seq, after] for m, votes in sorted(self._base_pending.items())
+                   for v, (k, seq, after) in sorted(votes.items())]
+        if pending:
+            out[PENDING_KEY] = pending
+        return out
 
     def restore(self, snapshot: dict[bytes, list[list[Any]]]) -> None:
-        self._base = {o: [Interval.from_wire(iv) for iv in ivs] for o, ivs in snapshot.items()}
+        self._base = {o: [Interval.from_wire(iv) for iv in ivs] for o, ivs in snapshot.items() if o != PENDING_KEY}
+        self._base_pending = {}
+        for m, v, k, seq, after in snapshot.get(PENDING_KEY, ()):
+            self._base_pending.setdefault(m, {})[v] = (k, seq, after)
         self._derive()
 
     # ---- derivation ----------------------------------------------------------
 
-    def _derive_upto(self, floor_key: bytes | None) -> Intervals:
+    def _derive_upto(self, floor_key: bytes | None) -> tuple[Intervals, Pending]:
         ivs: Intervals = {o: list(v) for o, v in self._base.items()}
+        pending: Pending = {m: dict(votes) for m, votes in self._base_pending.items() if votes}
         for ev in self._events:
             if floor_key is not None and ev[0] > floor_key:
                 break
-            key = ev[0]
             if ev[1] == 0:
-                _, _, admitter, seq, entry_hash, member, after = ev
-                cur = ivs.get(member)
-                if cur and (cur[-1].closed_at is None or cur[-1].closed_at > key):
-                    continue  # already a member there
-                banned = self._banned.get(member)
-                if banned is not None and int.from_bytes(key[:8], "big") > banned:
-                    continue
-                genesis = entry_hash == self._network and admitter == member and seq == 1
-                if seq > self._ends.get(admitter, seq):
-                    continue
-                if genesis or any(iv.acts_at(seq, key) for iv in ivs.get(admitter, ())):
-                    ivs.setdefault(member, []).append(
-                        Interval(start=key, after=after, admitter=admitter, admit_seq=seq))
+                self._admit_vote(ivs, pending, ev)
             else:
-                _, _, member, cut = ev
+                key, _, member, cut = ev
                 cur = ivs.get(member)
                 if cur and cur[-1].closed_at is None and cur[-1].start < key:
                     cur[-1] = replace(cur[-1], end_seq=cut, closed_at=key)
-        return ivs
+        return ivs, pending
+
+    def _admit_vote(self, ivs: Intervals, pending: Pending, ev: tuple[Any, ...]) -> None:
+        """One ``Admit`` in canonical order: the genesis, a vote that counts
+        toward ``member``'s admission, or nothing.  The vote that completes a
+        majority of the members at its key admits ``member`` there."""
+        key, _, admitter, seq, entry_hash, member, after = ev
+        cur = ivs.get(member)
+        if cur and (cur[-1].closed_at is None or cur[-1].closed_at > key):
+            return  # already a member there
+        banned = self._banned.get(member)
+        if banned is not None and int.from_bytes(key[:8], "big") > banned:
+            return
+        if seq > self._ends.get(admitter, seq):
+            return
+        if entry_hash == self._network and admitter == member and seq == 1:  # the genesis
+            ivs.setdefault(member, []).append(
+                Interval(start=key, after=after, admitter=admitter, admit_seq=seq, voters=((admitter, seq),)))
+            return
+        if not any(iv.acts_at(seq, key) for iv in ivs.get(admitter, ())):
+            return
+        votes = pending.setdefault(member, {})
+        votes[admitter] = (key, seq, after)
+        members = {o for o, held in ivs.items() if held and held[-1].closed_at is None}
+        counted = sorted(v for v in votes if v in members)
+        if len(counted) < majority(len(members)):
+            return
+        ivs.setdefault(member, []).append(Interval(
+            start=key, after=max(votes[v][2] for v in counted), admitter=admitter, admit_seq=seq,
+            voters=tuple((v, votes[v][1]) for v in counted)))
+        del pending[member]
 
     def _derive(self) -> None:
-        new = self._derive_upto(None)
+        new, pending = self._derive_upto(None)
+        self._pending = pending
         if new != self._intervals:
             self._intervals = new
             self._members = sorted(o for o, ivs in new.items() if ivs and ivs[-1].closed_at is None)

@@ -189,6 +189,20 @@ class Exchange:
         self.membership.network = entry.hash
         return entry
 
+    def admission_vote(self, joiner: bytes, after: int) -> Admit | None:
+        """The vote this member writes for ``joiner``, which proved its key and
+        says its log holds ``after`` entries, or None: this node is not a
+        member, ``joiner`` is one already or is proven to equivocate, or this
+        node's vote for it is already cast and waiting for a majority.  The
+        admission takes effect once a majority of the members voted
+        (``crdt.membership``); the joiner asks every member it reaches."""
+        m = self.membership
+        if not self.is_member() or m.is_member(joiner) or joiner in self.replica.evidence():
+            return None
+        if joiner == self.node_id or m.voted(self.node_id, joiner):
+            return None
+        return Admit(member=joiner, after=max(after, self.replica.length(joiner)))
+
     # ---- writing -----------------------------------------------------------------
 
     def clock_healthy(self) -> bool:

@@ -986,8 +986,10 @@ def _same_network(node: Node, body: dict[str, Any]) -> None:
 
 
 async def peer_join(request: web.Request) -> web.Response:
-    """A node asks to be admitted: a member writes ``Admit`` for it (it must have
-    proven its key to this node first) and names the network either way."""
+    """A node asks to be admitted: a member votes for it with ``Admit`` (it must
+    have proven its key to this node first; the admission takes a majority of
+    the members' votes) and names the network either way.  ``admitted``: this
+    call wrote a vote."""
     node = _node(request)
     body = await read_peer_body(request)
     _same_network(node, body)

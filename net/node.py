@@ -33,7 +33,6 @@ import aiohttp
 from aiohttp import web
 
 from crdt.entry import (
-    Admit,
     BadWireEntry,
     Body,
     Cancel,
@@ -978,47 +977,48 @@ class Node:
         self.exchange.clock_offset_ms = offset
 
     async def _join_loop(self) -> None:
-        """While this node is not a member, ask a proven peer to admit it."""
+        """While this node is not a member, ask every proven peer it reaches to
+        admit it: admission takes the votes of a majority of the members."""
         while True:
             await asyncio.sleep(JOIN_EVERY_S * (0.75 + self.rng.random() / 2))
             if self.exchange.is_member():
                 continue
             live = [p for p in self.peers.ready(self.monotonic()) if p.failures == 0]
-            if not live:
-                continue
-            peer = self.rng.choice(live)
-            try:
-                reply = await self._call(peer, "/peer/v1/join", {
-                    "from": self.node_id, "after": self.exchange.replica.length(self.node_id),
-                    "net": self.exchange.network})
-            except PeerError:
-                continue
-            except Exception:
-                log.exception("join request failed")
-                continue
-            network = reply.get("net") if isinstance(reply, dict) else None
-            if self.exchange.network is None and type(network) is bytes and len(network) == 32:
-                self.exchange.set_network(network)
-                self.store.save_network(network)
-                self._met_own = True
-                log.info("%s: joining network %s (admitted by %s)", self.config.name, network.hex()[:16],
-                         peer.short)
-                self._spawn(self._probe(peer), f"sync-{peer.short}")
+            if live:
+                await asyncio.gather(*(self._ask_to_join(p) for p in live))
+
+    async def _ask_to_join(self, peer: Peer) -> None:
+        """One join request; the first answer that names a network makes it ours."""
+        try:
+            reply = await self._call(peer, "/peer/v1/join", {
+                "from": self.node_id, "after": self.exchange.replica.length(self.node_id),
+                "net": self.exchange.network})
+        except PeerError:
+            return
+        except Exception:
+            log.exception("join request failed")
+            return
+        network = reply.get("net") if isinstance(reply, dict) else None
+        if self.exchange.network is None and type(network) is bytes and len(network) == 32:
+            self.exchange.set_network(network)
+            self.store.save_network(network)
+            self._met_own = True
+            log.info("%s: joining network %s (named by %s); admission waits for a majority of its members",
+                     self.config.name, network.hex()[:16], peer.short)
+            self._spawn(self._probe(peer), f"sync-{peer.short}")
 
     def admit(self, joiner: bytes, after: int) -> bool:
-        """A proven peer asks to be admitted: write ``Admit`` for it if this node
-        is a member and the joiner may join (not already a member, not proven to
-        equivocate, its log not shorter than what it says)."""
-        ex = self.exchange
-        if not ex.is_member() or ex.membership.is_member(joiner) or joiner in ex.replica.evidence():
-            return False
+        """A proven peer asks to be admitted: vote for it with ``Admit`` if this
+        node is a member and the joiner may join (see ``Exchange.admission_vote``);
+        the admission takes effect once a majority of the members voted."""
         if joiner not in self.peers.peers:
             return False
-        after = max(after, ex.replica.length(joiner))
-        if self.write(Admit(member=joiner, after=after)) is None:
+        vote = self.exchange.admission_vote(joiner, after)
+        if vote is None or self.write(vote) is None:
             return False
         self.counters["admitted"] += 1
-        log.info("admitted %s to the network (its entries after seq %d count)", short_id(joiner), after)
+        log.info("voted to admit %s to the network (its entries after seq %d count once a majority votes)",
+                 short_id(joiner), vote.after)
         return True
 
     def final_order(self, oid: bytes) -> StoredOrder | None:

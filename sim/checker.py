@@ -138,8 +138,9 @@ class Checker:
 
 def naive_validity(entries: Sequence[Entry], decisions: Sequence[Decision], network: bytes | None,
                    banned: dict[bytes, int], ends: dict[bytes, int]) -> Any:
-    """Membership from scratch: admissions and decisions in key order, no reuse of
-    ``crdt.membership``."""
+    """Membership from scratch: admission votes and eviction decisions in key
+    order, an admission decided by the vote that completes a majority of the
+    members there, no reuse of ``crdt.membership``."""
     events: list[tuple[bytes, int, Any]] = []
     for e in entries:
         if isinstance(e.body, Admit):
@@ -161,6 +162,7 @@ def naive_validity(entries: Sequence[Entry], decisions: Sequence[Decision], netw
         """Is this entry past the cut of an eviction decided after it?"""
         return any(d.member == origin and d.at > key and seq > d.cut for d in decisions)
 
+    votes: dict[bytes, dict[bytes, tuple[int, int]]] = {}  # joiner -> voter -> (seq, after), undecided
     for key, kind, ev in events:
         if kind == 0:
             admit: Entry = ev
@@ -170,8 +172,17 @@ def naive_validity(entries: Sequence[Entry], decisions: Sequence[Decision], netw
                 continue
             if member in banned and int.from_bytes(key[:8], "big") > banned[member]:
                 continue
-            if (admit.hash == network and seq == 1 and member == by) or acts(by, seq, key):
+            if admit.hash == network and seq == 1 and member == by:
                 intervals.setdefault(member, []).append([key, None, None, admit.body.after])
+            elif acts(by, seq, key):
+                # a vote: the admission is decided by the one that completes a majority of the members now
+                mine = votes.setdefault(member, {})
+                mine[by] = (seq, admit.body.after)
+                now_members = [o for o in intervals if is_open(o, key)]
+                counted = [v for v in mine if v in now_members]
+                if 2 * len(counted) > len(now_members):
+                    intervals.setdefault(member, []).append([key, None, None, max(mine[v][1] for v in counted)])
+                    del votes[member]
         else:
             dec: Decision = ev
             ivs = intervals.get(dec.member)

@@ -1,6 +1,6 @@
 """One simulated node: the pure core, a disk, a clock and the replication
 policy of the real node (push own entries to every peer, pull from a random
-peer, gossip equivocation evidence, ask a member for admission).
+peer, gossip equivocation evidence, ask every peer for admission).
 
 The disk holds what the real node commits to SQLite: every entry it accepted
 (own ones before they are applied), equivocation evidence, and what
@@ -16,7 +16,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from crdt.entry import Admit, Body, Cancel, Entry, Order
+from crdt.entry import Body, Cancel, Entry, Order
 from crdt.errors import ExchangeError
 from crdt.keys import SigningKey
 from matching.engine import Fill, FinalOrder
@@ -176,9 +176,10 @@ class SimNode:
                 self._pull(now, src)
         elif kind == "join":
             joiner, after = msg[1], msg[2]
-            if (ex.is_member() and not ex.membership.is_member(joiner) and ex.network is not None
-                    and joiner not in ex.replica.evidence()):
-                self.write(now, Admit(member=joiner, after=after))
+            if ex.is_member() and ex.network is not None:
+                vote = ex.admission_vote(joiner, after)
+                if vote is not None:
+                    self.write(now, vote)
                 self._send(now, src, ("welcome", ex.network))
         elif kind == "welcome":
             if ex.network is None:
@@ -201,9 +202,10 @@ class SimNode:
             self.next_pull = now + pull_ms
             self._pull(now, self.rng.choice(self.peers))
         if not ex.is_member() and now >= self.next_join and self.peers:
+            # admission needs a majority of the members' votes: ask every peer
             self.next_join = now + join_ms
-            self._send(now, self.rng.choice(self.peers),
-                       ("join", self.node_id, ex.replica.length(self.node_id)))
+            for p in self.peers:
+                self._send(now, p, ("join", self.node_id, ex.replica.length(self.node_id)))
 
     def trade(self, now: int, rng: random.Random) -> Entry | None:
         ex = self.ex

@@ -195,13 +195,17 @@ def build_logs(n_origins: int, steps: Sequence[Op], *, key_offset: int = 0,
 
 
 def admit_all(logs: Sequence[LogBuilder], *, ms: int) -> None:
-    """The first log founds a network (its genesis ``Admit`` of itself) and admits
-    every other origin; nothing else is written yet."""
+    """The first log founds a network (its genesis ``Admit`` of itself) and the
+    others are admitted one by one: admission is a majority decision, so the
+    first half-plus-one of the members so far each vote for the next (one
+    millisecond later each round, so that a fresh member's vote lies after its
+    admission); nothing else is written yet."""
     founder = logs[0]
     assert not founder.entries
     founder.append(Admit(member=founder.origin, after=1), ms=ms)
-    for other in logs[1:]:
-        founder.append(Admit(member=other.origin, after=0), ms=ms)
+    for j, other in enumerate(logs[1:], start=1):
+        for voter in logs[:j // 2 + 1]:
+            voter.append(Admit(member=other.origin, after=0), ms=ms + j)
 
 
 def genesis_of(logs: Sequence[LogBuilder]) -> bytes:

@@ -24,7 +24,7 @@ from crdt.entry import BUY, GENESIS, IOC, SELL, Admit, Cancel, Entry, Evict, Hea
 from crdt.errors import ClockUnhealthy, ForeignCancel, NotMember, WrongNetwork
 from crdt.hlc import physical_ms
 from crdt.keys import SigningKey
-from crdt.membership import Decision
+from crdt.membership import Decision, Membership
 from matching.engine import CANCELLED, FILLED, OPEN, PARTIAL, Fill, FinalOrder
 from matching.exchange import Exchange, NotCancellable, Params, Received, UnknownOrder, fill_id, record_of
 from matching.reference import reference
@@ -94,16 +94,17 @@ def full_view(ex: Exchange, oids: Sequence[bytes]) -> tuple[object, ...]:
     return (ex.state_hash(), ex.replica.version_vector(), ex.replica.entries(), *engine_view(ex.engine, oids))
 
 
-def late_bid_world() -> tuple[LogBuilder, Entry, Entry, Entry, Exchange]:
+def late_bid_world() -> tuple[list[Entry], Entry, Entry, Entry, Exchange]:
     """Three members; a's ask at 100, b's bid at 101 stamped before c's bid
-    at 100; an observer.  Delivered without b's bid, c's bid takes the ask;
-    b's bid then arrives late and takes it in its place."""
+    at 100; an observer.  Delivered without b's bid (``first``: a's log, b's
+    vote that completes c's admission, c's bid), c's bid takes the ask; b's
+    bid then arrives late and takes it in its place."""
     a, b, c = (LogBuilder(key_for(i)) for i in range(3))
     admit_all([a, b, c], ms=NOW_MS - 1_000)
     ask = a.order(SELL, 100, 1, ms=NOW_MS - 30)
     early_bid = b.order(BUY, 101, 1, ms=NOW_MS - 20)
     late_bid = c.order(BUY, 100, 1, ms=NOW_MS - 10)
-    return a, ask, early_bid, late_bid, observer(0, a.entries[0].hash)
+    return [*a.entries, b.entries[0], late_bid], ask, early_bid, late_bid, observer(0, a.entries[0].hash)
 
 
 class Lockstep:
@@ -119,9 +120,12 @@ class Lockstep:
         self.final_orders: dict[int, dict[bytes, FinalOrder]] = {i: {} for i in range(n)}
         genesis = self.nodes[0].found(now_ms=self.now)
         self._apply(0, genesis)
-        for ex in self.nodes[1:]:
+        for j, ex in enumerate(self.nodes[1:], start=1):
             ex.set_network(self.nodes[0].network or b"")
-            self._apply(0, self.nodes[0].prepare(Admit(member=ex.node_id, after=0), now_ms=self.now))
+            for v in range(j // 2 + 1):  # admission takes a majority of the members so far
+                while not self.nodes[v].is_member():
+                    self.deliver()  # its own admission has not reached it yet
+                self._apply(v, self.nodes[v].prepare(Admit(member=ex.node_id, after=0), now_ms=self.now))
         self.deliver()
 
     def _apply(self, i: int, entry: Entry) -> None:
@@ -221,14 +225,100 @@ class TestConvergence:
             assert msgpack.packb(ex.engine.fills) == msgpack.packb(ref.fills)
 
     def test_late_entry_rewinds_and_reports_revised_fills(self) -> None:
-        a, ask, early_bid, late_bid, ex = late_bid_world()
-        ex.receive([*a.entries, late_bid], now_ms=NOW_MS)
+        first, ask, early_bid, late_bid, ex = late_bid_world()
+        ex.receive(first, now_ms=NOW_MS)
         assert ex.engine.fills == [(late_bid.hash, ask.hash, 100, 1)]
         got = ex.receive([early_bid], now_ms=NOW_MS)
         assert got.revoked == ((late_bid.hash, ask.hash, 100, 1),)
         assert got.added == ((early_bid.hash, ask.hash, 100, 1),)
         status = ex.status(late_bid.hash)
         assert status is not None and status.state == OPEN
+
+
+def _key(hlc: int, tag: int) -> bytes:
+    return hlc.to_bytes(8, "big") + bytes([tag]) * 32
+
+
+class TestQuorumAdmission:
+    """Admission is a majority decision of the current members (issue 20: a
+    single member admitting alone let each side of a partition grow a
+    majority of its own)."""
+
+    def _two_members(self) -> tuple[LogBuilder, LogBuilder, LogBuilder]:
+        a, b, c = (LogBuilder(key_for(i)) for i in range(3))
+        from tests.conftest import admit_all
+        admit_all([a, b], ms=NOW_MS - 1_000)  # a founds and admits b alone: a majority of one
+        return a, b, c
+
+    def test_one_member_of_two_cannot_admit_and_the_second_vote_decides(self) -> None:
+        a, b, c = self._two_members()
+        first = a.append(Admit(member=c.origin, after=3), ms=NOW_MS - 500)
+        ex = observer(0, a.entries[0].hash)
+        ex.receive([*a.entries], now_ms=NOW_MS)
+        assert ex.membership.is_member(b.origin) and not ex.membership.is_member(c.origin)
+        assert ex.membership.admitting() == {c.origin: [a.origin]}
+        second = b.append(Admit(member=c.origin, after=5), ms=NOW_MS - 400)
+        ex.receive([second], now_ms=NOW_MS)
+        assert ex.membership.is_member(c.origin) and ex.membership.admitting() == {}
+        (iv,) = ex.membership.intervals(c.origin)
+        # decided at the vote that completes the majority, with the highest after among the votes
+        assert iv.start == max(first.key, second.key) and iv.after == 5
+        assert sorted(iv.voters) == sorted([(a.origin, first.seq), (b.origin, second.seq)])
+
+    def test_votes_of_non_members_and_repeated_votes_do_not_count(self) -> None:
+        a, b, c = self._two_members()
+        d = LogBuilder(key_for(3))
+        votes = [a.append(Admit(member=c.origin, after=0), ms=NOW_MS - 500),
+                 a.append(Admit(member=c.origin, after=0), ms=NOW_MS - 400),
+                 d.append(Admit(member=c.origin, after=0), ms=NOW_MS - 300)]
+        ex = observer(0, a.entries[0].hash)
+        ex.receive([*a.entries, *b.entries, *votes[2:]], now_ms=NOW_MS)
+        assert not ex.membership.is_member(c.origin)
+
+    def test_a_member_votes_once_per_joiner_and_never_for_itself(self) -> None:
+        net = Lockstep(2)
+        joiner = key_for(7).public
+        a = net.nodes[0]
+        vote = a.admission_vote(joiner, 4)
+        assert vote == Admit(member=joiner, after=4)
+        net.write(0, vote)
+        net.deliver()
+        assert a.admission_vote(joiner, 4) is None  # cast, waiting for a majority
+        assert not a.membership.is_member(joiner)
+        assert a.admission_vote(a.node_id, 0) is None
+        b = net.nodes[1]
+        other = b.admission_vote(joiner, 2)
+        assert other is not None and other.after == 2  # what the joiner says, or what b holds of its log
+        net.write(1, other)
+        net.deliver()
+        assert all(ex.membership.is_member(joiner) for ex in net.nodes)
+        assert a.membership.intervals(joiner)[0].after == 4  # the highest among the votes
+        assert b.admission_vote(joiner, 2) is None  # a member already
+
+    def test_undecided_votes_survive_compaction_and_a_checkpoint(self) -> None:
+        """A vote below the floor that decided nothing yet still counts when a
+        later vote completes the majority, counted against the members there;
+        a node that compacted must decide exactly as one that did not."""
+        a, b, c = (bytes([i]) * 32 for i in (1, 2, 3))
+        genesis = _key(10, 9)
+
+        def base() -> Membership:
+            m = Membership(genesis[8:])
+            m.add_admit(key=genesis, admitter=a, seq=1, entry_hash=genesis[8:], member=a, after=1)
+            m.add_admit(key=_key(11, 1), admitter=a, seq=2, entry_hash=b"x" * 32, member=b, after=0)
+            m.add_admit(key=_key(12, 1), admitter=a, seq=3, entry_hash=b"y" * 32, member=c, after=2)
+            return m
+
+        plain, compacted = base(), base()
+        compacted.compact(_key(13, 0))
+        restored = Membership(genesis[8:])
+        restored.restore(compacted.snapshot())
+        for m in (plain, compacted, restored):
+            assert not m.is_member(c) and m.voted(a, c)
+            m.add_admit(key=_key(14, 2), admitter=b, seq=1, entry_hash=b"z" * 32, member=c, after=1)
+            assert m.is_member(c)
+        assert plain.intervals(c) == compacted.intervals(c) == restored.intervals(c)
+        assert plain.intervals(c)[0].after == 2
 
 
 class TestMembership:
@@ -666,8 +756,8 @@ class TestTakerOrigins:
         assert fills == list(got.added) and [owners[f[0]].owner for f in fills] == [bob.node_id] * 2
 
     def test_fills_revised_by_a_late_entry(self) -> None:
-        a, ask, early_bid, late_bid, ex = late_bid_world()
-        assert self.origins(ex.receive([*a.entries, late_bid], now_ms=NOW_MS)) == [late_bid.origin]
+        first, ask, early_bid, late_bid, ex = late_bid_world()
+        assert self.origins(ex.receive(first, now_ms=NOW_MS)) == [late_bid.origin]
         got = ex.receive([early_bid], now_ms=NOW_MS)
         assert got.added == ((early_bid.hash, ask.hash, 100, 1),)
         assert self.origins(got) == [early_bid.origin]
