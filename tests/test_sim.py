@@ -142,7 +142,7 @@ class TestSimulatedNetworks:
         r = run(1835)
         assert r.violation is None, r.violation
         assert r.evictions == 1
-        assert r.finals > 250
+        assert r.finals > 200  # 235 since joiners ask every peer (the messages, not the faults, moved)
 
     @pytest.mark.parametrize("fresh", [False, True], ids=["voted-out-rejoin", "fresh-joiners"])
     def test_split_brain_two_sides_cannot_each_grow_a_majority(self, fresh: bool) -> None:
