@@ -136,9 +136,10 @@ class TestPeerProof:
     def test_a_peer_whose_key_changed_at_its_url_is_replaced(self, tmp_path: Path,
                                                              request: pytest.FixtureRequest) -> None:
         """One peer per URL: b restarts on the same port with a new key; a drops
-        b's old key, which no longer proves, and admits the new one."""
-        with cluster(tmp_path, ("a", "b")) as nodes, logs_on_failure(request, nodes):
-            a, b = nodes
+        b's old key, which no longer proves, and admits the new one (with c:
+        admission takes a majority of the members, and b's old key votes no more)."""
+        with cluster(tmp_path, ("a", "b", "c")) as nodes, logs_on_failure(request, nodes):
+            a, b, c = nodes
             old = b.node_id()
             b.stop()
             for name in ("node.key", "node.sqlite", "node.sqlite-wal", "node.sqlite-shm"):
@@ -146,7 +147,7 @@ class TestPeerProof:
             b.start()
             new = b.node_id()
             assert new != old
-            wait_until(lambda: a.peer_ids() == {new}, timeout=30, what="a holding b's new key only",
+            wait_until(lambda: a.peer_ids() == {new, c.node_id()}, timeout=30, what="a holding b's new key only",
                        nodes=nodes, interval=0.2)
 
 
