@@ -52,6 +52,14 @@ class Net:
             ex = Exchange(key)
             assert self.node.exchange.network is not None
             ex.set_network(self.node.exchange.network)
+            for voter_name, voter in self.peers.items():  # admission takes a majority: the members vote too
+                self.node.flush()
+                voter.receive(self.node.store.load_entries(), now_ms=NOW_MS)
+                vote = voter.admission_vote(key.public, 0)
+                assert vote is not None
+                entry = voter.prepare(vote, now_ms=NOW_MS)
+                voter.apply_own(entry, now_ms=NOW_MS)
+                self.node.ingest([entry.to_wire()], peer=voter_name)
             self.peers[name] = ex
         for ex in self.peers.values():
             self.node.flush()
