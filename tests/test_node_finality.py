@@ -3,10 +3,12 @@
 finality resumes without changing any final fill; a member restarted before
 the vote carries on; a member frozen past ``--evict-after`` gets the entries
 it wrote after the cut voided and reported; a fresh key's past-stamped order
-rewinds nothing; a node whose clock is off refuses orders.
+rewinds nothing; a node whose clock is off refuses orders; one member of two
+cannot admit a joiner alone.
 
 The five-node cluster is shared by the tests of ``TestFiveMembers`` (each
-leaves it whole and converged); the clock test starts its own three nodes.
+leaves it whole and converged); the clock and admission tests start their
+own three nodes.
 """
 
 from __future__ import annotations
@@ -284,3 +286,35 @@ class TestClocks:
                            what="c holds a's order", nodes=nodes)
         finally:
             stop_all(nodes)
+
+
+class TestAdmissionTakesAMajority:
+    def test_one_member_of_two_cannot_admit_a_joiner_alone(self, request: pytest.FixtureRequest,
+                                                           tmp_path: Path) -> None:
+        """Regression (issue 20, the split brain): admission was unilateral, so in
+        a network of members a and b split {a} | {b}, each side admitted a fresh
+        node of its own, voted the other side's member out and finalized its own
+        fills.  Here b is frozen: c, bootstrapping from a, gets a's vote but not
+        a majority of {a, b}, so it stays out; once b thaws it votes too."""
+        nodes = make_nodes(tmp_path, ("a", "b", "c"))
+        a, b, c = nodes
+        with logs_on_failure(request, nodes):
+            try:
+                start_network([a, b], timeout=SETTLE)
+                c_id = None
+                b.freeze()
+                try:
+                    c.start(wait=False)
+                    wait_until(lambda: bool(finality(a)["admitting"]), timeout=SETTLE, what="a's vote for c",
+                               nodes=[a, c])
+                    c_id = c.node_id()
+                    assert finality(a)["admitting"] == {c_id: [a.node_id()]}
+                    time.sleep(3.0)  # several join rounds: a alone never admits
+                    assert not finality(c)["member"] and c_id not in finality(a)["members"]
+                finally:
+                    b.thaw()
+                wait_until(lambda: all(c_id in finality(n)["members"] for n in nodes) and finality(c)["member"],
+                           timeout=SETTLE, what="c admitted by a and b", nodes=nodes)
+                assert finality(a)["admitting"] == {}
+            finally:
+                stop_all(nodes)
