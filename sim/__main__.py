@@ -1,13 +1,21 @@
 """``python -m sim --seeds 1000`` runs seeds 0..999 and prints a summary;
-``python -m sim --seed N`` replays one seed and prints its trace."""
+``python -m sim --seed N`` replays one seed and prints its trace;
+``--schedule split-brain`` (or ``split-brain-fresh``) runs the pinned
+schedule of ``sim.scenario.split_brain`` instead of a planned one."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from collections.abc import Callable
 
-from sim.scenario import run
+from sim.scenario import Schedule, run, split_brain
+
+SCHEDULES: dict[str, Callable[[], Schedule]] = {
+    "split-brain": split_brain,
+    "split-brain-fresh": lambda: split_brain(fresh=True),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,9 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=None, help="replay this one seed and print its trace")
     p.add_argument("--storm", action="store_true",
                    help="overlap every kind of fault; check safety only (finality may stall for good)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help="run a pinned schedule of faults instead of a planned one")
     args = p.parse_args(argv)
+    schedule = None if args.schedule is None else SCHEDULES[args.schedule]()
     if args.seed is not None:
-        r = run(args.seed, trace=True, storm=args.storm)
+        r = run(args.seed, trace=True, storm=args.storm, schedule=schedule)
         print("\n".join(r.trace))
         print(f"seed {r.seed}: {r.nodes} nodes, {r.steps} steps, {r.finals} final fills, {r.revoked} "
               f"revoked provisional fills, {r.evictions} evictions, {r.restarts} restarts: "
@@ -29,12 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     totals = {"steps": 0, "finals": 0, "revoked": 0, "evictions": 0, "restarts": 0}
     failed: list[int] = []
     for seed in range(args.first, args.first + args.seeds):
-        r = run(seed, storm=args.storm)
+        r = run(seed, storm=args.storm, schedule=schedule)
         for k in totals:
             totals[k] += getattr(r, k)
         if r.violation is not None:
             failed.append(seed)
-            again = f"python -m sim --seed {seed}" + (" --storm" if args.storm else "")
+            again = (f"python -m sim --seed {seed}" + (" --storm" if args.storm else "")
+                     + (f" --schedule {args.schedule}" if args.schedule else ""))
             print(f"seed {seed}: VIOLATION: {r.violation}  (replay: {again})", flush=True)
     secs = time.monotonic() - start
     print(f"{args.seeds} seeds, {totals['steps']} steps, {totals['finals']} final fills, {totals['revoked']} "
