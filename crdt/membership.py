@@ -265,11 +265,17 @@ class Membership:
     def _derive_upto(self, floor_key: bytes | None) -> tuple[Intervals, Pending]:
         ivs: Intervals = {o: list(v) for o, v in self._base.items()}
         pending: Pending = {m: dict(votes) for m, votes in self._base_pending.items() if votes}
+        # every decision known, above the floor too: a vote past its writer's cut is void
+        # whether it arrived before the decision or after it (see _admit_vote)
+        cuts: dict[bytes, list[tuple[bytes, int]]] = {}
+        for ev in self._events:
+            if ev[1] == 1:
+                cuts.setdefault(ev[2], []).append((ev[0], ev[3]))
         for ev in self._events:
             if floor_key is not None and ev[0] > floor_key:
                 break
             if ev[1] == 0:
-                self._admit_vote(ivs, pending, ev)
+                self._admit_vote(ivs, pending, ev, cuts)
             else:
                 key, _, member, cut = ev
                 cur = ivs.get(member)
@@ -277,11 +283,20 @@ class Membership:
                     cur[-1] = replace(cur[-1], end_seq=cut, closed_at=key)
         return ivs, pending
 
-    def _admit_vote(self, ivs: Intervals, pending: Pending, ev: tuple[Any, ...]) -> None:
+    def _admit_vote(self, ivs: Intervals, pending: Pending, ev: tuple[Any, ...],
+                    cuts: dict[bytes, list[tuple[bytes, int]]]) -> None:
         """One ``Admit`` in canonical order: the genesis, a vote that counts
         toward ``member``'s admission, or nothing.  The vote that completes a
-        majority of the members at its key admits ``member`` there."""
+        majority of the members at its key admits ``member`` there.  A vote
+        past the cut of the eviction that ends its writer's membership (the
+        first decision against the writer after the vote's key) is void: it
+        counts nowhere, whether this node held it when the eviction was decided
+        or it came later (replicas that counted it in one order and not in the
+        other derived different admissions, and their digests never matched)."""
         key, _, admitter, seq, entry_hash, member, after = ev
+        ends = [cut for at, cut in cuts.get(admitter, ()) if at > key]
+        if ends and seq > ends[0]:
+            return
         cur = ivs.get(member)
         if cur and (cur[-1].closed_at is None or cur[-1].closed_at > key):
             return  # already a member there

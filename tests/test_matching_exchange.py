@@ -320,6 +320,47 @@ class TestQuorumAdmission:
         assert plain.intervals(c) == compacted.intervals(c) == restored.intervals(c)
         assert plain.intervals(c)[0].after == 2
 
+    def test_a_vote_past_its_writers_cut_counts_nowhere_whenever_it_arrives(self) -> None:
+        """Regression, a way for a 2|3 split (chaos ``split``) to stop finality
+        for good after the heal: a minority member, not yet voted out, votes
+        to admit its voted-out partner, and is then voted out itself with a cut
+        below that vote.  A node that held the vote when it decided that
+        eviction dropped it as void; a node whose copy of the vote came after
+        the decision counted it, since at the vote's key its writer was still a
+        member.  The two derived different admissions, and digests commit to
+        admissions, so their acks never matched again."""
+        a, b, c, d, x = (bytes([i]) * 32 for i in (1, 2, 3, 4, 5))
+        genesis = _key(10, 9)
+        void_vote = dict(key=_key(20, 3), admitter=c, seq=9, entry_hash=b"v" * 32, member=x, after=3)
+        c_out = Decision(member=c, at=_key(30, 1), cut=8)  # c's vote (seq 9) is past its cut
+
+        def members() -> Membership:
+            m = Membership(genesis[8:])
+            m.add_admit(key=genesis, admitter=a, seq=1, entry_hash=genesis[8:], member=a, after=1)
+            for i, o in enumerate((b, c, d)):
+                m.add_admit(key=_key(11 + i, 1), admitter=a, seq=2 + i, entry_hash=bytes([i]) * 32, member=o,
+                            after=0)
+                m.add_admit(key=_key(11 + i, 2), admitter=b, seq=1 + i, entry_hash=bytes([9 + i]) * 32,
+                            member=o, after=0)
+            return m
+
+        held, late = members(), members()
+        held.add_admit(**void_vote)  # the vote first, then the decision that makes it void
+        held.remove_events([void_vote["key"]])
+        held.add_decision(c_out)
+        late.add_decision(c_out)  # the decision first, then the vote
+        late.add_admit(**void_vote)
+        for m in (held, late):
+            # a's and b's votes, before c's eviction: with c's void vote they would be 3 of 4
+            m.add_admit(key=_key(25, 1), admitter=a, seq=9, entry_hash=b"a" * 32, member=x, after=3)
+            m.add_admit(key=_key(26, 2), admitter=b, seq=9, entry_hash=b"b" * 32, member=x, after=3)
+            assert not m.is_member(x)
+            # d's vote, after c's eviction: 3 of the 3 members
+            m.add_admit(key=_key(40, 4), admitter=d, seq=9, entry_hash=b"d" * 32, member=x, after=3)
+            assert m.is_member(x)
+        assert held.intervals(x) == late.intervals(x)
+        assert held.intervals(x)[0].start == _key(40, 4)
+
 
 class TestMembership:
     def test_entries_of_a_non_member_are_kept_and_relayed_but_never_matched(self) -> None:
