@@ -294,9 +294,6 @@ class Membership:
         or it came later (replicas that counted it in one order and not in the
         other derived different admissions, and their digests never matched)."""
         key, _, admitter, seq, entry_hash, member, after = ev
-        ends = [cut for at, cut in cuts.get(admitter, ()) if at > key]
-        if ends and seq > ends[0]:
-            return
         cur = ivs.get(member)
         if cur and (cur[-1].closed_at is None or cur[-1].closed_at > key):
             return  # already a member there
@@ -310,6 +307,9 @@ class Membership:
                 Interval(start=key, after=after, admitter=admitter, admit_seq=seq, voters=((admitter, seq),)))
             return
         if not any(iv.acts_at(seq, key) for iv in ivs.get(admitter, ())):
+            return
+        ends = [cut for at, cut in cuts.get(admitter, ()) if at > key]
+        if ends and seq > ends[0]:
             return
         votes = pending.setdefault(member, {})
         votes[admitter] = (key, seq, after)
