@@ -138,6 +138,12 @@ def add_node_parser(sub: Any) -> None:
     p.add_argument("--max-foreign-origins", type=positive_int, default=env("MAX_FOREIGN_ORIGINS", "1000"),
                    help="origins held that are not members; entries of more are refused "
                         "[P2PEX_MAX_FOREIGN_ORIGINS]")
+    p.add_argument("--grape", action="append",
+                   default=[g for g in re.split(r"[,\s]+", env("GRAPES", "") or "") if g],
+                   help="Grenache grape URL (http://HOST:API_PORT) to announce on and answer Grenache RPC "
+                        "(POST /); repeatable; off without it [P2PEX_GRAPES, comma-separated]")
+    p.add_argument("--grenache-service", default=env("GRENACHE_SERVICE", "exchange_service"),
+                   help="the Grenache service name announced and answered [P2PEX_GRENACHE_SERVICE]")
     p.add_argument("--peer-networks", type=peer_networks, default=env("PEER_NETWORKS", "auto"),
                    help="kinds of address this node dials peers on: auto (public, plus the kind of its own "
                         "address) or a comma-separated list of public, private, loopback, link-local "
@@ -173,6 +179,7 @@ def run_node(args: argparse.Namespace) -> int:
         clock_offset_ms=args.clock_offset_ms, max_clock_offset_ms=args.max_clock_offset_ms,
         max_loop_lag_ms=args.max_loop_lag_ms,
         max_foreign_origins=args.max_foreign_origins,
+        grapes=tuple(args.grape), grenache_service=args.grenache_service,
     )
     offset = args.clock_offset_ms
     failures: list[str] = []  # why the node stopped by itself
@@ -513,6 +520,43 @@ def run_demo(args: argparse.Namespace) -> int:
     ))
 
 
+def add_grenache_parser(sub: Any) -> None:
+    p = sub.add_parser("grenache", help="call Grenache services through grapes: lookup NAME | call NAME JSON")
+    gsub = p.add_subparsers(dest="grenache_command", required=True)
+    for name, text in (("lookup", "the addresses a grape knows for a service"),
+                       ("call", "send a JSON payload to a service (one address, or every one with --map)")):
+        q = gsub.add_parser(name, help=text)
+        q.add_argument("service", help="service name, e.g. exchange_service")
+        if name == "call":
+            q.add_argument("payload", help='JSON payload, e.g. \'{"action": "getOrderbook"}\'')
+            q.add_argument("--map", action="store_true", help="call every address (default: one, at random)")
+            q.add_argument("--gzip", action="store_true", help="gzip both bodies (grc-compress: gzip)")
+            q.add_argument("--timeout", type=positive_float, default=10.0, help="seconds per call (default 10)")
+        q.add_argument("--grape", action="append", required=True,
+                       help="grape URL (http://HOST:API_PORT); repeatable, the first that answers is used")
+
+
+def run_grenache(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from net.grenache import GrenacheError, call, lookup_addresses
+
+    try:
+        if args.grenache_command == "lookup":
+            print(json.dumps(asyncio.run(lookup_addresses(args.grape, args.service))))
+            return 0
+        try:
+            payload = json.loads(args.payload)
+        except ValueError as exc:
+            raise CliError(f"the payload is not JSON: {exc}") from None
+        rows = asyncio.run(call(args.grape, args.service, payload, every=args.map, gz=args.gzip,
+                                timeout=args.timeout))
+    except GrenacheError as exc:
+        raise CliError(str(exc)) from None
+    print(json.dumps(rows if args.map else rows[-1], indent=2))
+    return 0 if any("result" in r for r in rows) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cli.py", description="p2pex: a peer-to-peer order-book exchange")
     parser.add_argument("--version", action="version", version=f"p2pex {version()}")
@@ -520,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_node_parser(sub)
     add_trade_parser(sub)
     add_demo_parser(sub)
+    add_grenache_parser(sub)
     p = sub.add_parser("order", help="submit an order: order buy 10@100 | order sell 5 --market")
     p.add_argument("side", choices=["buy", "sell"])
     p.add_argument("amount", help="QTY@PRICE in integer lots and ticks, or QTY with --market")
@@ -595,6 +640,8 @@ def run(argv: list[str] | None) -> int:
             return run_trade(args)
         if args.command == "demo":
             return run_demo(args)
+        if args.command == "grenache":
+            return run_grenache(args)
         out = client_command(args)
         if args.json and out is not None:
             print(json.dumps(out, indent=2))

@@ -187,8 +187,10 @@ def _read_cost(request: web.Request) -> float:
 @web.middleware
 async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """429 with Retry-After past a token bucket: writes per client token, reads
-    per client address, peer routes per peer address (see ``net.ratelimit``)."""
-    if request.path in UNLIMITED:
+    per client address, peer routes per peer address (see ``net.ratelimit``).
+    Grenache RPC (``POST /``) takes its tokens itself: its refusals are
+    Grenache replies (``net.grenache``)."""
+    if request.path in UNLIMITED or (request.path == "/" and request.method == "POST"):
         return await handler(request)
     lim = request.app[LIMITERS]
     remote = request.remote or "?"
@@ -221,7 +223,7 @@ def _int_field(body: dict[str, Any], name: str, lo: int, hi: int) -> int:
     return value
 
 
-def _order_id(text: Any) -> bytes:
+def parse_order_id(text: Any) -> bytes:
     if type(text) is not str:
         raise BadRequest("order id must be 64 hex characters", code="bad_order_id")
     try:
@@ -296,7 +298,7 @@ CID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 REPLIES_KEPT = 10_000
 
 
-def _cid(value: Any) -> str | None:
+def parse_cid(value: Any) -> str | None:
     if value is None:
         return None
     if type(value) is not str or not CID.fullmatch(value):
@@ -309,7 +311,7 @@ async def post_order(request: web.Request) -> web.Response:
     nothing and answers 200 with the order the first request placed."""
     _require_token(request)
     node = _node(request)
-    _require_writable(node)
+    require_writable(node)
     wait = _wait_final(request)
     body = await read_client_body(request)
     status, view = await place_order(request.app, body, wait=wait)
@@ -326,7 +328,7 @@ async def place_order(app: web.Application, body: Any, *, wait: float | None = N
     unknown = set(body) - {"side", "qty", "price", "tif", "market", "cid"}
     if unknown:
         raise Unprocessable(f"unknown fields: {sorted(unknown, key=repr)}", code="unknown_field")
-    cid = _cid(body.get("cid"))
+    cid = parse_cid(body.get("cid"))
     raw_side = body.get("side")
     side = SIDES.get(raw_side) if isinstance(raw_side, str) else None  # a list or map is unhashable
     if side is None:
@@ -444,9 +446,9 @@ async def delete_order(request: web.Request) -> web.Response:
     repeat changes nothing and answers 200 with the order as it stands."""
     _require_token(request)
     node = _node(request)
-    _require_writable(node)
-    oid = _order_id(request.match_info["order_id"])
-    view = await cancel_order(node, oid, _cid(request.query.get("cid")))
+    require_writable(node)
+    oid = parse_order_id(request.match_info["order_id"])
+    view = await cancel_order(node, oid, parse_cid(request.query.get("cid")))
     return reply(request, view)
 
 
@@ -486,7 +488,7 @@ async def cancel_order(node: Node, oid: bytes, cid: str | None) -> dict[str, Any
 
 async def get_order(request: web.Request) -> web.Response:
     node = _node(request)
-    oid = _order_id(request.match_info["order_id"])
+    oid = parse_order_id(request.match_info["order_id"])
     view = order_view(node, oid)
     if view is None:
         raise NotFound(f"no order {oid.hex()}", code="unknown_order")
@@ -538,7 +540,7 @@ async def get_fills(request: web.Request) -> web.Response:
         views.append((i, fill))
     nxt = since + len(views)
     if wants_msgpack(request):
-        rows_obj = [_final_fill_view(node, v) if not isinstance(v, tuple) else fill_view(node, v[0], v[1])
+        rows_obj = [final_fill_view(node, v) if not isinstance(v, tuple) else fill_view(node, v[0], v[1])
                     for v in views]
         return reply(request, {"fills": rows_obj, "next": nxt, "total": total})
     # final rows never change: their JSON is encoded once and kept
@@ -550,7 +552,7 @@ async def get_fills(request: web.Request) -> web.Response:
             continue
         hit = cache.get(v.seq)
         if hit is None:
-            hit = cache[v.seq] = json.dumps(_final_fill_view(node, v), separators=(",", ":")).encode()
+            hit = cache[v.seq] = json.dumps(final_fill_view(node, v), separators=(",", ":")).encode()
             if len(cache) > FILL_ROWS_KEPT:
                 del cache[next(iter(cache))]
         rows.append(hit)
@@ -558,7 +560,7 @@ async def get_fills(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
-def _final_fill_view(node: Node, f: Any) -> dict[str, Any]:
+def final_fill_view(node: Node, f: Any) -> dict[str, Any]:
     return fill_view(node, f.seq, (f.taker, f.maker, f.price, f.qty), final=True, taker_side=f.taker_side)
 
 
@@ -591,6 +593,9 @@ def status_data(node: Node) -> dict[str, Any]:
         },
         "finality": finality_data(node),
         "network_conflict": None if node.conflict is None else node.conflict.view(),
+        "grenache": None if node.grenache is None else {
+            "service": node.grenache.service, "port": node.grenache.port, "grapes": node.grenache.grapes,
+            "announces": node.grenache.announced, "failing": dict(node.grenache.failing)},
         "clock": {"offset_ms": ex.clock_offset_ms, "healthy": ex.clock_healthy(),
                   "limit_ms": node.config.max_clock_offset_ms},
         "replication": {
@@ -702,7 +707,7 @@ def _require_capacity(node: Node) -> None:
                        code="busy", status=503, retry_after=1)
 
 
-def _require_writable(node: Node) -> None:
+def require_writable(node: Node) -> None:
     """What an order or a cancel needs before it is read: a trading node that
     is ready and within its capacity."""
     if not node.config.trading:
@@ -831,21 +836,21 @@ async def _trade_one(app: web.Application, ws: web.WebSocketResponse, data: str 
     op = "?"
     out: dict[str, Any]
     try:
-        _take_write(app)  # every message, well formed or not, as every request is
+        take_write(app)  # every message, well formed or not, as every request is
         if bad is not None:
             raise bad
         raw_op = msg.pop("op", None)
         if raw_op not in TRADE_OPS:
             raise BadRequest("op must be 'place' or 'cancel'", code="bad_op")
         op = raw_op
-        _require_writable(node)
+        require_writable(node)
         if op == "place":
             status, view = await place_order(app, msg)
         else:
             unknown = set(msg) - {"id", "cid"}
             if unknown:
                 raise Unprocessable(f"unknown fields: {sorted(unknown, key=repr)}", code="unknown_field")
-            status, view = 200, await cancel_order(node, _order_id(msg.get("id")), _cid(msg.get("cid")))
+            status, view = 200, await cancel_order(node, parse_order_id(msg.get("id")), parse_cid(msg.get("cid")))
         out = {"ref": ref, "status": status, "order": view}
     except ApiError as exc:
         out = _trade_refusal(ref, exc)
@@ -917,7 +922,16 @@ async def _close(ws: web.WebSocketResponse, transport: asyncio.Transport | None,
         pass
 
 
-def _take_write(app: web.Application) -> None:
+def take_read(app: web.Application, remote: str, cost: float = 1.0) -> None:
+    """One read from the caller address's bucket (the one ``GET`` requests take from)."""
+    buckets = app[LIMITERS].read
+    if buckets is not None:
+        wait = buckets.take(("read", remote), cost)
+        if wait > 0:
+            raise _rate_limited(buckets, "reads from this address", wait)
+
+
+def take_write(app: web.Application) -> None:
     """One write from the token's bucket (the one ``POST /v1/orders`` takes from)."""
     buckets = app[LIMITERS].write
     if buckets is not None:

@@ -43,6 +43,8 @@ class NodeConfig:
     max_clock_offset_ms: int = 1_000  # off the peers' median by more than this: refuse orders
     max_loop_lag_ms: int = 500  # event loop later than this: refuse new orders and cancels (503 busy)
     max_foreign_origins: int = 1_000  # origins held that are not members
+    grapes: tuple[str, ...] = ()  # Grenache grape URLs to announce on (none: no Grenache)
+    grenache_service: str = "exchange_service"  # the service name announced and answered
 
     @property
     def udp_port(self) -> int:

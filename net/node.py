@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 from aiohttp import web
@@ -89,6 +89,9 @@ from net.store import (
 )
 from net.threads import off_loop
 from net.wire import MSGPACK, PEER_BODY_CAP, pack, peer_error, read_capped, unpack
+
+if TYPE_CHECKING:
+    from net.grenache import Announcer
 
 log = logging.getLogger("p2pex.node")
 
@@ -319,6 +322,7 @@ class Node:
         self._links: dict[bytes, PeerLink] = {}  # peer -> the WebSocket its pushes go on
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
+        self.grenache: Announcer | None = None  # with --grape: announcing on the grapes
         self._stopping = asyncio.Event()
         self._policy_settled = False
         # acceptance-to-visibility delays (ms) of entries from other origins
@@ -350,6 +354,7 @@ class Node:
 
     async def start(self) -> None:
         from net.api import build_app  # the API module imports Node for typing
+        from net.grenache import Announcer, add_routes  # it builds on the API module
 
         now = self.clock_ms()
         self.started_ms = now
@@ -370,6 +375,8 @@ class Node:
             connector=aiohttp.TCPConnector(limit=64, limit_per_host=4, resolver=PeerResolver(self.guard)),
         )
         app = build_app(self)
+        if self.config.grapes:  # Grenache RPC (POST /) beside the web view
+            add_routes(app, self.config.grenache_service)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_S,
                                      **handler_args(self.http_guard.limits))
         await self._runner.setup()
@@ -405,6 +412,11 @@ class Node:
         self._spawn(self._relay_loop(), "relay")
         self._spawn(self.metrics.probe_loop(), "loop-lag")
         self._spawn(self._join_loop(), "join")
+        if self.config.grapes:
+            port = split_host_port(self.config.advertise, self.config.port)[1] if self.config.advertise \
+                else self.config.port
+            self.grenache = Announcer(self.config.grapes, self.config.grenache_service, port)
+            self._spawn(self.grenache.run(), "grenache-announce")
 
     async def run_until_stopped(self) -> None:
         await self._stopping.wait()
