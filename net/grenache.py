@@ -378,7 +378,8 @@ async def _post(session: aiohttp.ClientSession, address: str, rid: str, service:
     async with asyncio.timeout(timeout):
         async with session.post(f"http://{address}/", data=data, headers=headers) as r:
             body = await r.read()
-    if r.headers.get("grc-compress", "none").lower() == "gzip":
+    # the Node server gzips its reply to a gzipped request without saying so in a header
+    if (gz or r.headers.get("grc-compress", "none").lower() == "gzip") and body[:2] == b"\x1f\x8b":
         body = gzip.decompress(body)
     try:
         out = json.loads(body)
