@@ -17,6 +17,7 @@ without ``node`` and ``npm`` the module skips, saying so.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import subprocess
@@ -42,13 +43,17 @@ pytestmark = pytest.mark.xdist_group("grenache_interop")
 
 
 def _npm_ready() -> None:
-    """``npm ci`` once, when the pinned packages are not installed yet."""
+    """``npm ci`` once, when the pinned packages are not installed yet; under a
+    lock, so that two processes never install at once (npm ci empties
+    node_modules first: the second failed with ENOTEMPTY)."""
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("Node.js and npm are not installed (.ci/run installs them: apt-get install nodejs npm)")
-    if (HERE / "node_modules" / "grenache-grape" / "package.json").exists():
-        return
-    done = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--prefix", str(HERE)], cwd=HERE,
-                          capture_output=True, text=True, timeout=NPM_TIMEOUT_S, check=False)
+    with open(HERE / ".npm-install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (HERE / "node_modules" / "grenache-grape" / "package.json").exists():
+            return
+        done = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--prefix", str(HERE)], cwd=HERE,
+                              capture_output=True, text=True, timeout=NPM_TIMEOUT_S, check=False)
     assert done.returncode == 0, f"npm ci failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
 
 
