@@ -140,7 +140,8 @@ class TestGrenacheRefusals:
             else:
                 payload["token"] = token
             assert refused(node, payload).startswith("unauthorized: ")
-        assert book(node) == before
+        after = book(node)  # the levels; the state hash moves with every liveness entry
+        assert (after["bids"], after["asks"]) == (before["bids"], before["asks"])
 
     def test_reads_are_open(self, node: NodeProc) -> None:
         ok(node, {"action": "getOrderbook"})
