@@ -550,7 +550,13 @@ class Finality:
                 self.refused.add((d.member, d.at))
                 continue
             self.decided.append(d)
-            del self._votes[d.member]
+            # this membership's votes are spent; later ones, against the member admitted
+            # again, count against its next membership (a restarted node holds them at once)
+            later = [v for v in self._votes[d.member] if v.key > d.at]
+            if later:
+                self._votes[d.member] = later
+            else:
+                del self._votes[d.member]
             self.my_votes.pop(d.member, None)
             self.closing[d.member] = d.at
             self._closing_from[d.member] = self.final

@@ -583,6 +583,39 @@ class TestFinality:
             assert ex.finality.contested() == []
         assert len({tuple(net.finals[i]) for i in range(3)}) == 1
 
+    def test_a_node_restarted_from_before_an_eviction_keeps_the_votes_of_the_next_one(self) -> None:
+        """Regression: a member was voted out, admitted again, and voted out
+        again.  A node restarted from a checkpoint older than the first
+        eviction reloads the votes of both at once; deciding the first deleted
+        them all, so it never decided the second while the others did, and
+        finality stalled for good on every node (their digests commit to
+        decisions).  A decision now spends only the votes up to it."""
+        net = Lockstep(4, params=Params(heartbeat_ms=10, liveness_ms=200, evict_after_ms=150))
+        net.write(0, Order(side=SELL, price=100, qty=5))
+        net.run(50)
+        x = net.nodes[3]
+        net.down.add(3)
+        net.run(600)
+        assert all(not ex.membership.is_member(x.node_id) for ex in net.live())
+        net.down.discard(3)
+        net.deliver()
+        for v in (0, 1):  # admitted again by two of the three members
+            net.write(v, Admit(member=x.node_id, after=x.replica.length(x.node_id)))
+        net.run(100)
+        assert all(ex.membership.is_member(x.node_id) for ex in net.nodes)
+        net.down.add(3)
+        net.run(300)  # voted out again
+        assert [d.member for d in net.nodes[0].membership.decisions()] == [x.node_id] * 2
+        restarted = Exchange(net.nodes[1].key, network=net.nodes[1].network, params=net.params)
+        restarted.load(None, [], list(net.log), mono_ms=net.now)  # no checkpoint: from before the first
+        net.nodes[1] = restarted
+        bid = net.write(1, Order(side=BUY, price=100, qty=2))
+        net.run(1_000)
+        want = net.nodes[0].membership.decisions()
+        for ex in net.live():
+            assert ex.membership.decisions() == want
+            assert ex.frontiers().final >= bid.hlc and ex.pending() == 0
+
     def test_a_forked_log_matched_in_full_when_its_prefix_arrives_after_the_evidence(self) -> None:
         """Regression (simulator seed 1383): a node that got the evidence of an
         equivocation while it held only part of the forker's log told membership
