@@ -1,7 +1,9 @@
 """``python -m sim --seeds 1000`` runs seeds 0..999 and prints a summary;
 ``python -m sim --seed N`` replays one seed and prints its trace;
 ``--schedule split-brain`` (or ``split-brain-fresh``) runs the pinned
-schedule of ``sim.scenario.split_brain`` instead of a planned one."""
+schedule of ``sim.scenario.split_brain`` instead of a planned one;
+``--schedule admission-split`` replays a known liveness failure
+(``sim.scenario.admission_split``)."""
 
 from __future__ import annotations
 
@@ -10,11 +12,12 @@ import sys
 import time
 from collections.abc import Callable
 
-from sim.scenario import Schedule, run, split_brain
+from sim.scenario import Schedule, admission_split, run, split_brain
 
 SCHEDULES: dict[str, Callable[[], Schedule]] = {
     "split-brain": split_brain,
     "split-brain-fresh": lambda: split_brain(fresh=True),
+    "admission-split": admission_split,  # a known liveness failure (docs/FINALITY.md)
 }
 
 
