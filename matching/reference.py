@@ -2,8 +2,9 @@
 
 Nothing here is clever: every call recomputes the whole history from the
 full list of records sorted by key, keeps the book as two plain lists and
-finds the best maker by a linear scan.  It shares no code with the engine
-(only the kind/side constants, which are part of the record format).
+finds the best maker by a linear scan.  It shares no code with the engine:
+only the kind/side constants, which are part of the record format, and the
+``OrderStatus`` value it answers with, so that statuses compare as values.
 
 Rules (from DESIGN.md):
 
@@ -26,7 +27,7 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from matching.engine import BUY, CANCEL, CANCELLED, FILLED, GTC, MARKET, NOOP, OPEN, PARTIAL, SELL
+from matching.engine import BUY, CANCEL, CANCELLED, FILLED, GTC, MARKET, NOOP, OPEN, PARTIAL, SELL, OrderStatus
 
 Record = tuple[Any, int, Any, int, int, int, Any]
 Fill = tuple[Any, Any, int, int]
@@ -44,18 +45,6 @@ class RefOrder:
     remaining: int = 0
     closed: int = 0
     resting: bool = False
-
-
-@dataclass(frozen=True)
-class RefStatus:
-    """Same fields as ``matching.engine.OrderStatus``."""
-
-    state: str
-    qty: int
-    filled: int
-    remaining: int
-    side: int
-    price: int
 
 
 @dataclass
@@ -84,7 +73,7 @@ class RefResult:
                 levels.append((price, remaining, 1))
         return levels
 
-    def status(self, oid: Hashable) -> RefStatus | None:
+    def status(self, oid: Hashable) -> OrderStatus | None:
         o = self.orders.get(oid)
         if o is None:
             return None
@@ -96,7 +85,7 @@ class RefResult:
         else:
             state = FILLED
         price = 0 if o.kind == MARKET else o.price
-        return RefStatus(
+        return OrderStatus(
             state=state, qty=o.qty, filled=filled, remaining=o.remaining, side=o.side, price=price
         )
 
