@@ -37,7 +37,7 @@ from crdt.entry import MAX_PRICE, MAX_QTY
 from crdt.errors import ExchangeError
 from net import api
 from net.errors import ApiError, Unauthorized, Unprocessable
-from net.wire import CLIENT_BODY_CAP
+from net.wire import CLIENT_BODY_CAP, read_body
 
 if TYPE_CHECKING:
     from net.node import Node
@@ -187,10 +187,8 @@ def _gunzip(data: bytes) -> bytes:
 async def rpc(request: web.Request, service: str) -> web.Response:
     """One Grenache request: ``[rid, key, payload]`` in, ``[rid, error, result]`` out."""
     gz = request.headers.get("grc-compress", "none").lower() == "gzip"
-    raw = await request.content.read(CLIENT_BODY_CAP + 1)
+    raw = await read_body(request, CLIENT_BODY_CAP)  # the whole body (413 past the cap)
     try:
-        if len(raw) > CLIENT_BODY_CAP:
-            raise ValueError("body over the cap")
         msg = json.loads(_gunzip(raw) if gz else raw)
         if not isinstance(msg, list) or len(msg) != 3:
             raise ValueError("not [rid, key, payload]")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -111,6 +113,25 @@ class TestGrenacheRpc:
         again = ok(node, submit(node, "sell", 777, 1, id="same-id"))["result"]
         assert again["id"] == first["id"] and again["repeat"] and not first["repeat"]
         assert [a["qty"] for a in book(node)["asks"] if a["price"] == 777] == [1]
+
+    def test_a_body_that_arrives_in_pieces_is_read_whole(self, node: NodeProc) -> None:
+        """Regression: the endpoint read the body with one ``content.read(n)``,
+        which returns what is buffered so far; a body whose second half came
+        in a later packet was answered ERR_REQUEST_PARSE."""
+        body = json.dumps(["r-pieces", SERVICE, {"action": "getOrderbook"}]).encode()
+        head = (f"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+            sock.sendall(head + body[:10])
+            time.sleep(0.3)
+            sock.sendall(body[10:])
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        status_line, _, rest = reply.partition(b"\r\n")
+        assert b" 200 " in status_line, reply[:300]
+        rid, err, result = json.loads(rest.partition(b"\r\n\r\n")[2])
+        assert (rid, err, result["status"]) == ("r-pieces", None, "success")
 
     def test_gzip_both_ways(self, node: NodeProc) -> None:
         out = ok(node, {"action": "getOrderbook", "data": {"depth": 3}}, gz=True)
