@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
-from tenacity import RetryCallState, wait_exponential_jitter
 
 from crdt.entry import MAX_PRICE, MAX_QTY
 from crdt.errors import ExchangeError
 from net import api
 from net.errors import ApiError, Unauthorized, Unprocessable
+from net.peers import backoff_seconds
 from net.wire import CLIENT_BODY_CAP, read_body
 
 if TYPE_CHECKING:
@@ -53,7 +53,6 @@ NO_NODES = "No nodes to query"  # a lone grape's answer to an announce: nothing 
 BOOK_DEPTH = 10
 MAX_FILLS = 1000
 NOT_SUPPORTED = ("syncOrderbook", "announceMatch")
-_backoff = wait_exponential_jitter(initial=1.0, max=30.0, jitter=1.0)
 
 
 class GrenacheError(ExchangeError):
@@ -144,14 +143,7 @@ class Announcer:
                 failures = 0
                 self.failing.pop(grape.url, None)
                 self.announced += 1
-            await asyncio.sleep(ANNOUNCE_EVERY_S if not failures else _wait(failures))
-
-
-def _wait(failures: int) -> float:
-    """Seconds before announcing again on a grape after ``failures`` in a row."""
-    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-    state.attempt_number = max(failures, 1)
-    return float(_backoff(state))
+            await asyncio.sleep(ANNOUNCE_EVERY_S if not failures else backoff_seconds(failures))
 
 
 # ---- the RPC endpoint -------------------------------------------------------------------
