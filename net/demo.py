@@ -24,6 +24,7 @@ from typing import Any
 
 from client import Client, ClientError
 from client.tables import row, show, table
+from net.logs import last_lines
 from net.ports import free_port, percentile
 from net.trader import TradeStats, trade
 
@@ -33,18 +34,6 @@ MESH_TIMEOUT_S = 20.0
 QUIESCE_TIMEOUT_S = 30.0
 HTTP_TIMEOUT_S = 3.0
 LAST_LINES = 5  # of a node's log, quoted when it exits during the demo
-
-
-def last_lines(path: Path, count: int) -> list[str]:
-    """The last ``count`` non-empty lines of a log file (none if it cannot be read)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 8192))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return []
-    return [line for line in text.splitlines() if line.strip()][-count:]
 
 
 class DemoError(Exception):

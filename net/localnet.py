@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 from client import ClientError, OrderView, SyncClient
 from net import ports
+from net.logs import last_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = ROOT / "cli.py"
@@ -145,11 +146,9 @@ def cli_json(*args: str) -> Any:
 
 
 def tail(path: Path, lines: int = 40) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
+    if not path.exists():
         return f"({path} missing)"
-    return "\n".join(text.splitlines()[-lines:])
+    return "\n".join(last_lines(path, lines))
 
 
 @dataclass

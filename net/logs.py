@@ -8,15 +8,19 @@ A record's kind is ``extra={"repeat_key": ...}`` when the caller names one
 (the node uses (what, peer id, peer address, code)), else its logger, level
 and message template; records below WARNING are limited only when they name
 a key.  ``BadRequestFilter`` turns aiohttp's traceback for a malformed HTTP
-request (730 bytes each) into one short line with a key.
+request (730 bytes each) into one short line with a key.  ``last_lines``
+reads the end of a log file (the demo quotes a node that exited; the test
+harness shows a failed node's log).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 REPEATS_SHOWN = 5
 REPEAT_WINDOW_S = 60.0
@@ -125,3 +129,16 @@ def flush(*, force: bool = False) -> None:
     """Log the summaries of the windows that ended, in every installed filter."""
     for f in _filters:
         f.flush(force=force)
+
+
+def last_lines(path: Path, count: int) -> list[str]:
+    """The last ``count`` non-empty lines of a log file, read from its end
+    (a long run's log is large); none if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 512 * count))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    return [line for line in text.splitlines() if line.strip()][-count:]
