@@ -56,11 +56,14 @@ from typing import Any, TypeVar
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.interop.npm import npm_ready
 from tests.nodes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
+GRAPE_BUILD = "grenache"  # the grape image's build context (profile grenache)
+INTEROP = ROOT / "tests" / "interop"
 PYTHON = sys.executable
 
 SEEDS = ("dht1", "dht2")
@@ -94,11 +97,11 @@ def load_compose(*, profiles: bool = False) -> dict[str, Any]:
     return data
 
 
-def dockerfile_lines() -> list[str]:
-    """Instructions of the Dockerfile, continuation lines joined, comments dropped."""
+def dockerfile_lines(path: Path = DOCKERFILE) -> list[str]:
+    """Instructions of a Dockerfile, continuation lines joined, comments dropped."""
     out: list[str] = []
     buf = ""
-    for line in DOCKERFILE.read_text().splitlines():
+    for line in path.read_text().splitlines():
         if not buf and (not line.strip() or line.lstrip().startswith("#")):
             continue
         if line.rstrip().endswith("\\"):
@@ -120,9 +123,9 @@ def dockerfile_env() -> dict[str, str]:
     return env
 
 
-def dockerfile_instruction(name: str) -> str:
-    found = [line for line in dockerfile_lines() if line.upper().startswith(name + " ")]
-    assert found, f"the Dockerfile has no {name}"
+def dockerfile_instruction(name: str, path: Path = DOCKERFILE) -> str:
+    found = [line for line in dockerfile_lines(path) if line.upper().startswith(name + " ")]
+    assert found, f"{path} has no {name}"
     return found[-1][len(name) + 1:].strip()
 
 
@@ -228,7 +231,7 @@ class TestComposeFile:
         services = load_compose()["services"]
         published = {}
         for name in EXCHANGES:
-            (spec,) = services[name]["ports"]
+            spec = services[name]["ports"][0]
             host, _, container = str(spec).rpartition(":")
             assert container == services[name]["environment"]["P2PEX_PORT"], "publish the node's HTTP port"
             published[name] = int(host)
@@ -251,6 +254,44 @@ class TestComposeFile:
         env = dockerfile_env()
         assert env["P2PEX_HOST"] == "0.0.0.0" and env["P2PEX_DATA_DIR"] == "/data"
         assert any("pip install ." in line for line in dockerfile_lines() if line.startswith("RUN"))
+
+
+def option(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+class TestGrenacheProfile:
+    """`docker compose --profile grenache up`: a grape in each exchange's namespace."""
+
+    def grapes(self) -> dict[str, dict[str, Any]]:
+        services = load_compose(profiles=True)["services"]
+        return {name: spec for name, spec in services.items() if spec.get("build") == GRAPE_BUILD}
+
+    def test_a_grape_per_exchange_in_its_namespace_announced_on_by_it(self) -> None:
+        services = load_compose(profiles=True)["services"]
+        grapes = self.grapes()
+        assert {spec["network_mode"] for spec in grapes.values()} == {f"service:{e}" for e in EXCHANGES}
+        for name, spec in grapes.items():
+            assert spec["profiles"] == ["grenache"], name
+            exchange = spec["network_mode"].removeprefix("service:")
+            api = option(spec["command"], "--aph")
+            assert services[exchange]["environment"]["P2PEX_GRAPES"] == f"http://127.0.0.1:{api}"
+            assert f"{api}:{api}" in services[exchange]["ports"], "the exchange publishes its grape's API"
+            assert "--b" not in spec["command"], "a grape bound to one address records that one for its node"
+            (other,) = set(grapes) - {name}
+            other_exchange = grapes[other]["network_mode"].removeprefix("service:")
+            assert option(spec["command"], "--bn") == f"{other_exchange}:{option(grapes[other]['command'], '--dp')}"
+            assert depends_on(spec)[exchange] == "service_healthy"
+
+    def test_the_grape_image_pins_what_the_interop_test_runs(self) -> None:
+        entry = exec_form(dockerfile_instruction("ENTRYPOINT", ROOT / GRAPE_BUILD / "Dockerfile"))
+        assert entry == ["node", "node_modules/grenache-grape/bin/grape.js"]
+        image = json.loads((ROOT / GRAPE_BUILD / "package-lock.json").read_text())["packages"]
+        interop = json.loads((INTEROP / "package-lock.json").read_text())["packages"]
+        assert image["node_modules/grenache-grape"]["version"] == "1.0.0"
+        differ = {k: (v.get("version"), interop.get(k, {}).get("version"))
+                  for k, v in image.items() if k and v.get("version") != interop.get(k, {}).get("version")}
+        assert not differ, f"the grape image and tests/interop pin different versions: {differ}"
 
 
 # ---- the rehearsal -------------------------------------------------------------------------
@@ -322,6 +363,8 @@ class Service:
     proc: subprocess.Popen[bytes] | None = None
     healthy: bool = False
     stopped_status: int | None = None
+    cwd: Path = ROOT
+    shares: str = ""  # network_mode "service:NAME": runs in NAME's namespace
 
     @property
     def url(self) -> str:
@@ -343,10 +386,15 @@ def python_argv(argv: list[str]) -> list[str]:
 class Lab:
     """The services of the compose file, each in its own network namespace."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *, profile: str | None = None, only: tuple[str, ...] = ()) -> None:
+        """Every service a plain ``up`` starts, plus those of ``profile``; with
+        ``only``, just those services."""
         self.tmp = tmp
         self.tag = secrets.token_hex(3)
-        self.compose = load_compose()
+        self.compose = load_compose(profiles=profile is not None)
+        self.compose["services"] = {
+            name: spec for name, spec in self.compose["services"].items()
+            if (not spec.get("profiles") or profile in spec["profiles"]) and (not only or name in only)}
         self.waves = start_waves(self.compose["services"])
         self.services: dict[str, Service] = {}
         self.bridge = f"p2b{self.tag}"
@@ -373,6 +421,12 @@ class Lab:
             command = spec.get("command") or default_cmd
             assert isinstance(command, list), f"{name}: keep command in exec form (a list)"
             argv = [translate(str(a), mounts) for a in command]
+            cwd = ROOT
+            if spec.get("build") == GRAPE_BUILD:
+                # the grape image's ENTRYPOINT, from tests/interop's node_modules (the same
+                # pinned packages: TestGrapeImage checks both lock files agree)
+                entry = exec_form(dockerfile_instruction("ENTRYPOINT", ROOT / GRAPE_BUILD / "Dockerfile"))
+                argv, cwd = [*entry, *argv], INTEROP
             if name in TRADERS:
                 argv += ["--seconds", str(TRADE_SECONDS)]
             hc = spec.get("healthcheck") or {}
@@ -389,7 +443,8 @@ class Lab:
                 health_timeout=seconds_of(hc.get("timeout"), 30.0),
                 health_retries=int(hc.get("retries", 3)),
                 start_period=seconds_of(hc.get("start_period"), 0.0),
-                depends=depends_on(spec), log_path=tmp / f"{name}.log",
+                depends=depends_on(spec), log_path=tmp / f"{name}.log", cwd=cwd,
+                shares=str(spec.get("network_mode", "")).removeprefix("service:"),
             )
 
     # -- network ----------------------------------------------------------------------
@@ -407,6 +462,8 @@ class Lab:
             etc_netns.mkdir()
             self.created_etc_netns = True
         for svc in self.services.values():
+            if svc.shares:
+                continue
             svc.ns = f"p2pex-{self.tag}-{svc.name}"
             run("ip", "netns", "add", svc.ns)
             self.namespaces.append(svc.ns)
@@ -423,6 +480,10 @@ class Lab:
             conf = etc_netns / svc.ns
             conf.mkdir()
             self.netns_dirs.append(conf)
+        for svc in self.services.values():
+            if svc.shares:
+                host = self.services[svc.shares]
+                svc.ns, svc.ip = host.ns, host.ip
         self.write_hosts()
 
     def write_hosts(self) -> None:
@@ -430,7 +491,7 @@ class Lab:
         does: a service's name resolves once its container runs.  Rewritten in
         place (same inode), so processes that have it bind-mounted see the change."""
         hosts = "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n" + "".join(
-            f"{s.ip} {s.name}\n" for s in self.started)
+            f"{s.ip} {s.name}\n" for s in self.started if not s.shares)
         for conf in self.netns_dirs:
             with open(conf / "hosts", "r+" if (conf / "hosts").exists() else "w") as f:
                 f.seek(0)
@@ -444,7 +505,7 @@ class Lab:
         self.write_hosts()
         with open(svc.log_path, "wb") as log:
             svc.proc = subprocess.Popen(
-                ["ip", "netns", "exec", svc.ns, *svc.argv], cwd=ROOT, env=svc.env,
+                ["ip", "netns", "exec", svc.ns, *svc.argv], cwd=svc.cwd, env=svc.env,
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_healthy(self, svc: Service) -> float:
@@ -708,6 +769,77 @@ class TestComposeRehearsal:
             while lab.group_alive(svc) and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert not lab.group_alive(svc), f"{name} left a process behind after SIGTERM"
+
+
+GRENACHE_LAB = (*SEEDS, *EXCHANGES, "grape1", "grape2")
+GRENACHE_SERVICE = "exchange_service"
+
+
+def grape_post(url: str, path: str, data: Any) -> Any:
+    body = json.dumps({"rid": secrets.token_hex(8), "data": data}).encode()
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(urllib.request.Request(url + path, data=body, method="POST"), timeout=HTTP_TIMEOUT_S) as resp:
+        return json.loads(resp.read())
+
+
+class TestGrenacheProfileRehearsal:
+    def test_a_grenache_client_finds_both_exchanges_through_either_grape(self, tmp_path: Path) -> None:
+        """The seeds, the exchanges and the profile's grapes; from the host, the
+        stock Node client looks exchange_service up through a grape and reads
+        the book of both exchanges, holding an order placed through the API."""
+        npm_ready()
+        reason = netns_unavailable()
+        if reason:
+            pytest.skip(reason)
+        lab = Lab(tmp_path, profile="grenache", only=GRENACHE_LAB)
+        try:
+            lab.build_network()
+            lab.up()
+            self.play(lab)
+        except BaseException:
+            print(lab.log_tails())
+            raise
+        finally:
+            lab.close()
+
+    def play(self, lab: Lab) -> None:
+        exchanges = {f"{lab.services[e].ip}:{lab.services[e].env['P2PEX_PORT']}" for e in EXCHANGES}
+        grapes = [f"http://{lab.services[g].ip}:{option(lab.services[g].argv, '--aph')}" for g in ("grape1", "grape2")]
+
+        def found() -> bool:
+            try:
+                return all(set(grape_post(url, "/lookup", GRENACHE_SERVICE)) == exchanges for url in grapes)
+            except (urllib.error.URLError, OSError, ValueError, TypeError):
+                return False
+
+        lab.wait_for(f"{GRENACHE_SERVICE} at both exchanges in a lookup on either grape", SPREAD_TIMEOUT_S, found)
+        for name in EXCHANGES:
+            st = lab.get(lab.services[name], "/v1/status")["grenache"]
+            assert st["announces"] > 0 and not st["failing"], (name, st)
+
+        cookie = lab.tmp / "exchange1" / "exchange1-data" / ".cookie"
+        placed = subprocess.run(
+            [PYTHON, "cli.py", "order", "buy", "3@9001", "--node", lab.services["exchange1"].url,
+             "--token", cookie.read_text().strip(), "--json"],
+            cwd=ROOT, capture_output=True, text=True, timeout=30, check=False,
+            env={k: v for k, v in os.environ.items() if "proxy" not in k.lower()})
+        assert placed.returncode == 0, placed.stderr
+
+        def books() -> list[Any] | None:
+            argv = ["node", str(INTEROP / "client.js"), "--grape", grapes[1], "--service", GRENACHE_SERVICE,
+                    "--mode", "map", "--timeout", "5000", json.dumps({"action": "getOrderbook", "data": {}})]
+            done = subprocess.run(argv, cwd=INTEROP, capture_output=True, text=True, timeout=30, check=False)
+            assert done.returncode == 0, done.stderr
+            reply = json.loads(done.stdout.strip().splitlines()[-1])
+            if not reply["ok"]:
+                return None
+            holding = [r for r in reply["result"]
+                       if any(level["price"] == 9001 and level["amount"] == 3 for level in r["state"]["buyOrders"])]
+            return reply["result"] if len(holding) == len(EXCHANGES) else None
+
+        replies = lab.wait_for("the order in the book of both exchanges, read through Grenache", 20.0, books,
+                               interval=1.0)
+        assert all(r["status"] == "success" for r in replies)
 
 
 # ---- the trader service's command, outside namespaces ----------------------------------------

@@ -17,9 +17,7 @@ without ``node`` and ``npm`` the module skips, saying so.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -31,30 +29,15 @@ from typing import Any
 
 import pytest
 
+from tests.interop.npm import npm_ready
 from tests.nodes import CLI, ROOT, NodeProc, free_port, logs_on_failure, make_nodes, start_network, stop_all, tail
 
 HERE = Path(__file__).resolve().parent
 SERVICE = "exchange_service"
 ECHO = "p2pex_interop_echo"
-NPM_TIMEOUT_S = 300.0
 SETTLE_S = 30.0
 
 pytestmark = pytest.mark.xdist_group("grenache_interop")
-
-
-def _npm_ready() -> None:
-    """``npm ci`` once, when the pinned packages are not installed yet; under a
-    lock, so that two processes never install at once (npm ci empties
-    node_modules first: the second failed with ENOTEMPTY)."""
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("Node.js and npm are not installed (.ci/run installs them: apt-get install nodejs npm)")
-    with open(HERE / ".npm-install.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (HERE / "node_modules" / "grenache-grape" / "package.json").exists():
-            return
-        done = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--prefix", str(HERE)], cwd=HERE,
-                              capture_output=True, text=True, timeout=NPM_TIMEOUT_S, check=False)
-    assert done.returncode == 0, f"npm ci failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
 
 
 def grape_lookup(api_port: int, service: str) -> list[str]:
@@ -128,7 +111,7 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    _npm_ready()
+    npm_ready()
     lab = Lab(tmp_path_factory.mktemp("grenache"))
     try:
         lab.start_grapes()
