@@ -49,6 +49,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from hashlib import blake2b
+from typing import Any
 
 import msgpack
 
@@ -129,7 +130,9 @@ class Finality:
         # equivocation: origin -> (fork seq, floor hlc nothing at or below which is cut)
         self._forks: dict[bytes, tuple[int, int]] = {}
         self.forks_version = 0  # bumped whenever an equivocating origin's effective end may move
-        self._digests: dict[tuple[int, bytes | None, bool], bytes | None] = {}
+        self._digests: dict[tuple[int, bytes | None, bool, Decision | None], bytes | None] = {}
+        # contested member -> (stamp, the eviction its votes decide and the membership after it)
+        self._hypotheses: dict[bytes, tuple[Any, tuple[Decision, Membership] | None]] = {}
         self.last_own_ms = 0  # monotonic time of this node's newest entry
         self._mono = 0  # the latest monotonic time this node was given
         self._settled: dict[tuple[bytes, bytes], int] = {}  # (member, last vote key) -> when settled here
@@ -255,17 +258,28 @@ class Finality:
 
     # ---- digests ----------------------------------------------------------------------
 
-    def digest(self, k: int, *, without: bytes | None = None, cut_forks: bool = True) -> bytes | None:
+    def digest(self, k: int, *, without: bytes | None = None, cut_forks: bool = True,
+               decided: bytes | None = None) -> bytes | None:
         """Hash over every member's effective log prefix stamped at or below ``k``
-        (``without`` one member), or None when that reaches below memory."""
-        cache_key = (k, without, cut_forks)
+        (``without`` one member), or None when that reaches below memory.  Without
+        a member, or with its eviction ``decided`` as the votes held here decide
+        it (see ``_hypothesis``), the memberships are those after that eviction."""
+        membership, hypothesis = self.membership, None
+        target = without if without is not None else decided
+        if target is not None:
+            hypothesis = self._hypothesis(target)
+            if hypothesis is not None:
+                membership = hypothesis[1]
+            elif decided is not None:
+                return None
+        cache_key = (k, without, cut_forks, None if hypothesis is None else hypothesis[0])
         if cache_key in self._digests:
             return self._digests[cache_key]
         rows = []
-        for o in self.membership.ever_members():
+        for o in membership.ever_members():
             if o == without:
                 continue
-            ivs = [iv for iv in self.membership.intervals(o) if hlc_of(iv.start) <= k]
+            ivs = [iv for iv in membership.intervals(o) if hlc_of(iv.start) <= k]
             if not ivs:
                 continue
             last = ivs[-1]
@@ -288,6 +302,27 @@ class Finality:
             self._digests.clear()
         self._digests[cache_key] = d
         return d
+
+    def _hypothesis(self, x: bytes) -> tuple[Decision, Membership] | None:
+        """The eviction of member ``x`` that the votes held here decide once they
+        lie below the frontier without ``x``, and the membership it leaves; None
+        while they decide nothing.  Digests *without* ``x`` commit to that
+        membership: a vote ``x`` cast past the eviction's cut is void, and a
+        node that has not decided yet must not count what it decided (an
+        admission completed by that vote) where the decided ones no longer
+        do, or their acks without ``x`` never match and nobody decides."""
+        if not self.membership.is_member(x) or x not in self._votes:
+            return None
+        # every admission vote counts here (one that decides nothing in this node's
+        # view may complete a majority once the eviction voids another)
+        stamp = (self.membership.revision, self.forks_version, len(self._votes[x]))
+        cached = self._hypotheses.get(x)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        d = self._decision(x, 1 << 62)
+        found = None if d is None else (d, self.membership.with_decision(d))
+        self._hypotheses[x] = (stamp, found)
+        return found
 
     # ---- frontiers ---------------------------------------------------------------------
 
@@ -321,15 +356,25 @@ class Finality:
     def _matched(self, m: bytes, complete: int, *, suspect: bytes | None) -> tuple[int, int]:
         """(K, S) of ``m``'s newest ack that matches this node's history, or (0, 0)."""
         q = self._acks.get(m) if suspect is None else self._sacks.get((m, suspect))
-        if not q:
-            return 0, 0
-        for ack in reversed(q):
+        found = 0, 0
+        for ack in reversed(q or ()):
             k, s, d = ack[0], ack[1], ack[2]
             if k > complete:
                 continue
             if self.digest(k, without=suspect) == d:
-                return k, s
-        return 0, 0
+                found = k, s
+                break
+        if suspect is not None and suspect == self.node_id:
+            # this node voted out: a member that has decided it publishes no acks
+            # without it for long, but its plain acks commit to the same history
+            # with the eviction applied, which is what this node has to learn
+            for ack in reversed(self._acks.get(m, ())):
+                k, s, d = ack[0], ack[1], ack[2]
+                if k <= found[0]:
+                    break
+                if k <= complete and self.digest(k, decided=suspect) == d:
+                    return k, s
+        return found
 
     def recompute(self) -> bool:
         """Recompute every frontier; True when the final frontier moved."""

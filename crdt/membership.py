@@ -100,6 +100,7 @@ class Membership:
         self._banned: dict[bytes, int] = {}  # origin -> stamp after which it is never admitted
         self._ends: dict[bytes, int] = {}  # origin -> effective end of a log proven to equivocate
         self.version = 0  # bumped whenever the derived intervals change
+        self.revision = 0  # bumped on every input, also one that changes no interval (a vote that decides nothing)
 
     @property
     def network(self) -> bytes | None:
@@ -138,6 +139,19 @@ class Membership:
         if self._banned.get(origin) != after_hlc:
             self._banned[origin] = after_hlc
             self._derive()
+
+    def with_decision(self, d: Decision) -> Membership:
+        """A copy of this membership with ``d`` applied too: what it will be once
+        ``d`` is decided (the intervals are derived again, so votes ``d`` voids
+        decide nothing in the copy)."""
+        other = Membership(self._network)
+        other._base = {o: list(ivs) for o, ivs in self._base.items()}
+        other._base_pending = {m: dict(votes) for m, votes in self._base_pending.items()}
+        other._events = list(self._events)
+        other._banned = dict(self._banned)
+        other._ends = dict(self._ends)
+        other.add_decision(d)
+        return other
 
     def remove_events(self, keys: Iterable[bytes]) -> None:
         """Forget admission votes whose entries became void (their writer was evicted)."""
@@ -323,6 +337,7 @@ class Membership:
         del pending[member]
 
     def _derive(self) -> None:
+        self.revision += 1
         new, pending = self._derive_upto(None)
         self._pending = pending
         if new != self._intervals:

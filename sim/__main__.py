@@ -2,8 +2,9 @@
 ``python -m sim --seed N`` replays one seed and prints its trace;
 ``--schedule split-brain`` (or ``split-brain-fresh``) runs the pinned
 schedule of ``sim.scenario.split_brain`` instead of a planned one;
-``--schedule admission-split`` replays a known liveness failure
-(``sim.scenario.admission_split``)."""
+``--schedule admission-split`` an admission completed during a split by a
+member being voted out (``sim.scenario.admission_split``), which used to
+stall finality for good."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from sim.scenario import Schedule, admission_split, run, split_brain
 SCHEDULES: dict[str, Callable[[], Schedule]] = {
     "split-brain": split_brain,
     "split-brain-fresh": lambda: split_brain(fresh=True),
-    "admission-split": admission_split,  # a known liveness failure (docs/FINALITY.md)
+    "admission-split": admission_split,  # used to stall for good (docs/FINALITY.md)
 }
 
 

@@ -87,19 +87,19 @@ def split_brain(*, fresh: bool = False) -> Schedule:
 
 
 def admission_split() -> Schedule:
-    """A known liveness failure, kept to replay it (no test runs it: it fails).
+    """An admission completed during a split by a member being voted out.
 
     Five nodes.  n1 is cut off from 400 ms and voted out; at 1,800 ms it
     comes back and asks to be admitted again, and 30 ms later the network
     splits {n0, n1} | {n2, n3, n4}.  When n1 got the votes of two members of
     the majority side before the split, n0's vote during the split completes
     a majority of the four members in n0's and n1's view only.  The majority
-    side votes n0 out with a cut before that vote, which voids it; but n0 and
-    n1 count it until they have decided n0's eviction, and they can decide it
-    only through acknowledgements computed without n0 that match theirs,
-    which commit to n1's admission.  They never match: finality stalls for
-    good on n0 and n1 after the heal.  ``python -m sim --schedule
-    admission-split --seed 0`` (seeds 0, 1, 3 and 5-8 of 0-9 fail)."""
+    side votes n0 out with a cut before that vote, which voids it.  n0 and
+    n1 count it until they have decided n0's eviction, through acks computed
+    without n0; those used to commit to n1's admission, so they never
+    matched and finality stalled for good (seeds 0, 1, 3 and 5-8 of 0-9).
+    Digests without a member now commit to the memberships its eviction
+    leaves (docs/FINALITY.md); ``tests/test_sim.py`` runs seeds 0-9."""
     return Schedule(nodes=5, duration=5_000, faults=[
         Fault(kind="partition", start=400, end=1_800, node=0, groups=[[1], [0, 2, 3, 4]]),
         Fault(kind="partition", start=1_830, end=3_800, node=0, groups=[[0, 1], [2, 3, 4]]),

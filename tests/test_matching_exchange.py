@@ -361,6 +361,40 @@ class TestQuorumAdmission:
         assert held.intervals(x) == late.intervals(x)
         assert held.intervals(x)[0].start == _key(40, 4)
 
+    def test_a_membership_with_an_eviction_applied_is_the_one_the_decided_nodes_derive(self) -> None:
+        """``Membership.with_decision``, what digests *without* a contested member
+        commit to (the fix for ``python -m sim --schedule admission-split``): a
+        node that has not decided c's eviction yet counts c's vote for x, which
+        completes x's admission in its view only; with the eviction applied,
+        the copy derives what the decided nodes derive, and the original is
+        untouched until the decision is taken."""
+        a, b, c, d, x = (bytes([i]) * 32 for i in (1, 2, 3, 4, 5))
+        genesis = _key(10, 9)
+        c_out = Decision(member=c, at=_key(30, 1), cut=8)
+
+        def members() -> Membership:
+            m = Membership(genesis[8:])
+            m.add_admit(key=genesis, admitter=a, seq=1, entry_hash=genesis[8:], member=a, after=1)
+            for i, o in enumerate((b, c, d)):
+                m.add_admit(key=_key(11 + i, 1), admitter=a, seq=2 + i, entry_hash=bytes([i]) * 32, member=o,
+                            after=0)
+                m.add_admit(key=_key(11 + i, 2), admitter=b, seq=1 + i, entry_hash=bytes([9 + i]) * 32,
+                            member=o, after=0)
+            m.add_admit(key=_key(19, 1), admitter=a, seq=9, entry_hash=b"a" * 32, member=x, after=3)
+            m.add_admit(key=_key(19, 2), admitter=b, seq=9, entry_hash=b"b" * 32, member=x, after=3)
+            m.add_admit(key=_key(20, 3), admitter=c, seq=9, entry_hash=b"v" * 32, member=x, after=3)  # past c's cut
+            m.add_admit(key=_key(40, 4), admitter=d, seq=9, entry_hash=b"d" * 32, member=x, after=3)
+            return m
+
+        undecided, decided = members(), members()
+        decided.add_decision(c_out)
+        assert undecided.intervals(x)[0].start == _key(20, 3)  # c's vote completed 3 of 4
+        assert decided.intervals(x)[0].start == _key(40, 4)  # void: d's completed 3 of 3
+        before = undecided.revision
+        after = undecided.with_decision(c_out)
+        assert after.intervals(x) == decided.intervals(x) and after.intervals(c) == decided.intervals(c)
+        assert undecided.intervals(x)[0].start == _key(20, 3) and undecided.revision == before
+
 
 class TestMembership:
     def test_entries_of_a_non_member_are_kept_and_relayed_but_never_matched(self) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from sim.node import SimNode
-from sim.scenario import run, split_brain
+from sim.scenario import admission_split, run, split_brain
 
 #: Seeds run by ``make test`` (``python -m sim --seeds 1000`` runs more), in
 #: chunks that parallel test workers (pytest-xdist) share out.
@@ -159,6 +159,23 @@ class TestSimulatedNetworks:
             r = run(seed, schedule=split_brain(fresh=fresh))
             assert r.violation is None, f"seed {seed}: {r.violation}"
             assert r.finals > 0
+
+    def test_an_admission_completed_by_a_member_being_voted_out_does_not_stall(self) -> None:
+        """Regression (``python -m sim --schedule admission-split``, seen once in
+        ``make chaos``): n1, voted out and back, gets two votes of the majority
+        side; the network splits {n0, n1} | {n2, n3, n4}, and n0's vote
+        completes n1's admission in n0's and n1's view only.  The majority
+        votes n0 out with a cut before that vote.  n0 and n1 could decide that
+        eviction only through acks *without* n0 that matched theirs, and
+        theirs committed to n1's admission: finality stalled for good on every
+        node (seeds 0, 1, 3 and 5-8).  Digests without a member now commit to
+        the memberships its eviction leaves, as the votes held decide it; and
+        the voted-out node also learns its eviction from the decided members'
+        plain acks."""
+        for seed in range(10):
+            r = run(seed, schedule=admission_split())
+            assert r.violation is None, f"seed {seed}: {r.violation}"
+            assert r.evictions >= 1 and r.finals > 0
 
     def test_a_seed_replays_exactly(self) -> None:
         first, again = run(7, trace=True), run(7, trace=True)
