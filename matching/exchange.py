@@ -115,6 +115,9 @@ class Received:
     finalized: bool = False  # the stable frontier moved: see ``take_finalized``
     decisions: tuple[Decision, ...] = ()
     voided: tuple[Entry, ...] = ()  # this node's own entries that became void
+    #: this node's own entries that counted while its admission stood in its own
+    #: view only: the vote that completed it was cast past its writer's eviction cut
+    unadmitted: tuple[Entry, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -139,6 +142,7 @@ class _Effects:
     revoked: list[Fill] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
     voided: list[Entry] = field(default_factory=list)
+    unadmitted: list[Entry] = field(default_factory=list)
     finalized: bool = False
 
 
@@ -369,7 +373,7 @@ class Exchange:
     def _received(self, merge: MergeResult, fx: _Effects) -> Received:
         return Received(merge=merge, added=tuple(fx.added), taker_origins=fx.taker_origins,
                         revoked=tuple(fx.revoked), finalized=fx.finalized, decisions=tuple(fx.decisions),
-                        voided=tuple(fx.voided))
+                        voided=tuple(fx.voided), unadmitted=tuple(fx.unadmitted))
 
     def _is_matched(self, e: Entry) -> bool:
         return e.seq <= self.finality.end(e.origin) and self.membership.valid(e.origin, e.seq, e.key)
@@ -505,13 +509,20 @@ class Exchange:
 
     def _decide(self, d: Decision, fx: _Effects) -> None:
         fx.decisions.append(d)
+        me = self.node_id
+        counted = [] if d.member == me else [
+            e for e in self.replica.tail(me) if self.membership.valid(me, e.seq, e.key)]
         self.replica.pin(d.member, d.cut)
         void = [e for e in self.replica.tail(d.member) if e.seq > d.cut]
         self.membership.remove_events(e.key for e in void if isinstance(e.body, Admit))
         self.membership.add_decision(d)
         self.finality.invalidate()
-        if d.member == self.node_id:
+        if d.member == me:
             fx.voided += void
+        else:
+            # a vote of d.member past the cut may have completed this node's own
+            # admission, in its view only: what it wrote since counts nowhere
+            fx.unadmitted += [e for e in counted if not self.membership.valid(me, e.seq, e.key)]
 
     def _finalize(self, fx: _Effects) -> None:
         f = self.finality.final

@@ -266,7 +266,7 @@ def _void_view(node: Node, oid: bytes) -> dict[str, Any] | None:
     for v in node.voided:
         if hexid in v.orders:
             return {"id": hexid, "status": "void", "void": True, "final": True, "owner": node.node_id.hex(),
-                    "detail": f"this node was voted out; its entries past seq {v.cut} are void"}
+                    "detail": v.detail or f"this node was voted out; its entries past seq {v.cut} are void"}
     return None
 
 

@@ -195,6 +195,7 @@ class Void:
     cut: int
     orders: tuple[str, ...]  # ids of the void orders
     entries: int
+    detail: str = ""  # why, for the order's reader
 
 
 class Subscriber:
@@ -797,6 +798,17 @@ class Node:
             self.voided.append(void)
             log.error("this node was voted out of the network: its %d entries past seq %d are void, among "
                       "them %d orders (%s); it asks to be admitted again", void.entries, void.cut, len(orders),
+                      ", ".join(o[:16] for o in orders[:10]) + (" ..." if len(orders) > 10 else ""))
+        if result.unadmitted:
+            orders = tuple(e.hash.hex() for e in result.unadmitted if isinstance(e.body, Order))
+            void = Void(at_ms=self.clock_ms(), cut=result.unadmitted[0].seq - 1, orders=orders,
+                        entries=len(result.unadmitted),
+                        detail="this node's admission was undone (the vote that completed it came from a member "
+                               "voted out with a cut before that vote); its entries written meanwhile count nowhere")
+            self.voided.append(void)
+            log.error("this node's admission was undone: the vote that completed it came from a member voted out "
+                      "with a cut before it; its %d entries from seq %d on count nowhere, among them %d orders "
+                      "(%s); it asks to be admitted again", void.entries, void.cut + 1, len(orders),
                       ", ".join(o[:16] for o in orders[:10]) + (" ..." if len(orders) > 10 else ""))
         if result.revoked:
             self.counters["revoked_fills"] += len(result.revoked)

@@ -85,6 +85,7 @@ class SimNode:
             self.disk.evidence[origin] = (ev.first, ev.second)
         self.revoked += len(r.revoked)
         self.voided += r.voided
+        self.voided += r.unadmitted
         self.decisions += r.decisions
         for batch in self.ex.take_finalized():
             assert batch.first_seq == len(self.disk.final_fills), "final fills out of step with the disk"
