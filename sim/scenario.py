@@ -239,6 +239,8 @@ def run(seed: int, *, trace: bool = False, storm: bool = False,
                             f"{checker.converged(nodes)}")
         checker.invariants(nodes)
         _agreed_decisions(nodes)
+        if not storm:
+            _own_orders_accounted(nodes, {f.node for f in faults if f.kind == "equivocate"})
         for nd in nodes:
             if nd.ex is not None:
                 checker.replay(nd, _decisions_of(nd))
@@ -280,6 +282,22 @@ def _agreed_decisions(nodes: list[SimNode]) -> None:
         for d in _decisions_of(nd):
             if seen.setdefault((d.member, d.at), d.cut) != d.cut:
                 raise Violation(f"two nodes decided one eviction with different cuts (node {nd.index})")
+
+
+def _own_orders_accounted(nodes: list[SimNode], equivocators: set[int]) -> None:
+    """Every order a live node wrote (and so acknowledged) is, once everything
+    is final, in its book or its final orders, or reported void on it: none
+    counts nowhere unsaid.  (An equivocator's entries past its fork are cut
+    without a report: it signed two histories.)"""
+    for nd in nodes:
+        if nd.ex is None or nd.index in equivocators:
+            continue
+        voided = {e.hash for e in nd.voided}
+        for e in nd.disk.entries.get(nd.node_id, ()):
+            if isinstance(e.body, Order) and e.hash not in voided and nd.ex.status(e.hash) is None \
+                    and e.hash not in nd.disk.final_orders:
+                raise Violation(f"node {nd.index}'s own order {e.hash.hex()[:16]} (seq {e.seq}) counts nowhere "
+                                "and was not reported void")
 
 
 def _begin(f: Fault, nodes: list[SimNode], net: Network, now: int, rng: random.Random, log: list[str]) -> None:

@@ -26,7 +26,16 @@ from crdt.hlc import physical_ms
 from crdt.keys import SigningKey
 from crdt.membership import Decision, Membership
 from matching.engine import CANCELLED, FILLED, OPEN, PARTIAL, Fill, FinalOrder
-from matching.exchange import Exchange, NotCancellable, Params, Received, UnknownOrder, fill_id, record_of
+from matching.exchange import (
+    Exchange,
+    NotCancellable,
+    Params,
+    Received,
+    UnknownOrder,
+    _Effects,
+    fill_id,
+    record_of,
+)
 from matching.reference import reference
 from tests.conftest import (
     NOW_MS,
@@ -360,6 +369,38 @@ class TestQuorumAdmission:
             assert m.is_member(x)
         assert held.intervals(x) == late.intervals(x)
         assert held.intervals(x)[0].start == _key(40, 4)
+
+    def test_a_joiner_whose_admission_a_void_vote_completed_reports_its_orders_void(self) -> None:
+        """Regression (``make chaos``, ``split``, with digests without a member
+        committing to the memberships its eviction leaves): a joiner got two
+        votes of four members, the split came, and the third vote, from a
+        member on its side, completed its admission in its own view.  It
+        traded as a member.  Once it decided that member's eviction, with a
+        cut before the vote, its admission was undone and its orders counted
+        nowhere: seven acknowledged orders answered 404 on every node, itself
+        included.  They are now reported void on the joiner."""
+        a, b, c, d = (LogBuilder(key_for(i)) for i in range(4))
+        from tests.conftest import admit_all
+        admit_all([a, b, c, d], ms=NOW_MS - 2_000)
+        joiner = Exchange(key_for(9), network=a.entries[0].hash)
+        joiner.receive([e for log in (a, b, c, d) for e in log.entries], now_ms=NOW_MS - 1_000)
+        a.append(Admit(member=joiner.node_id, after=0), ms=NOW_MS - 900)
+        b.append(Admit(member=joiner.node_id, after=0), ms=NOW_MS - 900)
+        joiner.receive([a.entries[-1], b.entries[-1]], now_ms=NOW_MS - 900)
+        assert not joiner.is_member()  # 2 of 4
+        cut = len(c.entries)
+        vote = c.append(Admit(member=joiner.node_id, after=0), ms=NOW_MS - 800)  # past the cut below
+        joiner.receive([vote], now_ms=NOW_MS - 800)
+        assert joiner.is_member()  # 3 of 4, in its own view
+        order = joiner.prepare(Order(side=BUY, price=100, qty=5), now_ms=NOW_MS - 700)
+        joiner.apply_own(order, now_ms=NOW_MS - 700)
+        assert joiner.status(order.hash) is not None
+        # the majority's eviction of c, at its deciding vote, with c's cut before c's vote
+        deciding = a.append(Evict(member=c.origin, cut=cut), ms=NOW_MS - 600)
+        fx = _Effects()
+        joiner._decide(Decision(member=c.origin, at=deciding.key, cut=cut), fx)
+        assert not joiner.is_member()
+        assert order in fx.unadmitted and not fx.voided
 
     def test_a_membership_with_an_eviction_applied_is_the_one_the_decided_nodes_derive(self) -> None:
         """``Membership.with_decision``, what digests *without* a contested member
