@@ -30,8 +30,9 @@ from crdt.finality import (
     DEFAULT_LIVENESS_MS,
     Finality,
     Frontiers,
+    hlc_of,
 )
-from crdt.hlc import Hlc, physical_ms
+from crdt.hlc import Hlc, pack, physical_ms
 from crdt.keys import SigningKey, short_id
 from crdt.membership import Decision, Membership
 from crdt.replica import MergeResult, Rejection, Replica
@@ -220,6 +221,13 @@ class Exchange:
         follows it instead of the log's head."""
         if not self.is_member():
             raise NotMember("this node is not a member of its network yet (or any more)")
+        admitted = self.membership.admitted_at(self.node_id)
+        if admitted is not None and max(pack(now_ms, 0), self.hlc.last + 1) <= hlc_of(admitted):
+            # the vote that decided the admission came from a clock ahead, past what this
+            # node's clock observes: an entry stamped before that vote would count nowhere
+            raise NotMember(
+                f"this node's admission was decided at a stamp {physical_ms(hlc_of(admitted)) - now_ms} ms "
+                "ahead of its clock (a voter's clock is ahead); it writes once its clock passes that stamp")
         if isinstance(body, Order | Cancel) and not self.clock_healthy():
             raise ClockUnhealthy(
                 f"this node's clock is {-self.clock_offset_ms} ms off its peers' median "

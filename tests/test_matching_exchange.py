@@ -370,6 +370,30 @@ class TestQuorumAdmission:
         assert held.intervals(x) == late.intervals(x)
         assert held.intervals(x)[0].start == _key(40, 4)
 
+    def test_a_joiner_admitted_by_a_vote_from_a_clock_ahead_writes_once_its_clock_passes_it(self) -> None:
+        """Regression (found by the simulator's check that every order a node
+        wrote counts or is reported void; seeds 79, 82, 86, 109, 166 and five
+        more of 0-299): the vote that decided a joiner's admission was stamped
+        by a voter whose clock was ahead, beyond what the joiner's clock
+        observes.  The joiner saw itself a member and accepted orders, stamped
+        before that vote, so they counted nowhere and were never reported.
+        It now writes nothing until its clock passes the deciding vote."""
+        a, b = (LogBuilder(key_for(i)) for i in range(2))
+        from tests.conftest import admit_all
+        admit_all([a, b], ms=NOW_MS - 2_000)
+        joiner = Exchange(key_for(9), network=a.entries[0].hash)
+        joiner.receive([e for log in (a, b) for e in log.entries], now_ms=NOW_MS)
+        a.append(Admit(member=joiner.node_id, after=0), ms=NOW_MS)
+        ahead = b.append(Admit(member=joiner.node_id, after=0), ms=NOW_MS + 5_000)  # b's clock is 5 s ahead
+        joiner.receive([a.entries[-1], ahead], now_ms=NOW_MS)
+        assert joiner.is_member() and joiner.membership.admitted_at(joiner.node_id) == ahead.key
+        with pytest.raises(NotMember, match="ahead of its clock"):
+            joiner.prepare(Order(side=BUY, price=100, qty=5), now_ms=NOW_MS + 100)
+        order = joiner.prepare(Order(side=BUY, price=100, qty=5), now_ms=NOW_MS + 5_001)
+        joiner.apply_own(order, now_ms=NOW_MS + 5_001)
+        assert order.key > ahead.key and joiner.membership.valid(joiner.node_id, order.seq, order.key)
+        assert joiner.status(order.hash) is not None
+
     def test_a_joiner_whose_admission_a_void_vote_completed_reports_its_orders_void(self) -> None:
         """Regression (``make chaos``, ``split``, with digests without a member
         committing to the memberships its eviction leaves): a joiner got two
