@@ -116,6 +116,7 @@ class Finality:
         # apart so that a member that lags behind a decision about itself still finds them
         self._sacks: dict[tuple[bytes, bytes], deque[tuple[int, int, bytes]]] = {}
         self._votes: dict[bytes, list[Vote]] = {}  # member -> every vote and retraction against it
+        self._votes_revision = 0  # bumped whenever _votes changes
         self._timelines: dict[bytes, tuple[tuple[int, int, int], list[Vote]]] = {}
         self.my_votes: dict[bytes, int] = {}  # member -> cut at which this node's view of it is frozen
         self._forked_voters: set[bytes] = set()  # equivocators with a vote that may still count
@@ -209,6 +210,7 @@ class Finality:
             if isinstance(body, Evict | Retract) and o != body.member:
                 cut = body.cut if isinstance(body, Evict) else None
                 self._votes.setdefault(body.member, []).append(Vote(voter=o, seq=e.seq, key=e.key, cut=cut))
+                self._votes_revision += 1
                 if o == me and cut is not None:
                     self._my_vote_mono[body.member] = mono_ms
             if o == me:
@@ -315,7 +317,7 @@ class Finality:
             return None
         # every admission vote counts here (one that decides nothing in this node's
         # view may complete a majority once the eviction voids another)
-        stamp = (self.membership.revision, self.forks_version, len(self._votes[x]))
+        stamp = (self.membership.revision, self.forks_version, self._votes_revision)
         cached = self._hypotheses.get(x)
         if cached is not None and cached[0] == stamp:
             return cached[1]
@@ -439,6 +441,7 @@ class Finality:
         for x in [x for x in self._votes if x not in contested and x not in self.closing
                   and self.membership.is_member(x)]:
             del self._votes[x]  # every vote against it retracted and settled, long enough ago
+            self._votes_revision += 1
             self._timelines.pop(x, None)
         for table in (self.complete_x, self.stable_x, self.final_x):
             for x in [x for x in table if x not in contested and x not in self._votes]:
@@ -491,7 +494,7 @@ class Finality:
         """Votes and retractions against ``x``'s current membership by members
         entitled to act, in key order."""
         votes = self._votes.get(x, ())
-        stamp = (self.membership.version, self.forks_version, len(votes))
+        stamp = (self.membership.version, self.forks_version, self._votes_revision)
         cached = self._timelines.get(x)
         if cached is not None and cached[0] == stamp:
             return cached[1]
@@ -578,6 +581,7 @@ class Finality:
                 # frontier can never count (a later admission lies above it).
                 if x not in self.closing:
                     keep = [v for v in self._votes[x] if hlc_of(v.key) > self.final]
+                    self._votes_revision += 1
                     if keep:
                         self._votes[x] = keep
                     else:
@@ -598,6 +602,7 @@ class Finality:
             # this membership's votes are spent; later ones, against the member admitted
             # again, count against its next membership (a restarted node holds them at once)
             later = [v for v in self._votes[d.member] if v.key > d.at]
+            self._votes_revision += 1
             if later:
                 self._votes[d.member] = later
             else:
@@ -626,13 +631,25 @@ class Finality:
                 continue
             live[v.voter] = v
             counted = self._independent(x, list(live.values()))
-            if len(counted) >= len(self.membership.members_at(v.key)) // 2 + 1:
-                cut = min(c.cut for c in counted if c.cut is not None)
-                # a voter that lags may name a cut below where this membership
-                # begins: nothing of it is then valid, and the log ends there
-                after = self.membership.intervals(x)[-1].after
-                return Decision(member=x, at=v.key, cut=max(cut, after))
+            if not counted:
+                continue
+            # a voter that lags may name a cut below where this membership
+            # begins: nothing of it is then valid, and the log ends there
+            cut = max(min(c.cut for c in counted if c.cut is not None), self.membership.intervals(x)[-1].after)
+            if len(counted) >= self._electorate(x, v.key, cut) // 2 + 1:
+                return Decision(member=x, at=v.key, cut=cut)
         return None
+
+    def _electorate(self, x: bytes, key: bytes, cut: int) -> int:
+        """How many members vote at ``key`` on evicting ``x`` with ``cut``: the
+        members there once that eviction has voided the admission votes ``x``
+        wrote past ``cut``.  A node that holds such a vote, and counted the
+        member it admitted, must not need a larger majority than the nodes
+        that decided without it (they would decide at different votes)."""
+        if not self.membership.admits_past(x, cut):
+            return len(self.membership.members_at(key))
+        after = self.membership.with_decision(Decision(member=x, at=key, cut=cut))
+        return len({*after.members_at(key), x})
 
     def _independent(self, x: bytes, votes: list[Vote]) -> list[Vote]:
         """Drop the votes of members whose membership rests on an ``Admit`` that

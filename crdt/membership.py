@@ -242,6 +242,11 @@ class Membership:
                     todo.append((voter, iv.start))
         return False
 
+    def admits_past(self, voter: bytes, seq: int) -> bool:
+        """Has ``voter`` admission votes past seq ``seq`` above the base (those an
+        eviction of ``voter`` with that cut would void)?"""
+        return any(ev[1] == 0 and ev[2] == voter and ev[3] > seq for ev in self._events)
+
     def voted(self, voter: bytes, member: bytes) -> bool:
         """Has ``voter`` an admission vote for ``member`` that decided nothing yet?"""
         return voter in self._pending.get(member, {})
