@@ -169,6 +169,10 @@ class Exchange:
         self._loading = False  # replaying stored entries: those at or below the floor are already final
         self._membership_version = self.membership.version
         self._fork_ends: dict[bytes, tuple[int, int]] = {}  # what membership was last told: origin -> (end, stamp)
+        # own entries above the base that counted when last looked at (see _check_own)
+        self._own_counted: set[int] = set()
+        self._own_checked = 0  # own log length when last looked at
+        self._own_revision = self.membership.revision
 
     # ---- network and membership ------------------------------------------------
 
@@ -488,6 +492,7 @@ class Exchange:
                 self._decide(d, fx)
             if not self._tell_membership(fx) and not decisions:
                 break
+        self._check_own(fx)
         floor = self.engine.floor
         if floor is None or floor_key(self.finality.final) > floor:
             self._finalize(fx)
@@ -517,20 +522,39 @@ class Exchange:
 
     def _decide(self, d: Decision, fx: _Effects) -> None:
         fx.decisions.append(d)
-        me = self.node_id
-        counted = [] if d.member == me else [
-            e for e in self.replica.tail(me) if self.membership.valid(me, e.seq, e.key)]
         self.replica.pin(d.member, d.cut)
         void = [e for e in self.replica.tail(d.member) if e.seq > d.cut]
         self.membership.remove_events(e.key for e in void if isinstance(e.body, Admit))
         self.membership.add_decision(d)
         self.finality.invalidate()
-        if d.member == me:
+        if d.member == self.node_id:
             fx.voided += void
-        else:
-            # a vote of d.member past the cut may have completed this node's own
-            # admission, in its view only: what it wrote since counts nowhere
-            fx.unadmitted += [e for e in counted if not self.membership.valid(me, e.seq, e.key)]
+            self._own_counted.difference_update(e.seq for e in void)
+
+    def _check_own(self, fx: _Effects) -> None:
+        """Own entries that counted and count no more, though no eviction of this
+        node voided them: its admission was undone (the vote that completed it
+        became void, or an earlier admission changed the majority it needed).
+        Each is reported once, in ``unadmitted``."""
+        me = self.node_id
+        base = self.replica.base(me)[0]
+        tail = self.replica.tail(me)
+        length = base + len(tail)
+        for e in tail[max(self._own_checked - base, 0):]:
+            if self.membership.valid(me, e.seq, e.key):
+                self._own_counted.add(e.seq)
+        self._own_checked = length
+        if self.membership.revision == self._own_revision:
+            return
+        self._own_revision = self.membership.revision
+        for seq in sorted(self._own_counted):
+            if seq <= base:
+                self._own_counted.discard(seq)  # final: counted for good
+                continue
+            e = tail[seq - base - 1]
+            if not self.membership.valid(me, e.seq, e.key):
+                self._own_counted.discard(seq)
+                fx.unadmitted.append(e)
 
     def _finalize(self, fx: _Effects) -> None:
         f = self.finality.final

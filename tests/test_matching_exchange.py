@@ -423,8 +423,11 @@ class TestQuorumAdmission:
         deciding = a.append(Evict(member=c.origin, cut=cut), ms=NOW_MS - 600)
         fx = _Effects()
         joiner._decide(Decision(member=c.origin, at=deciding.key, cut=cut), fx)
+        joiner._check_own(fx)  # what settling after a decision does
         assert not joiner.is_member()
-        assert order in fx.unadmitted and not fx.voided
+        assert fx.unadmitted == [order] and not fx.voided
+        joiner._check_own(fx)
+        assert fx.unadmitted == [order]  # reported once
 
     def test_a_membership_with_an_eviction_applied_is_the_one_the_decided_nodes_derive(self) -> None:
         """``Membership.with_decision``, what digests *without* a contested member
