@@ -615,16 +615,19 @@ class Finality:
         return []
 
     def _decision(self, x: bytes, frontier: int, *, before: bytes | None = None,
-                  assume: bytes | None = None) -> Decision | None:
+                  assume: bytes | None = None, void: tuple[bytes, int] | None = None) -> Decision | None:
         """Walk the votes against ``x`` up to ``frontier`` (or key ``before``):
         the first vote at which live independent votes reach a majority.
-        ``assume`` adds a vote of that member from the start (worst case)."""
+        ``assume`` adds a vote of that member from the start (worst case);
+        ``void`` (member, cut) leaves out that member's votes past the cut."""
         live: dict[bytes, Vote] = {}
         if assume is not None:
             live[assume] = Vote(voter=assume, seq=0, key=b"", cut=1 << 62)
         for v in self._timeline(x):
             if hlc_of(v.key) > frontier or (before is not None and v.key >= before):
                 break
+            if void is not None and v.voter == void[0] and v.seq > void[1]:
+                continue
             if v.cut is None:
                 if v.voter != assume:
                     live.pop(v.voter, None)
@@ -673,7 +676,10 @@ class Finality:
         for y in self._votes:
             if y == x or not self.membership.is_member(y):
                 continue
-            if self._decision(y, 1 << 62, before=d.at, assume=None if known else x) is not None:
+            # x's votes past the cut are void under d, and a node that holds x's log
+            # only through the cut never sees them: counting them here held back, for
+            # good, the one node that held them (x itself, whose votes they are)
+            if self._decision(y, 1 << 62, before=d.at, assume=None if known else x, void=(x, d.cut)) is not None:
                 return True
         return False
 

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from sim.scenario import Schedule, admission_split, run, split_brain
+from sim.scenario import Schedule, admission_split, run, split_brain, wide
 
 SCHEDULES: dict[str, Callable[[], Schedule]] = {
     "split-brain": split_brain,
@@ -31,10 +31,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="overlap every kind of fault; check safety only (finality may stall for good)")
     p.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="run a pinned schedule of faults instead of a planned one")
+    p.add_argument("--wide", action="store_true",
+                   help="overlapping partitions into two or three groups, one-way links, crashes, pauses and "
+                        "clocks past the limit, all healed by the end; every guarantee checked, liveness included")
     args = p.parse_args(argv)
     schedule = None if args.schedule is None else SCHEDULES[args.schedule]()
     if args.seed is not None:
-        r = run(args.seed, trace=True, storm=args.storm, schedule=schedule)
+        r = run(args.seed, trace=True, storm=args.storm, schedule=wide(args.seed) if args.wide else schedule)
         print("\n".join(r.trace))
         print(f"seed {r.seed}: {r.nodes} nodes, {r.steps} steps, {r.finals} final fills, {r.revoked} "
               f"revoked provisional fills, {r.evictions} evictions, {r.restarts} restarts: "
@@ -44,12 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     totals = {"steps": 0, "finals": 0, "revoked": 0, "evictions": 0, "restarts": 0}
     failed: list[int] = []
     for seed in range(args.first, args.first + args.seeds):
-        r = run(seed, storm=args.storm, schedule=schedule)
+        r = run(seed, storm=args.storm, schedule=wide(seed) if args.wide else schedule)
         for k in totals:
             totals[k] += getattr(r, k)
         if r.violation is not None:
             failed.append(seed)
             again = (f"python -m sim --seed {seed}" + (" --storm" if args.storm else "")
+                     + (" --wide" if args.wide else "")
                      + (f" --schedule {args.schedule}" if args.schedule else ""))
             print(f"seed {seed}: VIOLATION: {r.violation}  (replay: {again})", flush=True)
     secs = time.monotonic() - start

@@ -34,6 +34,8 @@ class Network:
         self.rng = rng
         self.faults = LinkFaults()
         self.cut: set[tuple[int, int]] = set()  # directed pairs that drop everything
+        self._base: set[tuple[int, int]] = set()  # the partition's pairs
+        self._extra: dict[int, set[tuple[int, int]]] = {}  # overlapping cuts, by tag
         self._queue: list[_InFlight] = []
         self._n = 0
         self.sent = 0
@@ -41,10 +43,25 @@ class Network:
 
     def partition(self, groups: list[list[int]]) -> None:
         """Only nodes in the same group can talk."""
-        self.cut = {(a, b) for g in groups for h in groups if g is not h for a in g for b in h}
+        self._base = {(a, b) for g in groups for h in groups if g is not h for a in g for b in h}
+        self._recut()
 
     def heal(self) -> None:
-        self.cut = set()
+        self._base = set()
+        self._recut()
+
+    def add_cut(self, tag: int, pairs: set[tuple[int, int]]) -> None:
+        """Drop every message from a to b for each (a, b), on top of any other
+        cut, until ``drop_cut(tag)`` (one-way links, overlapping partitions)."""
+        self._extra[tag] = set(pairs)
+        self._recut()
+
+    def drop_cut(self, tag: int) -> None:
+        self._extra.pop(tag, None)
+        self._recut()
+
+    def _recut(self) -> None:
+        self.cut = self._base.union(*self._extra.values())
 
     def send(self, now: int, src: int, dst: int, msg: Any) -> None:
         self.sent += 1

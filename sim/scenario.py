@@ -112,6 +112,37 @@ def admission_split(nodes: int = 5) -> Schedule:
     ])
 
 
+WIDE_KINDS = ("split", "deaf", "mute", "crash", "pause", "skew", "delay")
+
+
+def wide(seed: int) -> Schedule:
+    """Faults the one-at-a-time plan never makes, overlapping: partitions into
+    two or three groups, one-way links (a ``deaf`` node sends but hears
+    nothing, a ``mute`` one hears but nothing it sends arrives), crashes,
+    pauses, clocks off by more than the limit, delay and loss.  Every fault
+    ends by the end of the run, so finality must come back after healing:
+    the checker holds these runs to every guarantee, liveness included.
+    ``python -m sim --wide``."""
+    rng = random.Random(f"wide {seed}")
+    n = rng.randint(3, 5)
+    duration = rng.randint(3_000, 5_000)
+    faults: list[Fault] = []
+    t = 300
+    while t < duration - 400:
+        kind = rng.choice(WIDE_KINDS)
+        f = Fault(kind=kind, start=t, end=min(t + rng.randint(200, 1_500), duration), node=rng.randrange(n))
+        if kind == "split":
+            members = list(range(n))
+            rng.shuffle(members)
+            bounds = sorted(rng.sample(range(1, n), rng.choice((1, 2))))
+            f.groups = [sorted(members[a:b]) for a, b in zip([0, *bounds], [*bounds, n], strict=True)]
+        if kind == "skew":
+            f.other = rng.choice((-3_000, -2_000, 2_500, 4_000))
+        faults.append(f)
+        t += rng.randint(100, 600)
+    return Schedule(nodes=n, duration=duration, faults=faults)
+
+
 def key_for(seed: int, i: int) -> SigningKey:
     return SigningKey(blake2b(f"sim {seed} node {i}".encode(), digest_size=32).digest())
 
@@ -328,6 +359,12 @@ def _begin(f: Fault, nodes: list[SimNode], net: Network, now: int, rng: random.R
         net.faults.duplicate = rng.choice((0.0, 0.05, 0.2))
     elif f.kind == "partition":
         net.partition(f.groups)
+    elif f.kind == "split":  # may overlap other cuts
+        net.add_cut(id(f), {(a, b) for g in f.groups for h in f.groups if g is not h for a in g for b in h})
+    elif f.kind == "deaf":  # sends, hears nothing
+        net.add_cut(id(f), {(o.index, f.node) for o in nodes if o.index != f.node})
+    elif f.kind == "mute":  # hears, sends nothing that arrives
+        net.add_cut(id(f), {(f.node, o.index) for o in nodes if o.index != f.node})
     elif f.kind in ("crash", "crash_long"):
         if nd.ex is not None:
             nd.crash()
@@ -349,6 +386,8 @@ def _end(f: Fault, nodes: list[SimNode], net: Network, now: int, log: list[str])
         net.faults.duplicate = 0.0
     elif f.kind == "partition":
         net.heal()
+    elif f.kind in ("split", "deaf", "mute"):
+        net.drop_cut(id(f))
     elif f.kind in ("crash", "crash_long"):
         if nd.ex is None and f.end < 1 << 59:
             nd.restart(now)
