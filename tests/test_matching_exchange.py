@@ -248,6 +248,16 @@ def _key(hlc: int, tag: int) -> bytes:
     return hlc.to_bytes(8, "big") + bytes([tag]) * 32
 
 
+def _four_members(genesis: bytes, a: bytes, b: bytes, c: bytes, d: bytes) -> Membership:
+    """a founds (genesis key ``genesis``); a and b admit b, c and d in turn."""
+    m = Membership(genesis[8:])
+    m.add_admit(key=genesis, admitter=a, seq=1, entry_hash=genesis[8:], member=a, after=1)
+    for i, o in enumerate((b, c, d)):
+        m.add_admit(key=_key(11 + i, 1), admitter=a, seq=2 + i, entry_hash=bytes([i]) * 32, member=o, after=0)
+        m.add_admit(key=_key(11 + i, 2), admitter=b, seq=1 + i, entry_hash=bytes([9 + i]) * 32, member=o, after=0)
+    return m
+
+
 class TestQuorumAdmission:
     """Admission is a majority decision of the current members (issue 20: a
     single member admitting alone let each side of a partition grow a
@@ -344,14 +354,7 @@ class TestQuorumAdmission:
         c_out = Decision(member=c, at=_key(30, 1), cut=8)  # c's vote (seq 9) is past its cut
 
         def members() -> Membership:
-            m = Membership(genesis[8:])
-            m.add_admit(key=genesis, admitter=a, seq=1, entry_hash=genesis[8:], member=a, after=1)
-            for i, o in enumerate((b, c, d)):
-                m.add_admit(key=_key(11 + i, 1), admitter=a, seq=2 + i, entry_hash=bytes([i]) * 32, member=o,
-                            after=0)
-                m.add_admit(key=_key(11 + i, 2), admitter=b, seq=1 + i, entry_hash=bytes([9 + i]) * 32,
-                            member=o, after=0)
-            return m
+            return _four_members(genesis, a, b, c, d)
 
         held, late = members(), members()
         held.add_admit(**void_vote)  # the vote first, then the decision that makes it void
@@ -441,13 +444,7 @@ class TestQuorumAdmission:
         c_out = Decision(member=c, at=_key(30, 1), cut=8)
 
         def members() -> Membership:
-            m = Membership(genesis[8:])
-            m.add_admit(key=genesis, admitter=a, seq=1, entry_hash=genesis[8:], member=a, after=1)
-            for i, o in enumerate((b, c, d)):
-                m.add_admit(key=_key(11 + i, 1), admitter=a, seq=2 + i, entry_hash=bytes([i]) * 32, member=o,
-                            after=0)
-                m.add_admit(key=_key(11 + i, 2), admitter=b, seq=1 + i, entry_hash=bytes([9 + i]) * 32,
-                            member=o, after=0)
+            m = _four_members(genesis, a, b, c, d)
             m.add_admit(key=_key(19, 1), admitter=a, seq=9, entry_hash=b"a" * 32, member=x, after=3)
             m.add_admit(key=_key(19, 2), admitter=b, seq=9, entry_hash=b"b" * 32, member=x, after=3)
             m.add_admit(key=_key(20, 3), admitter=c, seq=9, entry_hash=b"v" * 32, member=x, after=3)  # past c's cut
