@@ -49,7 +49,6 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from hashlib import blake2b
-from typing import Any
 
 import msgpack
 
@@ -133,7 +132,7 @@ class Finality:
         self.forks_version = 0  # bumped whenever an equivocating origin's effective end may move
         self._digests: dict[tuple[int, bytes | None, bool, Decision | None], bytes | None] = {}
         # contested member -> (stamp, the eviction its votes decide and the membership after it)
-        self._hypotheses: dict[bytes, tuple[Any, tuple[Decision, Membership] | None]] = {}
+        self._hypotheses: dict[bytes, tuple[tuple[int, int, int], tuple[Decision, Membership] | None]] = {}
         self.last_own_ms = 0  # monotonic time of this node's newest entry
         self._mono = 0  # the latest monotonic time this node was given
         self._settled: dict[tuple[bytes, bytes], int] = {}  # (member, last vote key) -> when settled here
@@ -581,6 +580,8 @@ class Finality:
                 # frontier can never count (a later admission lies above it).
                 if x not in self.closing:
                     keep = [v for v in self._votes[x] if hlc_of(v.key) > self.final]
+                    if len(keep) == len(self._votes[x]):
+                        continue
                     self._votes_revision += 1
                     if keep:
                         self._votes[x] = keep

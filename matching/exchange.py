@@ -116,8 +116,8 @@ class Received:
     finalized: bool = False  # the stable frontier moved: see ``take_finalized``
     decisions: tuple[Decision, ...] = ()
     voided: tuple[Entry, ...] = ()  # this node's own entries that became void
-    #: this node's own entries that counted while its admission stood in its own
-    #: view only: the vote that completed it was cast past its writer's eviction cut
+    #: this node's own entries that counted and count no more, though no eviction
+    #: of this node voided them: its admission was undone (see ``_check_own``)
     unadmitted: tuple[Entry, ...] = ()
 
 

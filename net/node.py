@@ -792,24 +792,11 @@ class Node:
         for d in result.decisions:
             log.warning("member %s voted out: its entries past seq %d are void", short_id(d.member), d.cut)
         if result.voided:
-            orders = tuple(e.hash.hex() for e in result.voided if isinstance(e.body, Order))
-            void = Void(at_ms=self.clock_ms(), cut=result.voided[0].seq - 1, orders=orders,
-                        entries=len(result.voided))
-            self.voided.append(void)
-            log.error("this node was voted out of the network: its %d entries past seq %d are void, among "
-                      "them %d orders (%s); it asks to be admitted again", void.entries, void.cut, len(orders),
-                      ", ".join(o[:16] for o in orders[:10]) + (" ..." if len(orders) > 10 else ""))
+            self._report_void(result.voided, "this node was voted out of the network", "")
         if result.unadmitted:
-            orders = tuple(e.hash.hex() for e in result.unadmitted if isinstance(e.body, Order))
-            void = Void(at_ms=self.clock_ms(), cut=result.unadmitted[0].seq - 1, orders=orders,
-                        entries=len(result.unadmitted),
-                        detail="this node's admission was undone (the vote that completed it came from a member "
-                               "voted out with a cut before that vote); its entries written meanwhile count nowhere")
-            self.voided.append(void)
-            log.error("this node's admission was undone: the vote that completed it came from a member voted out "
-                      "with a cut before it; its %d entries from seq %d on count nowhere, among them %d orders "
-                      "(%s); it asks to be admitted again", void.entries, void.cut + 1, len(orders),
-                      ", ".join(o[:16] for o in orders[:10]) + (" ..." if len(orders) > 10 else ""))
+            self._report_void(result.unadmitted, "this node's admission was undone",
+                              "this node's admission was undone (the votes it rested on count no more); "
+                              "its entries from then on count nowhere")
         if result.revoked:
             self.counters["revoked_fills"] += len(result.revoked)
             self.metrics.revoked.inc(len(result.revoked))
@@ -822,6 +809,16 @@ class Node:
             self._unsaved_finals.extend(self.exchange.take_finalized())
         if self._unsaved or self._unsaved_finals:
             self._flush_soon()
+
+    def _report_void(self, entries: Sequence[Entry], what: str, detail: str) -> None:
+        """Own entries that count nowhere any more: kept for ``GET /v1/orders/{id}``
+        and ``finality.voided``, and logged as an error."""
+        orders = tuple(e.hash.hex() for e in entries if isinstance(e.body, Order))
+        void = Void(at_ms=self.clock_ms(), cut=entries[0].seq - 1, orders=orders, entries=len(entries), detail=detail)
+        self.voided.append(void)
+        log.error("%s: its %d entries past seq %d are void, among them %d orders (%s); it asks to be admitted "
+                  "again", what, void.entries, void.cut, len(orders),
+                  ", ".join(o[:16] for o in orders[:10]) + (" ..." if len(orders) > 10 else ""))
 
     # ---- group commit ------------------------------------------------------------
 

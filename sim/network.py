@@ -29,6 +29,11 @@ class _InFlight:
     msg: Any = field(compare=False)
 
 
+def across(groups: list[list[int]]) -> set[tuple[int, int]]:
+    """Every directed pair of nodes in different groups."""
+    return {(a, b) for g in groups for h in groups if g is not h for a in g for b in h}
+
+
 class Network:
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
@@ -43,7 +48,7 @@ class Network:
 
     def partition(self, groups: list[list[int]]) -> None:
         """Only nodes in the same group can talk."""
-        self._base = {(a, b) for g in groups for h in groups if g is not h for a in g for b in h}
+        self._base = across(groups)
         self._recut()
 
     def heal(self) -> None:

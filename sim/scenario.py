@@ -20,7 +20,7 @@ from crdt.keys import SigningKey
 from crdt.membership import Decision
 from matching.exchange import Params
 from sim.checker import Checker, Violation
-from sim.network import Network
+from sim.network import Network, across
 from sim.node import SimNode
 
 TICK_MS = 5
@@ -360,7 +360,7 @@ def _begin(f: Fault, nodes: list[SimNode], net: Network, now: int, rng: random.R
     elif f.kind == "partition":
         net.partition(f.groups)
     elif f.kind == "split":  # may overlap other cuts
-        net.add_cut(id(f), {(a, b) for g in f.groups for h in f.groups if g is not h for a in g for b in h})
+        net.add_cut(id(f), across(f.groups))
     elif f.kind == "deaf":  # sends, hears nothing
         net.add_cut(id(f), {(o.index, f.node) for o in nodes if o.index != f.node})
     elif f.kind == "mute":  # hears, sends nothing that arrives
