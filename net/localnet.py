@@ -465,19 +465,24 @@ def cluster(base: Path, names: Iterable[str] = ("a", "b", "c")) -> Iterator[list
 
 
 def wait_until(pred: Callable[[], Any], *, timeout: float, what: str, nodes: Iterable[NodeProc] = (),
-               interval: float = POLL) -> Any:
-    """Poll ``pred`` until it returns a truthy value; bounded in time and in count."""
+               interval: float = POLL, ignore: tuple[type[Exception], ...] = ()) -> Any:
+    """Poll ``pred`` until it returns a truthy value; bounded in time and in count.
+    An exception of a kind in ``ignore`` counts as not yet (a node still starting)."""
     deadline = time.monotonic() + timeout
     max_polls = int(timeout / interval) + 10
-    last: Any = None
+    error: Exception | None = None
     for _ in range(max_polls):
-        last = pred()
+        try:
+            last = pred()
+        except ignore as exc:
+            error, last = exc, None
         if last:
             return last
         if time.monotonic() >= deadline:
             break
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n" + all_logs(nodes))
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}"
+                         + (f" (last error: {error!r})" if error is not None else "") + "\n" + all_logs(nodes))
 
 
 def all_logs(nodes: Iterable[NodeProc]) -> str:

@@ -31,7 +31,7 @@ from client.sync import SyncClient
 from tests.chaos.cluster import PORT, Cluster
 from tests.chaos.history import Recorder
 from tests.chaos.netlab import LinkFault, NetLab, capabilities
-from tests.nodes import tail
+from tests.nodes import tail, wait_until
 
 NAMES = ("a", "b", "c", "d", "e", "f")
 EVICT_AFTER_S = 3
@@ -60,18 +60,12 @@ def final_fills(cluster: Cluster, name: str) -> list[tuple[str, str, int, int]]:
 
 
 def wait_for(what: str, check: Callable[[], bool], cluster: Cluster, timeout: float = SETTLE_S) -> None:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except (ClientError, KeyError) as exc:  # a node starting, or the field not there yet
-            last = exc
-        time.sleep(0.2)
-    logs = "\n".join(f"--- {n.name} ---\n{tail(n.log_file, 25)}" for n in cluster.nodes.values()
-                     if n.log_file.exists())
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last error: {last})\n{logs}")
+    try:  # a node starting, or the field not there yet, is not yet
+        wait_until(check, timeout=timeout, what=what, interval=0.2, ignore=(ClientError, KeyError))
+    except AssertionError as exc:
+        logs = "\n".join(f"--- {n.name} ---\n{tail(n.log_file, 25)}" for n in cluster.nodes.values()
+                         if n.log_file.exists())
+        raise AssertionError(f"{exc}{logs}") from None
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -30,7 +29,18 @@ from typing import Any
 import pytest
 
 from tests.interop.npm import npm_ready
-from tests.nodes import CLI, ROOT, NodeProc, free_port, logs_on_failure, make_nodes, start_network, stop_all, tail
+from tests.nodes import (
+    CLI,
+    ROOT,
+    NodeProc,
+    free_port,
+    logs_on_failure,
+    make_nodes,
+    start_network,
+    stop_all,
+    tail,
+    wait_until,
+)
 
 HERE = Path(__file__).resolve().parent
 SERVICE = "exchange_service"
@@ -50,15 +60,7 @@ def grape_lookup(api_port: int, service: str) -> list[str]:
 
 
 def wait_for(what: str, check: Any, timeout: float = SETTLE_S) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+    wait_until(check, timeout=timeout, what=what, interval=0.2, ignore=(OSError,))
 
 
 class Lab:
