@@ -44,6 +44,7 @@ HEARTBEAT_TAG: Final = 3
 ADMIT_TAG: Final = 4
 EVICT_TAG: Final = 5
 RETRACT_TAG: Final = 6
+LEAVE_TAG: Final = 7
 
 #: ``()`` or ``(complete, stable, digest)`` or that plus ``(suspect, complete, stable, digest)``.
 Ack = tuple[Any, ...]
@@ -117,7 +118,18 @@ class Retract:
         return [RETRACT_TAG, self.member]
 
 
-Body = Order | Cancel | Heartbeat | Admit | Evict | Retract
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Leave:
+    """This member is shutting down cleanly, and this is its last entry: the
+    other members vote it out at once instead of waiting for it to fall
+    silent.  Nothing of its log is voided (it pushed everything before saying
+    so).  An entry it writes later (a restart) shows it is back."""
+
+    def to_wire(self) -> list[Any]:
+        return [LEAVE_TAG]
+
+
+Body = Order | Cancel | Heartbeat | Admit | Evict | Retract | Leave
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -231,6 +243,10 @@ def decode_body(raw: Any) -> Body:
         if len(raw) != 2:
             raise MalformedEntry("retract body has 2 fields")
         return Retract(member=_bytes(raw[1], "member", PUBLIC_LEN))
+    if tag == LEAVE_TAG and type(tag) is int:
+        if len(raw) != 1:
+            raise MalformedEntry("leave body has 1 field")
+        return Leave()
     raise UnknownBodyType(f"unknown body type {tag!r}")
 
 

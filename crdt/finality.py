@@ -52,7 +52,7 @@ from hashlib import blake2b
 
 import msgpack
 
-from crdt.entry import NO_ACK, Ack, Entry, Evict, Heartbeat, Retract
+from crdt.entry import NO_ACK, Ack, Entry, Evict, Heartbeat, Leave, Retract
 from crdt.membership import Decision, Membership
 from crdt.replica import Replica
 
@@ -125,6 +125,10 @@ class Finality:
         self.closing: dict[bytes, bytes] = {}
         self._closing_from: dict[bytes, int] = {}  # decided member -> the final frontier when decided
         self.last_heard: dict[bytes, int] = {}
+        self._leaves: dict[bytes, int] = {}  # origin -> seq of its newest Leave
+        # this node wrote its Leave and is shutting down: it writes nothing more
+        # (a restart starts with this False, and its first entry says it is back)
+        self.leaving = False
         self._heads: dict[bytes, int] = {}  # origin -> effective length when last heard
         self._admitted: dict[bytes, bytes | None] = {}  # origin -> start of the membership last heard
         # equivocation: origin -> (fork seq, floor hlc nothing at or below which is cut)
@@ -206,6 +210,8 @@ class Finality:
                         sq = self._sacks[(o, ack[3])] = deque(maxlen=8)
                     sq.append((ack[4], ack[5], ack[6]))
             body = e.body
+            if body.__class__ is Leave:
+                self._leaves[o] = e.seq
             if isinstance(body, Evict | Retract) and o != body.member:
                 cut = body.cut if isinstance(body, Evict) else None
                 self._votes.setdefault(body.member, []).append(Vote(voter=o, seq=e.seq, key=e.key, cut=cut))
@@ -716,8 +722,10 @@ class Finality:
         ``newest_hlc``: the newest record."""
         me = self.node_id
         members = self.membership.members()
-        if me not in members:
+        if me not in members or self.leaving:
             return None
+        if self.left(me):
+            return Heartbeat()  # back after a clean shutdown: say so before anyone votes
         # a node proven to equivocate votes no more: its entries past the fork are void
         majority = me not in self._forks and self._hears_majority(mono_ms, members)
         contested = [x for x in self.contested() if x != me and x in members] if me not in self._forks else []
@@ -787,11 +795,28 @@ class Finality:
     def _vote(self, x: bytes) -> Evict:
         return Evict(member=x, cut=self.end(x))
 
+    def left(self, x: bytes) -> bool:
+        """Has ``x`` said it is shutting down: is a Leave the newest entry of its
+        log here (and its log not cut before it)?"""
+        seq = self._leaves.get(x)
+        if seq is None:
+            return False
+        n = self.replica.length(x)
+        if n > seq:
+            del self._leaves[x]  # it wrote again: it is back
+            return False
+        return n == seq and self.end(x) == seq
+
+    def leaves(self) -> list[bytes]:
+        """Members that said they are shutting down and have not written since."""
+        return [x for x in self.membership.members() if self.left(x)]
+
     def _silent(self, x: bytes, mono_ms: int) -> bool:
-        return mono_ms - self.last_heard.get(x, mono_ms) > self.evict_after_ms
+        # a member that left is silent at once: nobody waits evict_after for it
+        return self.left(x) or mono_ms - self.last_heard.get(x, mono_ms) > self.evict_after_ms
 
     def _alive(self, x: bytes, mono_ms: int) -> bool:
-        return mono_ms - self.last_heard.get(x, mono_ms) <= self.evict_after_ms // 2
+        return not self.left(x) and mono_ms - self.last_heard.get(x, mono_ms) <= self.evict_after_ms // 2
 
     def _hears_majority(self, mono_ms: int, members: list[bytes]) -> bool:
         """Does this node hear a majority of members (itself included)?  A node

@@ -747,6 +747,87 @@ class TestFinality:
         assert net.final_orders[0] == net.final_orders[1]
 
 
+class TestLeave:
+    """A member that shuts down cleanly writes ``Leave``: the others vote it out
+    at once instead of waiting evict_after for its silence."""
+
+    PARAMS = Params(heartbeat_ms=10, liveness_ms=200, evict_after_ms=60_000)
+
+    def leave(self, net: Lockstep, i: int) -> Entry:
+        body = net.nodes[i].leave_body()
+        assert body is not None
+        entry = net.write(i, body)
+        net.deliver()  # the leaver pushes it before it stops
+        net.down.add(i)
+        return entry
+
+    def test_finality_goes_on_without_waiting_for_silence(self) -> None:
+        net = Lockstep(4, params=self.PARAMS)
+        net.write(0, Order(side=SELL, price=100, qty=5))
+        mine = net.write(3, Order(side=SELL, price=101, qty=2))
+        net.run(100)
+        gone = net.nodes[3].node_id
+        self.leave(net, 3)
+        bid = net.write(1, Order(side=BUY, price=101, qty=6))
+        net.run(500)  # far less than evict_after (60 s)
+        for ex in net.live():
+            assert not ex.membership.is_member(gone)
+            assert ex.frontiers().final >= bid.hlc
+            assert ex.pending() == 0
+        assert len({tuple(net.finals[i]) for i in range(3)}) == 1
+        assert (bid.hash, mine.hash, 101, 1) in net.finals[0]  # the leaver's ask still counts
+
+    def test_nothing_the_leaver_wrote_is_voided(self) -> None:
+        net = Lockstep(3, params=self.PARAMS)
+        net.run(50)
+        last = net.write(2, Order(side=SELL, price=100, qty=1))
+        leave = self.leave(net, 2)
+        net.run(500)
+        for ex in net.live():
+            d = ex.membership.decisions()
+            assert [x.member for x in d] == [net.nodes[2].node_id]
+            assert d[0].cut == leave.seq  # the whole log counts
+            assert ex.status(last.hash) is not None and ex.order_final(last.hash)
+
+    def test_a_member_back_before_the_vote_is_decided_stays_a_member(self) -> None:
+        """A restart right after a clean shutdown: the node's first entry says
+        it is back, and the votes against it are retracted."""
+        net = Lockstep(4, params=self.PARAMS)
+        net.run(50)
+        back = net.nodes[3]
+        self.leave(net, 3)
+        net.nodes[3] = restarted = Exchange(back.key, network=back.network, params=self.PARAMS)
+        restarted.load(None, [], [e for e in net.log], mono_ms=net.now)
+        assert restarted.finality.left(back.node_id)
+        _, body = restarted.tick(now_ms=net.now)
+        assert isinstance(body, Heartbeat)  # written before anyone can decide on it
+        net._apply(3, restarted.prepare(body, now_ms=net.now))
+        net.down.clear()
+        net.deliver()
+        net.run(800)
+        for ex in net.nodes:
+            assert ex.membership.is_member(back.node_id)
+            assert ex.finality.contested() == []
+            assert ex.finality.leaves() == []
+
+    def test_a_lone_member_does_not_leave(self) -> None:
+        net = Lockstep(1, params=self.PARAMS)
+        assert net.nodes[0].leave_body() is None
+
+    def test_after_its_leave_a_node_writes_nothing(self) -> None:
+        net = Lockstep(3, params=self.PARAMS)
+        net.run(50)
+        body = net.nodes[1].leave_body()
+        assert body is not None
+        net.write(1, body)
+        assert net.nodes[1].leave_body() is None
+        with pytest.raises(NotMember):
+            net.nodes[1].prepare(Order(side=BUY, price=100, qty=1), now_ms=net.now)
+        for _ in range(50):
+            net.now += 5
+            assert net.nodes[1].tick(now_ms=net.now)[1] is None
+
+
 class TestSubmit:
     def test_submit_returns_status_and_immediate_fills(self) -> None:
         net = Lockstep(2)
