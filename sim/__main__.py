@@ -4,7 +4,10 @@
 schedule of ``sim.scenario.split_brain`` instead of a planned one;
 ``--schedule admission-split`` an admission completed during a split by a
 member being voted out (``sim.scenario.admission_split``), which used to
-stall finality for good."""
+stall finality for good; ``--schedule clean-stop`` (or ``clean-stop-crash``)
+that of ``sim.scenario.clean_stop``; ``--stops`` makes every crash of a plan
+a clean shutdown (a member's Leave first).  A run prints the longest time
+node 0 held records that were not final while its frontier stood still."""
 
 from __future__ import annotations
 
@@ -13,12 +16,14 @@ import sys
 import time
 from collections.abc import Callable
 
-from sim.scenario import Schedule, admission_split, run, split_brain, wide
+from sim.scenario import Schedule, admission_split, clean_stop, run, split_brain, wide
 
 SCHEDULES: dict[str, Callable[[], Schedule]] = {
     "split-brain": split_brain,
     "split-brain-fresh": lambda: split_brain(fresh=True),
     "admission-split": admission_split,  # used to stall for good (docs/FINALITY.md)
+    "clean-stop": clean_stop,
+    "clean-stop-crash": lambda: clean_stop(crash=True),
 }
 
 
@@ -29,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=None, help="replay this one seed and print its trace")
     p.add_argument("--storm", action="store_true",
                    help="overlap every kind of fault; check safety only (finality may stall for good)")
+    p.add_argument("--stops", action="store_true",
+                   help="every planned crash is a clean shutdown instead (a member's Leave first)")
     p.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="run a pinned schedule of faults instead of a planned one")
     p.add_argument("--wide", action="store_true",
@@ -37,23 +44,26 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     schedule = None if args.schedule is None else SCHEDULES[args.schedule]()
     if args.seed is not None:
-        r = run(args.seed, trace=True, storm=args.storm, schedule=wide(args.seed) if args.wide else schedule)
+        r = run(args.seed, trace=True, storm=args.storm, stops=args.stops,
+                schedule=wide(args.seed) if args.wide else schedule)
         print("\n".join(r.trace))
         print(f"seed {r.seed}: {r.nodes} nodes, {r.steps} steps, {r.finals} final fills, {r.revoked} "
-              f"revoked provisional fills, {r.evictions} evictions, {r.restarts} restarts: "
+              f"revoked provisional fills, {r.evictions} evictions, {r.restarts} restarts, longest finality "
+              f"gap at node 0 {r.max_final_gap_ms} ms: "
               + ("ok" if r.violation is None else f"VIOLATION: {r.violation}"))
         return 0 if r.violation is None else 1
     start = time.monotonic()
     totals = {"steps": 0, "finals": 0, "revoked": 0, "evictions": 0, "restarts": 0}
     failed: list[int] = []
     for seed in range(args.first, args.first + args.seeds):
-        r = run(seed, storm=args.storm, schedule=wide(seed) if args.wide else schedule)
+        r = run(seed, storm=args.storm, stops=args.stops, schedule=wide(seed) if args.wide else schedule)
         for k in totals:
             totals[k] += getattr(r, k)
         if r.violation is not None:
             failed.append(seed)
             again = (f"python -m sim --seed {seed}" + (" --storm" if args.storm else "")
                      + (" --wide" if args.wide else "")
+                     + (" --stops" if args.stops else "")
                      + (f" --schedule {args.schedule}" if args.schedule else ""))
             print(f"seed {seed}: VIOLATION: {r.violation}  (replay: {again})", flush=True)
     secs = time.monotonic() - start

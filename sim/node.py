@@ -128,6 +128,15 @@ class SimNode:
         self.ex = None
         self.paused = False
 
+    def stop(self, now: int) -> None:
+        """A clean shutdown: a member writes its Leave and pushes it to every
+        peer (as the real node does on SIGTERM), then the process ends."""
+        if self.ex is not None and not self.paused:
+            body = self.ex.leave_body()
+            if body is not None:
+                self.write(now, body)
+        self.crash()
+
     def restart(self, now: int) -> None:
         ex = Exchange(self.key, network=self.disk.network, params=self.params)
         cp = self.disk.checkpoint

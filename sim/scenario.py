@@ -53,6 +53,9 @@ class Result:
     restarts: int
     violation: str | None
     trace: list[str]
+    # the longest time node 0 held records that were not final while its final
+    # frontier did not move, before healing (ms of simulated time)
+    max_final_gap_ms: int = 0
 
 
 @dataclass(slots=True, kw_only=True)
@@ -143,6 +146,17 @@ def wide(seed: int) -> Schedule:
     return Schedule(nodes=n, duration=duration, faults=faults)
 
 
+def clean_stop(*, crash: bool = False) -> Schedule:
+    """Five members; n4 shuts down cleanly at 1 s and stays down, n3 at 2.5 s
+    and comes back at 3.5 s.  Finality must go on without waiting
+    ``evict_after_ms`` for either.  ``crash``: the same processes killed
+    instead (the reference: there finality waits for the eviction)."""
+    kind = "crash_long" if crash else "stop"
+    return Schedule(nodes=5, duration=4_500, faults=[
+        Fault(kind=kind, start=1_000, end=1 << 60, node=4),
+        Fault(kind=kind, start=2_500, end=3_500, node=3)])
+
+
 def key_for(seed: int, i: int) -> SigningKey:
     return SigningKey(blake2b(f"sim {seed} node {i}".encode(), digest_size=32).digest())
 
@@ -150,13 +164,15 @@ def key_for(seed: int, i: int) -> SigningKey:
 DISRUPTIVE = ("partition", "crash", "crash_long", "pause", "pause_long", "equivocate")
 
 
-def plan(rng: random.Random, n: int, duration: int, *, storm: bool = False) -> list[Fault]:
+def plan(rng: random.Random, n: int, duration: int, *, storm: bool = False, stops: bool = False) -> list[Fault]:
     """The faults of one run.  By default one failure at a time: faults that
     cut a node off (crash, pause, partition, equivocation) do not overlap, and
     at most one of them lasts for good (a node down for good, or one that
     equivocates, which is then out for good); delay, loss, clock skew and
     strangers' entries come on top at any time.  Finality must then come back
-    after healing.  A ``storm`` overlaps anything, and only safety is checked."""
+    after healing.  A ``storm`` overlaps anything, and only safety is checked.
+    ``stops``: every crash is a clean shutdown instead (a member's Leave
+    first); every other fault of the seed stays as it was."""
     faults: list[Fault] = []
     t = 400
     busy_until = 0
@@ -186,14 +202,17 @@ def plan(rng: random.Random, n: int, duration: int, *, storm: bool = False) -> l
             f.other = rng.choice((-3_000, -2_000, 2_500, 4_000))
         if kind == "step_back":
             f.other = -rng.randint(500, 2_500)
+        if stops and kind in ("crash", "crash_long"):
+            f.kind = "stop"
         faults.append(f)
         t += rng.randint(150, 900)
     return faults
 
 
-def run(seed: int, *, trace: bool = False, storm: bool = False,
+def run(seed: int, *, trace: bool = False, storm: bool = False, stops: bool = False,
         rule: Callable[[SimNode], None] | None = None, schedule: Schedule | None = None) -> Result:
     """One run; ``storm`` overlaps every kind of fault and checks safety only;
+    ``stops`` makes every crash a clean shutdown (see ``plan``);
     ``rule`` may alter each node's core (a test of the checker itself);
     ``schedule`` pins the nodes, the duration and the faults."""
     rng = random.Random(seed)
@@ -208,7 +227,7 @@ def run(seed: int, *, trace: bool = False, storm: bool = False,
         nd.peers = [j for j in range(n) if j != nd.index]
         if rule is not None:
             rule(nd)
-    faults = plan(rng, n, duration, storm=storm) if schedule is None else list(schedule.faults)
+    faults = plan(rng, n, duration, storm=storm, stops=stops) if schedule is None else list(schedule.faults)
     checker = Checker.new(frozenset(f.node for f in faults if f.kind == "equivocate") if storm else frozenset())
     log: list[str] = []
     rate = rng.choice((20, 60, 150))  # orders per simulated second, over all nodes
@@ -223,6 +242,7 @@ def run(seed: int, *, trace: bool = False, storm: bool = False,
     quiet_until = duration + 6_000
     healed = False
     converged_at = None
+    progress_at, last_final, max_gap = 0, 0, 0  # node 0's final frontier, for max_final_gap_ms
     try:
         while now <= quiet_until:
             now += TICK_MS
@@ -264,6 +284,11 @@ def run(seed: int, *, trace: bool = False, storm: bool = False,
                 if traders:
                     rng.choice(traders).trade(now, rng)
             checker.step(nodes)
+            first = nodes[0].ex
+            if first is not None and not healed:
+                if first.finality.final != last_final or not first.pending():
+                    progress_at, last_final = now, first.finality.final
+                max_gap = max(max_gap, now - progress_at)
             if steps % 40 == 0:
                 checker.invariants(nodes)
             if healed and now >= duration + 300 and steps % 10 == 0:
@@ -298,7 +323,7 @@ def run(seed: int, *, trace: bool = False, storm: bool = False,
         revoked=sum(nd.revoked for nd in nodes),
         evictions=len({(d.member, d.at) for nd in nodes for d in _decisions_of(nd)}),
         restarts=sum(nd.restarts for nd in nodes), violation=violation,
-        trace=log if (trace or violation) else [],
+        trace=log if (trace or violation) else [], max_final_gap_ms=max_gap,
     )
 
 
@@ -368,6 +393,9 @@ def _begin(f: Fault, nodes: list[SimNode], net: Network, now: int, rng: random.R
     elif f.kind in ("crash", "crash_long"):
         if nd.ex is not None:
             nd.crash()
+    elif f.kind == "stop":
+        if nd.ex is not None:
+            nd.stop(now)
     elif f.kind in ("pause", "pause_long"):
         nd.paused = True
     elif f.kind in ("skew", "step_back"):
@@ -388,7 +416,7 @@ def _end(f: Fault, nodes: list[SimNode], net: Network, now: int, log: list[str])
         net.heal()
     elif f.kind in ("split", "deaf", "mute"):
         net.drop_cut(id(f))
-    elif f.kind in ("crash", "crash_long"):
+    elif f.kind in ("crash", "crash_long", "stop"):
         if nd.ex is None and f.end < 1 << 59:
             nd.restart(now)
     elif f.kind in ("pause", "pause_long"):

@@ -2,7 +2,9 @@
 process (``sim.scenario.run``) under partitions, loss, crashes, pauses, skewed
 and stepping clocks, evictions, equivocation and past-stamped entries, each
 checked after every step (prefix-consistent final fills, none retracted,
-convergence after healing, an independent replay of the final entries).
+convergence after healing, an independent replay of the final entries),
+also with every crash a clean shutdown (a member's Leave first), and
+pinned schedules: the split brain, and clean shutdowns against kills.
 Seeds run in chunks, shared out among the test workers (or in a process pool
 without them); a failing seed replays with
 ``python -m sim --seed N``.  The checker is shown to fail on a broken rule.
@@ -19,12 +21,13 @@ import pytest
 
 from sim.network import Network
 from sim.node import SimNode
-from sim.scenario import admission_split, run, split_brain, wide
+from sim.scenario import PARAMS, admission_split, clean_stop, run, split_brain, wide
 
 #: Seeds run by ``make test`` (``python -m sim --seeds 1000`` runs more), in
 #: chunks that parallel test workers (pytest-xdist) share out.
 SEEDS = 200
 STORM_SEEDS = 24
+STOP_SEEDS = 40  # plans whose crashes are all clean shutdowns (``--stops``)
 CHUNK = 10
 STORM_CHUNK = 8
 
@@ -32,16 +35,17 @@ STORM_CHUNK = 8
 WIDE_SEEDS = 16
 
 
-def _one(args: tuple[int, bool, bool]) -> tuple[int, str | None, int]:
-    seed, storm, wide_faults = args
-    r = run(seed, storm=storm, schedule=wide(seed) if wide_faults else None)
+def _one(args: tuple[int, bool, bool, bool]) -> tuple[int, str | None, int]:
+    seed, storm, wide_faults, stops = args
+    r = run(seed, storm=storm, stops=stops, schedule=wide(seed) if wide_faults else None)
     return seed, r.violation, r.finals
 
 
-def _run_many(seeds: range, *, storm: bool, wide_faults: bool = False) -> list[tuple[int, str | None, int]]:
+def _run_many(seeds: range, *, storm: bool, wide_faults: bool = False,
+              stops: bool = False) -> list[tuple[int, str | None, int]]:
     """Each seed's outcome: in this process under a test worker (the workers
     are the parallelism), else in a pool of up to 4 processes."""
-    jobs = [(s, storm, wide_faults) for s in seeds]
+    jobs = [(s, storm, wide_faults, stops) for s in seeds]
     if os.environ.get("PYTEST_XDIST_WORKER"):
         return [_one(job) for job in jobs]
     workers = max(1, min(4, os.cpu_count() or 1))
@@ -62,6 +66,13 @@ class TestSimulatedNetworks:
         # not vacuous: the seeds made fills final
         assert sum(f for _, _, f in results) > len(seeds) * 10
         assert sum(1 for _, _, f in results if f) >= len(seeds) * 9 // 10
+
+    @pytest.mark.parametrize("seeds", _chunks(STOP_SEEDS, CHUNK), ids=lambda r: f"stops{r.start}-{r.stop - 1}")
+    def test_seeds_with_clean_shutdowns_keep_every_guarantee(self, seeds: range) -> None:
+        results = _run_many(seeds, storm=False, stops=True)
+        bad = [(s, v) for s, v, _ in results if v is not None]
+        assert not bad, "\n".join(f"seed {s}: {v} (replay: python -m sim --seed {s} --stops)" for s, v in bad)
+        assert sum(f for _, _, f in results) > len(seeds) * 10
 
     @pytest.mark.parametrize("seeds", _chunks(STORM_SEEDS, STORM_CHUNK),
                              ids=lambda r: f"storm{r.start}-{r.stop - 1}")
@@ -211,6 +222,20 @@ class TestSimulatedNetworks:
         net.add_cut(8, {(1, 0)})
         net.heal()
         assert net.cut == {(1, 0)}
+
+    def test_a_clean_shutdown_holds_finality_back_for_less_than_the_eviction_wait(self) -> None:
+        """Of five members, n4 shuts down cleanly for good and n3 for a second:
+        each says Leave first, the others vote it out at once, and node 0's
+        final frontier never stands still, with records waiting, for as long
+        as evict_after.  The same schedule with the processes killed instead
+        waits for the eviction (the measure is not vacuous)."""
+        for seed in range(4):
+            stopped = run(seed, schedule=clean_stop())
+            killed = run(seed, schedule=clean_stop(crash=True))
+            assert stopped.violation is None and killed.violation is None, (stopped.violation, killed.violation)
+            assert stopped.evictions >= 2  # both voted out (n3 then admitted again)
+            assert stopped.max_final_gap_ms < PARAMS.evict_after_ms // 2, f"seed {seed}"
+            assert killed.max_final_gap_ms > PARAMS.evict_after_ms, f"seed {seed}"
 
     def test_a_seed_replays_exactly(self) -> None:
         first, again = run(7, trace=True), run(7, trace=True)
