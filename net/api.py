@@ -637,6 +637,7 @@ def finality_data(node: Node) -> dict[str, Any]:
         "holding": None if holding is None else {"member": holding[0].hex(), "for_ms": holding[1]},
         "votes": votes,
         "admitting": {j.hex(): [v.hex() for v in vs] for j, vs in ex.membership.admitting().items()},
+        "leaving": [m.hex() for m in ex.finality.leaves()],
         "voided": [{"cut": v.cut, "entries": v.entries, "orders": len(v.orders), "at_ms": v.at_ms}
                    for v in node.voided],
         "decisions": [{"member": d.member.hex(), "at": d.at.hex(), "cut": d.cut}

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from crdt.entry import Admit, Cancel, Entry, Heartbeat, Order
+from crdt.entry import Admit, Cancel, Entry, Heartbeat, Leave, Order
 from crdt.hlc import physical_ms
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ def entry_kind(e: Entry) -> str:
         return "cancel"
     if isinstance(body, Heartbeat):
         return "heartbeat"
-    return "membership" if isinstance(body, Admit) else "vote"
+    return "membership" if isinstance(body, Admit | Leave) else "vote"
 
 
 class NodeMetrics:

@@ -4,11 +4,12 @@ finality resumes without changing any final fill; a member restarted before
 the vote carries on; a member frozen past ``--evict-after`` gets the entries
 it wrote after the cut voided and reported; a fresh key's past-stamped order
 rewinds nothing; a node whose clock is off refuses orders; one member of two
-cannot admit a joiner alone.
+cannot admit a joiner alone; a member stopped with SIGTERM says Leave and
+holds finality back for nobody.
 
 The five-node cluster is shared by the tests of ``TestFiveMembers`` (each
-leaves it whole and converged); the clock and admission tests start their
-own three nodes.
+leaves it whole and converged); the clock, admission and shutdown tests
+start their own three nodes.
 """
 
 from __future__ import annotations
@@ -316,5 +317,49 @@ class TestAdmissionTakesAMajority:
                 wait_until(lambda: all(c_id in finality(n)["members"] for n in nodes) and finality(c)["member"],
                            timeout=SETTLE, what="c admitted by a and b", nodes=nodes)
                 assert finality(a)["admitting"] == {}
+            finally:
+                stop_all(nodes)
+
+
+class TestCleanShutdown:
+    def test_a_member_stopped_with_sigterm_holds_finality_back_for_nobody(
+            self, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+        """A member that shuts down cleanly writes Leave, and the others vote it
+        out at once: with --evict-after far longer than the test waits (so the
+        eviction for silence cannot be what moves finality), a fill made after
+        the stop becomes final; nothing the leaver wrote is voided; restarted,
+        it is admitted again and trades."""
+        nodes = make_nodes(tmp_path, ("a", "b", "c"))
+        for n in nodes:
+            n.extra_args = ["--evict-after", "600"]
+        a, b, c = nodes
+        with logs_on_failure(request, nodes):
+            try:
+                start_network(nodes, timeout=SETTLE)
+                c_id = c.node_id()
+                sell = c.order("sell", 2, 150)  # rests in c's log, which must survive its leave
+                wait_until(lambda: all_final(nodes), timeout=SETTLE, what="quiet start", nodes=nodes)
+                assert c.stop() == 0
+                t_stop = time.monotonic()
+                assert "left its network" in c.log_file.read_text(), c.logs(20)
+                cross(a, b, 111)
+                wait_until(lambda: all_final([a, b]), timeout=SETTLE, what="finality back without c",
+                           nodes=[a, b])
+                report(request, f"finality resumed {time.monotonic() - t_stop:.1f} s after c's SIGTERM "
+                                f"(--evict-after 600)")
+                for n in (a, b):
+                    fin = finality(n)
+                    assert c_id not in fin["members"], n.name
+                    gone = [d for d in fin["decisions"] if d["member"] == c_id]
+                    assert len(gone) == 1, (n.name, fin["decisions"])
+                    got = order_at(n, sell["id"])
+                    assert got is not None and got["status"] == "open" and not got.get("void"), (n.name, got)
+                c.start()
+                wait_until(lambda: finality(c)["member"] and all(c_id in finality(n)["members"] for n in (a, b)),
+                           timeout=SETTLE, what="c admitted again", nodes=nodes)
+                assert finality(c)["voided"] == [], finality(c)["voided"]
+                buy = a.order("buy", 2, 150)
+                assert buy["fills"], buy  # c's sell from before its leave is still on the book
+                wait_until(lambda: all_final(nodes), timeout=SETTLE, what="final everywhere again", nodes=nodes)
             finally:
                 stop_all(nodes)
