@@ -797,7 +797,9 @@ class Finality:
 
     def left(self, x: bytes) -> bool:
         """Has ``x`` said it is shutting down: is a Leave the newest entry of its
-        log here (and its log not cut before it)?"""
+        log here (and its log not cut before it), written in its current
+        membership?  (A Leave from before its eviction says nothing about a
+        member admitted again since: its later entries may be on their way.)"""
         seq = self._leaves.get(x)
         if seq is None:
             return False
@@ -805,15 +807,24 @@ class Finality:
         if n > seq:
             del self._leaves[x]  # it wrote again: it is back
             return False
-        return n == seq and self.end(x) == seq
+        if n != seq or self.end(x) != seq:
+            return False
+        ivs = self.membership.intervals(x)
+        return bool(ivs) and ivs[-1].closed_at is None and seq > ivs[-1].after
 
     def leaves(self) -> list[bytes]:
         """Members that said they are shutting down and have not written since."""
         return [x for x in self.membership.members() if self.left(x)]
 
     def _silent(self, x: bytes, mono_ms: int) -> bool:
-        # a member that left is silent at once: nobody waits evict_after for it
-        return self.left(x) or mono_ms - self.last_heard.get(x, mono_ms) > self.evict_after_ms
+        # a member that left is silent at once, so nobody waits evict_after for it,
+        # unless another member is under vote: one member under vote at a time
+        # (two members that left one after the other, both voted on at once,
+        # stalled finality for good once both came back, as two members
+        # suspected at once did; the second now waits evict_after like a crash)
+        if self.left(x) and not any(c != x for c in self.contested()):
+            return True
+        return mono_ms - self.last_heard.get(x, mono_ms) > self.evict_after_ms
 
     def _alive(self, x: bytes, mono_ms: int) -> bool:
         return not self.left(x) and mono_ms - self.last_heard.get(x, mono_ms) <= self.evict_after_ms // 2
