@@ -99,13 +99,20 @@ class Admit:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Evict:
-    """A member's vote to remove ``member``, whose log it holds up to seq ``cut``."""
+    """A member's vote to remove ``member``, whose log it holds up to seq
+    ``cut``.  ``since`` is the stamp of the ``Admit`` that began the membership
+    the vote is against (0: whichever is current at the vote's key): a vote
+    stamped by a clock far ahead can land, in canonical order, past the
+    member's next admission, and must not count against that one."""
 
     member: bytes
     cut: int
+    since: int = 0
 
     def to_wire(self) -> list[Any]:
-        return [EVICT_TAG, self.member, self.cut]
+        if self.since == 0:
+            return [EVICT_TAG, self.member, self.cut]
+        return [EVICT_TAG, self.member, self.cut, self.since]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -236,9 +243,10 @@ def decode_body(raw: Any) -> Body:
             raise MalformedEntry("admit body has 3 fields")
         return Admit(member=_bytes(raw[1], "member", PUBLIC_LEN), after=_int(raw[2], "after", 0, MAX_SEQ))
     if tag == EVICT_TAG and type(tag) is int:
-        if len(raw) != 3:
-            raise MalformedEntry("evict body has 3 fields")
-        return Evict(member=_bytes(raw[1], "member", PUBLIC_LEN), cut=_int(raw[2], "cut", 0, MAX_SEQ))
+        if len(raw) not in (3, 4):
+            raise MalformedEntry("evict body has 3 or 4 fields")
+        since = _int(raw[3], "since", 1, MAX_HLC) if len(raw) == 4 else 0
+        return Evict(member=_bytes(raw[1], "member", PUBLIC_LEN), cut=_int(raw[2], "cut", 0, MAX_SEQ), since=since)
     if tag == RETRACT_TAG and type(tag) is int:
         if len(raw) != 2:
             raise MalformedEntry("retract body has 2 fields")

@@ -84,6 +84,7 @@ class Vote:
     seq: int
     key: bytes
     cut: int | None
+    since: int = 0  # an Evict's: the stamp of the admission it is against (0: any)
 
 
 class Finality:
@@ -213,8 +214,9 @@ class Finality:
             if body.__class__ is Leave:
                 self._leaves[o] = e.seq
             if isinstance(body, Evict | Retract) and o != body.member:
-                cut = body.cut if isinstance(body, Evict) else None
-                self._votes.setdefault(body.member, []).append(Vote(voter=o, seq=e.seq, key=e.key, cut=cut))
+                cut, since = (body.cut, body.since) if isinstance(body, Evict) else (None, 0)
+                self._votes.setdefault(body.member, []).append(
+                    Vote(voter=o, seq=e.seq, key=e.key, cut=cut, since=since))
                 self._votes_revision += 1
                 if o == me and cut is not None:
                     self._my_vote_mono[body.member] = mono_ms
@@ -506,8 +508,11 @@ class Finality:
         start = self.membership.admitted_at(x)
         # a vote past the end of its writer's forked log never counts, whether
         # or not membership has been told of that end yet
+        # a vote names the admission it is against: one stamped by a clock far
+        # ahead may lie past the next admission, and is not against that one
         out = [] if start is None else sorted(
-            (v for v in votes if v.key > start and self.membership.acts(v.voter, v.seq, v.key)
+            (v for v in votes if v.key > start and v.since in (0, hlc_of(start))
+             and self.membership.acts(v.voter, v.seq, v.key)
              and (v.voter not in self._forks or v.seq <= self.end(v.voter))),
             key=lambda v: v.key)
         # a voter that is voted out votes no more: each of its votes is retracted
@@ -793,7 +798,8 @@ class Finality:
         return {v.voter: v for v in self._timeline(x)}
 
     def _vote(self, x: bytes) -> Evict:
-        return Evict(member=x, cut=self.end(x))
+        start = self.membership.admitted_at(x)
+        return Evict(member=x, cut=self.end(x), since=0 if start is None else hlc_of(start))
 
     def left(self, x: bytes) -> bool:
         """Has ``x`` said it is shutting down: is a Leave the newest entry of its

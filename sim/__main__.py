@@ -5,7 +5,8 @@ schedule of ``sim.scenario.split_brain`` instead of a planned one;
 ``--schedule admission-split`` an admission completed during a split by a
 member being voted out (``sim.scenario.admission_split``), which used to
 stall finality for good; ``--schedule clean-stop`` (or ``clean-stop-crash``)
-that of ``sim.scenario.clean_stop``; ``--stops`` makes every crash of a plan
+that of ``sim.scenario.clean_stop``, and ``--schedule stop-skew`` that of
+``sim.scenario.stop_skew``; ``--stops`` makes every crash of a plan
 a clean shutdown (a member's Leave first).  A run prints the longest time
 node 0 held records that were not final while its frontier stood still."""
 
@@ -16,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from sim.scenario import Schedule, admission_split, clean_stop, run, split_brain, wide
+from sim.scenario import Schedule, admission_split, clean_stop, run, split_brain, stop_skew, wide
 
 SCHEDULES: dict[str, Callable[[], Schedule]] = {
     "split-brain": split_brain,
@@ -24,6 +25,7 @@ SCHEDULES: dict[str, Callable[[], Schedule]] = {
     "admission-split": admission_split,  # used to stall for good (docs/FINALITY.md)
     "clean-stop": clean_stop,
     "clean-stop-crash": lambda: clean_stop(crash=True),
+    "stop-skew": stop_skew,  # used to stall for good (a vote from a clock ahead)
 }
 
 

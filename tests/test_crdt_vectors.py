@@ -28,6 +28,7 @@ from crdt.entry import (
     Entry,
     Evict,
     Heartbeat,
+    Leave,
     Order,
     Retract,
     canonical_bytes,
@@ -65,6 +66,8 @@ def build_vectors() -> list[tuple[str, Entry]]:
         ("evict", Evict(member=other, cut=7), pack(T0 + 1_002, 0),
          (*acked, other, pack(T0 + 1, 0), pack(T0 - 2, 0), digest[::-1])),
         ("retract", Retract(member=other), pack(T0 + 1_003, 0), acked),
+        ("evict_since", Evict(member=other, cut=9, since=pack(T0 + 1_001, 0)), pack(T0 + 1_004, 0), acked),
+        ("leave", Leave(), pack(T0 + 1_005, 0), acked),
     ]
     for seq, (name, body, hlc, ack) in enumerate(bodies, start=1):
         if isinstance(body, Cancel):
@@ -111,7 +114,7 @@ def committed() -> dict[str, Any]:
 
 
 NAMES = ["genesis_admit", "order_gtc", "order_ioc", "market_order", "cancel", "heartbeat", "admit", "evict",
-         "retract"]
+         "retract", "evict_since", "leave"]
 
 
 class TestVectors:

@@ -21,7 +21,7 @@ import pytest
 
 from sim.network import Network
 from sim.node import SimNode
-from sim.scenario import PARAMS, admission_split, clean_stop, run, split_brain, wide
+from sim.scenario import PARAMS, admission_split, clean_stop, run, split_brain, stop_skew, wide
 
 #: Seeds run by ``make test`` (``python -m sim --seeds 1000`` runs more), in
 #: chunks that parallel test workers (pytest-xdist) share out.
@@ -236,6 +236,18 @@ class TestSimulatedNetworks:
             assert stopped.evictions >= 2  # both voted out (n3 then admitted again)
             assert stopped.max_final_gap_ms < PARAMS.evict_after_ms // 2, f"seed {seed}"
             assert killed.max_final_gap_ms > PARAMS.evict_after_ms, f"seed {seed}"
+
+    @pytest.mark.parametrize("gap", [100, 400, 800])
+    def test_a_vote_from_a_clock_ahead_does_not_count_against_the_next_admission(self, gap: int) -> None:
+        """Regression (``python -m sim --schedule stop-skew``): n4 and n0 shut
+        down cleanly and come back with clocks 4 s ahead and 3 s behind.  n4's
+        vote against n0, stamped 4 s ahead, lay past n0's admission again and
+        counted against it: finality stalled for good (seed 0 with gaps 100,
+        400 and 800 ms, among others)."""
+        for seed in range(3):
+            r = run(seed, schedule=stop_skew(gap))
+            assert r.violation is None, f"gap {gap}, seed {seed}: {r.violation}"
+            assert r.evictions >= 2
 
     def test_a_seed_replays_exactly(self) -> None:
         first, again = run(7, trace=True), run(7, trace=True)
