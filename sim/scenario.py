@@ -115,15 +115,16 @@ def admission_split(nodes: int = 5) -> Schedule:
     ])
 
 
-WIDE_KINDS = ("split", "deaf", "mute", "crash", "pause", "skew", "delay")
+WIDE_KINDS = ("split", "deaf", "mute", "crash", "stop", "pause", "skew", "delay")
 
 
 def wide(seed: int) -> Schedule:
     """Faults the one-at-a-time plan never makes, overlapping: partitions into
     two or three groups, one-way links (a ``deaf`` node sends but hears
     nothing, a ``mute`` one hears but nothing it sends arrives), crashes,
-    pauses, clocks off by more than the limit, delay and loss.  Every fault
-    ends by the end of the run, so finality must come back after healing:
+    clean stops (a member's ``Leave``, then the process ends), pauses,
+    clocks off by more than the limit, delay and loss.  Every fault ends by
+    the end of the run, so finality must come back after healing:
     the checker holds these runs to every guarantee, liveness included.
     ``python -m sim --wide``."""
     rng = random.Random(f"wide {seed}")
