@@ -538,9 +538,14 @@ class Exchange:
     def _decide(self, d: Decision, fx: _Effects) -> None:
         fx.decisions.append(d)
         self.replica.pin(d.member, d.cut)
-        void = [e for e in self.replica.tail(d.member) if e.seq > d.cut]
-        self.membership.remove_events(e.key for e in void if isinstance(e.body, Admit))
+        past = [e for e in self.replica.tail(d.member) if e.seq > d.cut]
         self.membership.add_decision(d)
+        # past the cut, and not in a later membership: a node that applies the
+        # decision after holding the member's entries of its next admission (a
+        # late decider, or a restart replaying both) must not void those, nor
+        # drop that membership's admission votes
+        void = [e for e in past if not self.membership.valid(d.member, e.seq, e.key)]
+        self.membership.remove_events(e.key for e in void if isinstance(e.body, Admit))
         self.finality.invalidate()
         if d.member == self.node_id:
             fx.voided += void
