@@ -30,7 +30,7 @@ view of X stays frozen there); a member that hears X again withdraws its vote
 with ``Retract(X)``.  While X is contested, every member also acknowledges the
 history *without* X.  The eviction takes effect at the vote that completes a
 majority of live votes, once the votes lie below the frontier computed without
-X; the cut is the lowest cut in that majority.  Every entry of X past the cut
+X; the cut is the highest cut in that majority.  Every entry of X past the cut
 is void.  A voter's view of X thaws only once its retraction lies below that
 frontier with no decision before it.  Decisions take effect in the canonical
 order of their deciding votes.
@@ -85,6 +85,16 @@ class Vote:
     key: bytes
     cut: int | None
     since: int = 0  # an Evict's: the stamp of the admission it is against (0: any)
+
+
+def _cut_of(votes: list[Vote]) -> int:
+    """The cut of an eviction counted from ``votes``: the highest cut among
+    them.  Entries past it are void; every entry that a majority of members
+    certified lies at or below it, since that majority and the voters share a
+    member, whose vote's cut covers what it certified.  An assumed vote (no
+    key: ``_decision``'s worst case) names no cut."""
+    cuts = [v.cut for v in votes if v.cut is not None and v.key]
+    return max(cuts) if cuts else 1 << 62
 
 
 class Finality:
@@ -358,7 +368,9 @@ class Finality:
                 c = min(c, self._head_hlc(o, without=without))
         for o in self.membership.ever_members():
             cut = self.membership.closed_cut(o)
-            if cut is not None and self.end(o) < cut:
+            # a closed log held short of its cut holds completeness back until
+            # the rest arrives; a forked one gets nothing past its end
+            if cut is not None and self.end(o) < cut and o not in self._forks:
                 c = min(c, self._hlc_at(o, self.end(o)))
         return 0 if c == 1 << 64 else c
 
@@ -648,9 +660,10 @@ class Finality:
             counted = self._independent(x, list(live.values()))
             if not counted:
                 continue
-            # a voter that lags may name a cut below where this membership
-            # begins: nothing of it is then valid, and the log ends there
-            cut = max(min(c.cut for c in counted if c.cut is not None), self.membership.intervals(x)[-1].after)
+            # the highest cut among the counted votes: every entry a majority of
+            # members certified is held by one of them (see certifies()); a voter
+            # that lags may name a cut below where this membership begins
+            cut = max(_cut_of(counted), self.membership.intervals(x)[-1].after)
             if len(counted) >= self._electorate(x, v.key, cut) // 2 + 1:
                 return Decision(member=x, at=v.key, cut=cut)
         return None
@@ -671,7 +684,7 @@ class Finality:
         ``x`` wrote past the cut (the eviction voids it, and with it their vote)."""
         counted = list(votes)
         while counted:
-            cut = min(v.cut for v in counted if v.cut is not None)
+            cut = _cut_of(counted)
             keep = [v for v in counted if not v.key or not self.membership.depends_on(v.voter, v.key, x, cut)]
             if len(keep) == len(counted):
                 return keep
@@ -694,6 +707,31 @@ class Finality:
             if self._decision(y, 1 << 62, before=d.at, assume=None if known else x, void=(x, d.cut)) is not None:
                 return True
         return False
+
+    def certifies(self, origin: bytes) -> int:
+        """How much of ``origin``'s log this member certifies: its effective
+        length here, or 0 when this node may not vouch for it (it is not a
+        member or is leaving, ``origin`` is not a member here or equivocated,
+        or a vote of this node that may still change the membership stands:
+        an eviction vote not settled, or an admission vote that decided
+        nothing yet).  What it certifies survives any eviction: a vote this
+        node casts later names a cut at or above it, and a decision takes the
+        highest cut among its voters, of which a majority shares a member
+        with any majority that certified (see ``_cut_of``), when both count
+        the same members: the certifying node tells its membership's
+        fingerprint with it.  The shell answers with it only once those
+        entries are durable."""
+        m = self.membership
+        me = self.node_id
+        if origin == me or self.leaving or origin in self._forks:
+            return 0
+        if not m.is_member(me) or not m.is_member(origin) or self._live_vote(origin) is not None:
+            return 0
+        # a vote of this node that may still change the membership: the majority
+        # that certifies must be a majority of the members that decide later
+        if self.my_votes or any(me in voters for voters in m.admitting().values()):
+            return 0
+        return self.end(origin)
 
     def votes(self) -> dict[bytes, list[Vote]]:
         """The votes and retractions that count against each member."""
@@ -799,7 +837,16 @@ class Finality:
 
     def _vote(self, x: bytes) -> Evict:
         start = self.membership.admitted_at(x)
-        return Evict(member=x, cut=self.end(x), since=0 if start is None else hlc_of(start))
+        cut = self.end(x)
+        fork = self._forks.get(x)
+        if fork is not None:
+            # a forked log: just before the fork, but never below what is final here.
+            # Not this node's own fork end, whose floor is its level-1 frontier: the
+            # highest cut counts, and it must not pass any node's end of that log
+            # (each node's floor lies at or above every node's final frontier)
+            fixed = self._count_upto(x, self.final, cut_forks=False)
+            cut = min(cut, max(fork[0] - 1, fixed, self.replica.base(x)[0]))
+        return Evict(member=x, cut=cut, since=0 if start is None else hlc_of(start))
 
     def left(self, x: bytes) -> bool:
         """Has ``x`` said it is shutting down: is a Leave the newest entry of its

@@ -27,7 +27,10 @@ from __future__ import annotations
 from bisect import insort
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from hashlib import blake2b
 from typing import Any
+
+import msgpack
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,6 +103,7 @@ class Membership:
         self._banned: dict[bytes, int] = {}  # origin -> stamp after which it is never admitted
         self._ends: dict[bytes, int] = {}  # origin -> effective end of a log proven to equivocate
         self.version = 0  # bumped whenever the derived intervals change
+        self._fingerprint: tuple[int, bytes] = (-1, b"")
         self.revision = 0  # bumped on every input, also one that changes no interval (a vote that decides nothing)
 
     @property
@@ -189,6 +193,16 @@ class Membership:
         if seq > self._ends.get(origin, seq):
             return False
         return any(iv.acts_at(seq, key) for iv in self._intervals.get(origin, ()))
+
+    def fingerprint(self) -> bytes:
+        """A short hash of the memberships open now (each member and the key
+        its membership began at): two nodes with the same fingerprint count
+        the same members."""
+        if self._fingerprint[0] != self.version:
+            rows = [[o, self._intervals[o][-1].start] for o in self._members]
+            self._fingerprint = (self.version, blake2b(msgpack.packb(rows, use_bin_type=True),
+                                                       digest_size=16).digest())
+        return self._fingerprint[1]
 
     def members(self) -> list[bytes]:
         """Origins whose membership is open now, sorted (do not change the list)."""

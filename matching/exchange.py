@@ -173,6 +173,9 @@ class Exchange:
         self._own_counted: set[int] = set()
         self._own_checked = 0  # own log length when last looked at
         self._own_revision = self.membership.revision
+        # member -> how much of this node's log it certified, and the fingerprint of
+        # the memberships it counted (see certified())
+        self._certified: dict[bytes, tuple[int, bytes]] = {}
 
     # ---- network and membership ------------------------------------------------
 
@@ -222,6 +225,40 @@ class Exchange:
         if not self.is_member() or self.finality.leaving or len(self.membership.members()) < 2:
             return None
         return Leave()
+
+    # ---- certification -------------------------------------------------------------
+
+    def certifies(self, origin: bytes) -> tuple[int, bytes]:
+        """How much of ``origin``'s log this node vouches for
+        (``Finality.certifies``), and the fingerprint of the memberships it
+        counts, to tell ``origin``."""
+        return self.finality.certifies(origin), self.membership.fingerprint()
+
+    def note_certified(self, member: bytes, length: int, view: bytes) -> bool:
+        """``member`` certified this node's log up to ``length``, counting the
+        memberships with fingerprint ``view``; True when that is news."""
+        old = self._certified.get(member)
+        if old is not None and old[1] == view and length <= old[0]:
+            return False
+        if not self.membership.is_member(member):
+            return False
+        self._certified[member] = (length, view)
+        return True
+
+    def certified(self, entry: Entry) -> bool:
+        """Has a majority of the members (this node included) certified this
+        node's own ``entry``, which counts, each counting the same members as
+        this node?  Then no eviction can void it: the answer to the client that
+        wrote it may say it is placed."""
+        members = self.membership.members()
+        me = self.node_id
+        if me not in members or entry.seq > self.finality.end(me) or \
+                not self.membership.valid(me, entry.seq, entry.key):
+            return False
+        view = self.membership.fingerprint()
+        have = 1 + sum(1 for m in members if m != me and (c := self._certified.get(m)) is not None
+                       and c[0] >= entry.seq and c[1] == view)
+        return have >= len(members) // 2 + 1
 
     # ---- writing -----------------------------------------------------------------
 

@@ -50,12 +50,13 @@ def main(argv: list[str] | None = None) -> int:
                 schedule=wide(args.seed) if args.wide else schedule)
         print("\n".join(r.trace))
         print(f"seed {r.seed}: {r.nodes} nodes, {r.steps} steps, {r.finals} final fills, {r.revoked} "
-              f"revoked provisional fills, {r.evictions} evictions, {r.restarts} restarts, longest finality "
+              f"revoked provisional fills, {r.evictions} evictions, {r.restarts} restarts, {r.acked} acknowledged "
+              f"orders and cancels, longest finality "
               f"gap at node 0 {r.max_final_gap_ms} ms: "
               + ("ok" if r.violation is None else f"VIOLATION: {r.violation}"))
         return 0 if r.violation is None else 1
     start = time.monotonic()
-    totals = {"steps": 0, "finals": 0, "revoked": 0, "evictions": 0, "restarts": 0}
+    totals = {"steps": 0, "finals": 0, "revoked": 0, "evictions": 0, "restarts": 0, "acked": 0}
     failed: list[int] = []
     for seed in range(args.first, args.first + args.seeds):
         r = run(seed, storm=args.storm, stops=args.stops, schedule=wide(seed) if args.wide else schedule)
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     secs = time.monotonic() - start
     print(f"{args.seeds} seeds, {totals['steps']} steps, {totals['finals']} final fills, {totals['revoked']} "
           f"revoked provisional fills, {totals['evictions']} evictions, {totals['restarts']} restarts, "
+          f"{totals['acked']} acknowledged orders and cancels, "
           f"{len(failed)} violations; {args.seeds / secs * 60:.0f} seeds per minute")
     return 1 if failed else 0
 

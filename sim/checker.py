@@ -10,7 +10,10 @@
 - after healing, all live replicas converge: one state hash, one final-fill
   digest, one book;
 - an independent replay of the final entries through the naive reference
-  matcher (``matching/reference.py``) gives the same final fills.
+  matcher (``matching/reference.py``) gives the same final fills;
+- no node acknowledges an order or cancel that is later voided: what a
+  majority of members certified is never reported void, and after healing
+  counts on every live node.
 
 A violation is a ``Violation`` with a short description; the simulation stops
 at the first one and prints the trace.
@@ -80,6 +83,21 @@ class Checker:
                     raise Violation(f"node {n.index}: engine says {n.ex.engine.fills_base} final fills, "
                                     f"the disk holds {len(n.disk.final_fills)}")
 
+    def acknowledged(self, nodes: Sequence[SimNode]) -> None:
+        """No node acknowledges an order or cancel that is later voided: one a
+        majority of members certified is never reported void on the node that
+        wrote it, unless that node equivocated before it (its log ends before
+        the fork), or the storm makes it equivocate."""
+        for n in nodes:
+            if n.index in self.exempt or not n.acked:
+                continue
+            forked = n.disk.evidence.get(n.node_id)  # it equivocated: its log ends before the fork
+            for e in n.voided:
+                if e.hash in n.acked and (forked is None or e.seq < forked[0].seq):
+                    what = type(e.body).__name__.lower()
+                    raise Violation(f"node {n.index}: its {what} seq {e.seq}, acknowledged as certified by a "
+                                    "majority, was voided")
+
     def invariants(self, nodes: Sequence[SimNode]) -> None:
         for n in nodes:
             if n.ex is not None:
@@ -104,6 +122,18 @@ class Checker:
         if len(set(views.values())) > 1:
             return "live nodes differ: " + ", ".join(f"{i}: {v[0].hex()[:8]}/{v[1]}/{v[3].hex()[:8]}"
                                                      for i, v in views.items())
+        for n in nodes:
+            if n.index in self.exempt:
+                continue
+            forked = n.disk.evidence.get(n.node_id)
+            for e in n.acked.values():
+                if forked is not None and e.seq >= forked[0].seq:
+                    continue
+                for m in live:
+                    assert m.ex is not None
+                    if not m.ex.membership.valid(e.origin, e.seq, e.key) or e.seq > m.ex.finality.end(e.origin):
+                        raise Violation(f"node {n.index}: its acknowledged {type(e.body).__name__.lower()} seq "
+                                        f"{e.seq} does not count at node {m.index}")
         return None
 
     def replay(self, node: SimNode, decisions: Sequence[Decision]) -> None:

@@ -65,6 +65,11 @@ class SimNode:
         self.voided: list[Entry] = []
         self.decisions: list[Any] = []
         self.log: list[str] = []
+        # orders and cancels a trader wrote here, waiting for a majority's
+        # certification (a crash drops them: their client never got an answer),
+        # and those answered as placed (the real node's 201), by entry hash
+        self.waiting: list[Entry] = []
+        self.acked: dict[bytes, Entry] = {}
 
     @property
     def alive(self) -> bool:
@@ -127,6 +132,7 @@ class SimNode:
     def crash(self) -> None:
         self.ex = None
         self.paused = False
+        self.waiting = []
 
     def stop(self, now: int) -> None:
         """A clean shutdown: a member writes its Leave and pushes it to every
@@ -167,6 +173,15 @@ class SimNode:
         kind = msg[0]
         if kind == "push":
             self._absorb(ex.receive(msg[1], now_ms=self.wall(now), mono_ms=now))
+            # what the real node's push reply says: how much of the pusher's log
+            # this node certifies (committed already: _absorb wrote it to disk)
+            pusher = next((e.origin for e in msg[1] if e.origin != self.node_id), None)
+            if pusher is not None:
+                n, view = ex.certifies(pusher)
+                if n:
+                    self._send(now, src, ("certified", self.node_id, n, view))
+        elif kind == "certified":
+            ex.note_certified(msg[1], msg[2], msg[3])
         elif kind == "sync":
             vv, has_ev = msg[1], msg[2]
             entries, more = delta(ex, self.disk, vv)
@@ -208,6 +223,12 @@ class SimNode:
         self._absorb(r)
         if body is not None:
             self.write(now, body)
+        if self.waiting:
+            done = [e for e in self.waiting if ex.certified(e)]
+            if done:
+                for e in done:
+                    self.acked[e.hash] = e
+                self.waiting = [e for e in self.waiting if e.hash not in self.acked]
         if now >= self.next_pull and self.peers:
             self.next_pull = now + pull_ms
             self._pull(now, self.rng.choice(self.peers))
@@ -218,6 +239,14 @@ class SimNode:
                 self._send(now, p, ("join", self.node_id, ex.replica.length(self.node_id)))
 
     def trade(self, now: int, rng: random.Random) -> Entry | None:
+        """A trader's order or cancel, written here; it waits for certification
+        before it counts as acknowledged."""
+        e = self._trade(now, rng)
+        if e is not None:
+            self.waiting.append(e)
+        return e
+
+    def _trade(self, now: int, rng: random.Random) -> Entry | None:
         ex = self.ex
         assert ex is not None
         if not ex.is_member() or not ex.clock_healthy():

@@ -51,6 +51,7 @@ class Result:
     revoked: int
     evictions: int
     restarts: int
+    acked: int  # orders and cancels answered as placed (certified by a majority)
     violation: str | None
     trace: list[str]
     # the longest time node 0 held records that were not final while its final
@@ -304,6 +305,7 @@ def run(seed: int, *, trace: bool = False, storm: bool = False, stops: bool = Fa
                 if traders:
                     rng.choice(traders).trade(now, rng)
             checker.step(nodes)
+            checker.acknowledged(nodes)
             first = nodes[0].ex
             if first is not None and not healed:
                 if first.finality.final != last_final or not first.pending():
@@ -343,6 +345,7 @@ def run(seed: int, *, trace: bool = False, storm: bool = False, stops: bool = Fa
         revoked=sum(nd.revoked for nd in nodes),
         evictions=len({(d.member, d.at) for nd in nodes for d in _decisions_of(nd)}),
         restarts=sum(nd.restarts for nd in nodes), violation=violation,
+        acked=sum(len(nd.acked) for nd in nodes),
         trace=log if (trace or violation) else [], max_final_gap_ms=max_gap,
     )
 

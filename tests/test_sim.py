@@ -7,7 +7,9 @@ also with every crash a clean shutdown (a member's Leave first), and
 pinned schedules: the split brain, and clean shutdowns against kills.
 Seeds run in chunks, shared out among the test workers (or in a process pool
 without them); a failing seed replays with
-``python -m sim --seed N``.  The checker is shown to fail on a broken rule.
+``python -m sim --seed N``.  The checker is shown to fail on broken rules
+(a frontier that ignores a member; an eviction cut at its lowest voter's,
+which voids acknowledged orders).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from crdt import finality
+from crdt.finality import Vote
 from sim.network import Network
 from sim.node import SimNode
 from sim.scenario import PARAMS, admission_split, clean_stop, run, split_brain, stop_skew, wide
@@ -249,6 +253,18 @@ class TestSimulatedNetworks:
             assert r.violation is None, f"gap {gap}, seed {seed}: {r.violation}"
             assert r.evictions >= 2
 
+    def test_a_restart_after_an_admission_again_voids_nothing_of_the_new_membership(self) -> None:
+        """Regression (``python -m sim --wide --storm --seed 110``): node 2, mute,
+        is voted out, admitted again and trades; its orders are certified and
+        acknowledged.  Restarted, it applied its eviction again while holding
+        the entries of its new membership, and reported them void: the core
+        took every entry past the cut as void, whatever membership it was in
+        (and dropped that membership's admission votes, on a node that learns
+        of a decision late).  Now only entries no membership counts are void."""
+        r = run(110, storm=True, schedule=wide(110))
+        assert r.violation is None, r.violation
+        assert r.acked > 0 and r.restarts > 0
+
     def test_a_seed_replays_exactly(self) -> None:
         first, again = run(7, trace=True), run(7, trace=True)
         assert first.trace == again.trace and first.finals == again.finals
@@ -279,3 +295,19 @@ class TestCheckerCanFail:
                 if len(violations) >= 3:
                     break
         assert violations, "the checker found nothing wrong with a frontier that ignores a member"
+
+    def test_an_acknowledged_order_voided_by_the_lowest_cut_is_caught(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """An eviction's cut was the lowest among its voters: a voter that
+        lagged behind the majority that certified an order voided it, though
+        its node had answered that it was placed.  ``python -m sim --wide
+        --seed 64`` does that under the old rule (node 2's order seq 21) and
+        passes under the highest cut, the rule certification rests on."""
+        assert run(64, schedule=wide(64)).violation is None
+
+        def lowest(votes: list[Vote]) -> int:
+            cuts = [v.cut for v in votes if v.cut is not None and v.key]
+            return min(cuts) if cuts else 1 << 62
+
+        monkeypatch.setattr(finality, "_cut_of", lowest)
+        r = run(64, schedule=wide(64))
+        assert r.violation is not None and "acknowledged" in r.violation, r.violation
