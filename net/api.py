@@ -31,6 +31,7 @@ from net.errors import (
     ApiError,
     BadRequest,
     Conflict,
+    NoQuorum,
     NotFound,
     OtherNetwork,
     TooLarge,
@@ -67,6 +68,9 @@ NODE: web.AppKey[Node] = web.AppKey("node")
 FILL_ROWS: web.AppKey[dict[int, bytes]] = web.AppKey("fill_rows")
 FILL_ROWS_KEPT = 50_000  # encoded rows of final fills kept (about 13 MB)
 WAIT_FINAL_S = 10.0  # default wait for ?wait=final
+#: How long an order or cancel waits for a majority of members to certify it
+#: before the answer is 503 no_quorum (docs/FINALITY.md, "Certification").
+CERTIFY_TIMEOUT_S = 2.0
 MAX_WAIT_FINAL_S = 60.0
 FIRST_REPLIES: web.AppKey[OrderedDict[str, dict[str, Any]]] = web.AppKey("first_replies")
 SIDES = {"buy": BUY, "sell": SELL}
@@ -354,7 +358,10 @@ async def place_order(app: web.Application, body: Any, *, wait: float | None = N
         prior = node.client_request(CID_ORDER, cid)
         if prior is not None:
             first = app[FIRST_REPLIES].get(cid)
-            return 200, _repeat_order(node, prior.order_id, cid, order, tif_text, first)
+            again = _repeat_order(node, prior.order_id, cid, order, tif_text, first)
+            if not again.get("void"):
+                await _certified(node, prior.entry, prior.order_id, "order")
+            return 200, again
     try:
         result = await node.submit_soon(order, cid=cid)
     except NotMember as exc:
@@ -362,6 +369,7 @@ async def place_order(app: web.Application, body: Any, *, wait: float | None = N
     except ClockUnhealthy as exc:
         raise ApiError(str(exc), code="clock_unhealthy", status=503, retry_after=5) from None
     oid = result.entry.hash
+    await _certified(node, oid, oid, "order")
     if wait is not None:
         await _until_final(node, result.entry.hlc, wait)
     view = order_view(node, oid)
@@ -407,6 +415,21 @@ def _repeat_order(node: Node, oid: bytes, cid: str, order: Order, tif_text: str,
     view["cid"] = cid
     view["repeat"] = True
     return view
+
+
+async def _certified(node: Node, entry_hash: bytes, oid: bytes, what: str) -> None:
+    """Return once a majority of members certified this node's entry (an
+    order or a cancel): from then on no eviction can void it.  Raises
+    NoQuorum when that takes over CERTIFY_TIMEOUT_S.  An entry memory no
+    longer holds is below the base, which is final."""
+    entry = node.own_entry(entry_hash)
+    if entry is None or await node.until_certified(entry, CERTIFY_TIMEOUT_S):
+        return
+    raise NoQuorum(
+        f"no majority of the members certified this {what} within {CERTIFY_TIMEOUT_S:g} s: it is not "
+        "acknowledged. It stays in this node's log: it counts if its entries reach a majority before this "
+        f"node is voted out, else it is void (GET /v1/orders/{oid.hex()} tells). A retry with the same cid "
+        "through this node answers for the same order", order_id=oid, retry_after=CERTIFY_TIMEOUT_S)
 
 
 def _wait_final(request: web.Request) -> float | None:
@@ -464,9 +487,11 @@ async def cancel_order(node: Node, oid: bytes, cid: str | None) -> dict[str, Any
                 raise Conflict(f"cid {cid} already cancelled order {prior.order_id.hex()}", code="cid_reused")
             view = order_view(node, oid)
             assert view is not None
+            if not view.get("void"):
+                await _certified(node, prior.entry, oid, "cancel")
             return {**view, "cid": cid, "repeat": True}
     try:
-        await node.submit_soon(Cancel(order_id=oid), cid=cid)
+        done = await node.submit_soon(Cancel(order_id=oid), cid=cid)
     except UnknownOrder as exc:
         if node.final_order(oid) is not None:
             raise Conflict(f"order {oid.hex()} is no longer resting", code="not_cancellable") from None
@@ -479,6 +504,7 @@ async def cancel_order(node: Node, oid: bytes, cid: str | None) -> dict[str, Any
         raise Conflict(str(exc), code="foreign_order") from None
     except NotCancellable as exc:
         raise Conflict(str(exc), code="not_cancellable") from None
+    await _certified(node, done.entry.hash, oid, "cancel")
     view = order_view(node, oid)
     assert view is not None
     if cid is not None:
@@ -1046,7 +1072,8 @@ def _push_answer(node: Node, body: dict[str, Any], addr: str) -> dict[str, Any]:
     rejected += [{"origin": m.origin.hex() if m.origin else None, "seq": m.seq, "error": m.error.code}
                  for m in result.malformed]
     return {"accepted": len(result.merge.accepted), "rejected": rejected,
-            "buffered": result.merge.buffered, "has": node.member_lengths(), **_stamp(node)}
+            "buffered": result.merge.buffered, "has": node.member_lengths(),
+            **node.certifies(nid), **_stamp(node)}
 
 
 #: A peer link that carries no push for this long is closed (the peer opens another).

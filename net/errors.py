@@ -76,6 +76,23 @@ class Unprocessable(ApiError):
     code = "unprocessable"
 
 
+class NoQuorum(ApiError):
+    """An order or cancel that no majority of members certified in time: not
+    acknowledged.  It stays in this node's log, so it may still count (its
+    entries reach a majority before this node is voted out) or be voided;
+    ``id`` names the order, to look it up or to retry with the same ``cid``."""
+
+    status = 503
+    code = "no_quorum"
+
+    def __init__(self, detail: str, *, order_id: bytes, retry_after: float) -> None:
+        super().__init__(detail, retry_after=retry_after)
+        self.order_id = order_id
+
+    def fields(self) -> dict[str, Any]:
+        return {"id": self.order_id.hex()}
+
+
 class PeerError(ExchangeError):
     """A peer call failed: unreachable, timed out or answered badly."""
 

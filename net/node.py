@@ -347,6 +347,7 @@ class Node:
         self.own_cancels = 0
         self.voided: list[Void] = []
         self.finality_changed = asyncio.Event()  # set (and replaced) whenever something becomes final
+        self.certified_changed = asyncio.Event()  # set (and replaced) whenever a member certifies more of our log
         self.subscribers: set[Subscriber] = set()
         self._final_seen = 0  # the final frontier when the last batch was reported
         self.final_traded = 0  # lots traded in final fills
@@ -1093,6 +1094,50 @@ class Node:
         self.flush()
         return self.store.final_fills(since, limit)
 
+    # ---- certification -----------------------------------------------------------
+
+    def certifies(self, origin: bytes | None) -> dict[str, Any]:
+        """What the answer to ``origin``'s push says of its log: how much of it
+        this node vouches for (``certified``, 0: nothing) and the fingerprint
+        of the memberships it counts (``view``).  Only what is durable: the
+        entries merged from ``origin`` are committed first, so a restart never
+        holds less than was certified."""
+        if origin is None:
+            return {}
+        n, view = self.exchange.certifies(origin)
+        if n and any(e.origin == origin for e in self._unsaved):
+            self.flush()
+        return {"certified": n, "view": view}
+
+    def peer_certified(self, node_id: bytes, length: Any, view: Any) -> None:
+        """A peer's push reply said how much of this node's log it certifies."""
+        if type(length) is int and type(view) is bytes and self.exchange.note_certified(node_id, length, view):
+            self.certified_changed.set()
+            self.certified_changed = asyncio.Event()
+
+    async def until_certified(self, entry: Entry, timeout: float) -> bool:
+        """Wait until a majority of members certified this node's ``entry``
+        (``Exchange.certified``), at most ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self.exchange.certified(entry):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                async with asyncio.timeout(left):
+                    await self.certified_changed.wait()
+            except TimeoutError:
+                return self.exchange.certified(entry)
+        return True
+
+    def own_entry(self, entry_hash: bytes) -> Entry | None:
+        """This node's entry with that hash, while memory holds it (None: not
+        found, or below the base, which is final)."""
+        for e in reversed(self.exchange.replica.tail(self.node_id)):
+            if e.hash == entry_hash:
+                return e
+        return None
+
     def client_request(self, kind: int, cid: str) -> ClientId | None:
         """What an earlier request with this client id wrote, if any."""
         return self.store.find_client_id(kind, cid)
@@ -1343,6 +1388,7 @@ class Node:
                     self.counters["pushed"] += len(batch)
                     if isinstance(reply, dict):
                         self.peer_holds(nid, reply.get("has"), asked_at=started)
+                        self.peer_certified(nid, reply.get("certified"), reply.get("view"))
                 except PeerError:
                     # keep what was queued (one slow reply is not a lost peer): the next push
                     # to this peer sends it, and pull repairs whatever the cap drops

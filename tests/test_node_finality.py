@@ -5,7 +5,8 @@ the vote carries on; a member frozen past ``--evict-after`` gets the entries
 it wrote after the cut voided and reported; a fresh key's past-stamped order
 rewinds nothing; a node whose clock is off refuses orders; one member of two
 cannot admit a joiner alone; a member stopped with SIGTERM says Leave and
-holds finality back for nobody.
+holds finality back for nobody; a member that reaches no majority answers
+503 no_quorum, and the order counts once the others certify it.
 
 The five-node cluster is shared by the tests of ``TestFiveMembers`` (each
 leaves it whole and converged); the clock, admission and shutdown tests
@@ -361,5 +362,52 @@ class TestCleanShutdown:
                 buy = a.order("buy", 2, 150)
                 assert buy["fills"], buy  # c's sell from before its leave is still on the book
                 wait_until(lambda: all_final(nodes), timeout=SETTLE, what="final everywhere again", nodes=nodes)
+            finally:
+                stop_all(nodes)
+
+
+class TestCertification:
+    def test_a_member_that_reaches_no_majority_answers_no_quorum(
+            self, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+        """An order is answered only once a majority of members certified it
+        (docs/FINALITY.md, section 7).  With b and c frozen, a reaches no
+        majority: its order is answered 503 no_quorum with the order's id, not
+        201.  The order stays in a's log: once b and c thaw, they certify it,
+        a retry with the same cid answers 200 for the same order, and it is on
+        every node's book, not void."""
+        nodes = make_nodes(tmp_path, ("a", "b", "c"))
+        for n in nodes:
+            n.extra_args = ["--evict-after", "600"]  # nobody is voted out while frozen
+        a, b, c = nodes
+        body = {"side": "buy", "qty": 1, "price": 90, "cid": "cert-1"}
+        with logs_on_failure(request, nodes):
+            try:
+                start_network(nodes, timeout=SETTLE)
+                placed = a.request("POST", "/v1/orders", body)
+                assert placed.status == 201, placed  # a majority certifies at once
+                b.freeze()
+                c.freeze()
+                try:
+                    refused = a.request("POST", "/v1/orders", body | {"cid": "cert-2"})
+                finally:
+                    b.thaw()
+                    c.thaw()
+                assert refused.status == 503, refused
+                answer = refused.json()
+                assert answer["error"] == "no_quorum" and len(answer["id"]) == 64, answer
+                oid = answer["id"]
+                # a retry with the cid is safe: it answers for the same order, 503 until
+                # b and c (back, and pushed to again) have certified it
+                retries: list[Any] = []
+                wait_until(lambda: retries.append(a.request("POST", "/v1/orders", body | {"cid": "cert-2"}))
+                           or retries[-1].status == 200, timeout=SETTLE, what="the retry answered 200", nodes=nodes)
+                assert all(r.status == 503 for r in retries[:-1]), retries
+                assert retries[-1].json()["id"] == oid and retries[-1].json()["repeat"] is True
+                wait_until(lambda: all(order_at(n, oid) is not None for n in nodes), timeout=SETTLE,
+                           what="the order on every node", nodes=nodes)
+                wait_until(lambda: all_final(nodes), timeout=SETTLE, what="final everywhere", nodes=nodes)
+                for n in nodes:
+                    got = order_at(n, oid)
+                    assert got is not None and got["status"] == "open" and not got.get("void"), (n.name, got)
             finally:
                 stop_all(nodes)
