@@ -92,8 +92,10 @@ def _cut_of(votes: list[Vote]) -> int:
     them.  Entries past it are void; every entry that a majority of members
     certified lies at or below it, since that majority and the voters share a
     member, whose vote's cut covers what it certified.  An assumed vote (no
-    key: ``_decision``'s worst case) names no cut."""
-    cuts = [v.cut for v in votes if v.cut is not None and v.key]
+    key: ``_decision``'s worst case) may name any cut: the highest counts."""
+    if any(v.cut is not None and not v.key for v in votes):
+        return 1 << 62  # an assumed vote's cut is unknown: the worst case is the highest
+    cuts = [v.cut for v in votes if v.cut is not None]
     return max(cuts) if cuts else 1 << 62
 
 
@@ -369,9 +371,11 @@ class Finality:
         for o in self.membership.ever_members():
             cut = self.membership.closed_cut(o)
             # a closed log held short of its cut holds completeness back until
-            # the rest arrives; a forked one gets nothing past its end
-            if cut is not None and self.end(o) < cut and o not in self._forks:
-                c = min(c, self._hlc_at(o, self.end(o)))
+            # the rest arrives (a forked one: short of its end, if that is lower)
+            if cut is not None:
+                fork = self._forks.get(o)
+                if self.end(o) < (cut if fork is None else min(cut, self._fork_end(o, fork))):
+                    c = min(c, self._hlc_at(o, self.end(o)))
         return 0 if c == 1 << 64 else c
 
     def _matched(self, m: bytes, complete: int, *, suspect: bytes | None) -> tuple[int, int]:
@@ -712,9 +716,7 @@ class Finality:
         """How much of ``origin``'s log this member certifies: its effective
         length here, or 0 when this node may not vouch for it (it is not a
         member or is leaving, ``origin`` is not a member here or equivocated,
-        or a vote of this node that may still change the membership stands:
-        an eviction vote not settled, or an admission vote that decided
-        nothing yet).  What it certifies survives any eviction: a vote this
+        or an eviction vote of this node may still count).  What it certifies survives any eviction: a vote this
         node casts later names a cut at or above it, and a decision takes the
         highest cut among its voters, of which a majority shares a member
         with any majority that certified (see ``_cut_of``), when both count
@@ -727,11 +729,19 @@ class Finality:
             return 0
         if not m.is_member(me) or not m.is_member(origin) or self._live_vote(origin) is not None:
             return 0
-        # a vote of this node that may still change the membership: the majority
-        # that certifies must be a majority of the members that decide later
-        if self.my_votes or any(me in voters for voters in m.admitting().values()):
+        # an eviction vote of this node that may still count: the majority that
+        # certifies must be a majority of the members that decide later
+        if self.open_votes():
             return 0
         return self.end(origin)
+
+    def open_votes(self) -> bool:
+        """Has this node an eviction vote that may still count (live, or its
+        retraction not settled)?  Admission votes do not count here: one that
+        never completes (its joiner gave up) would stop this node certifying for
+        good, and one admission between a certification and the decision that
+        could void it is harmless (docs/FINALITY.md, section 7)."""
+        return bool(self.my_votes) or any(self._live_vote(x) is not None for x in self._votes)
 
     def votes(self) -> dict[bytes, list[Vote]]:
         """The votes and retractions that count against each member."""

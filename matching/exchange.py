@@ -255,6 +255,8 @@ class Exchange:
         if me not in members or entry.seq > self.finality.end(me) or \
                 not self.membership.valid(me, entry.seq, entry.key):
             return False
+        if self.finality.open_votes():
+            return False  # this node counts itself by the rule it certifies others by
         view = self.membership.fingerprint()
         have = 1 + sum(1 for m in members if m != me and (c := self._certified.get(m)) is not None
                        and c[0] >= entry.seq and c[1] == view)

@@ -6,7 +6,8 @@ schedule of ``sim.scenario.split_brain`` instead of a planned one;
 member being voted out (``sim.scenario.admission_split``), which used to
 stall finality for good; ``--schedule clean-stop`` (or ``clean-stop-crash``)
 that of ``sim.scenario.clean_stop``, and ``--schedule stop-skew`` that of
-``sim.scenario.stop_skew``; ``--stops`` makes every crash of a plan
+``sim.scenario.stop_skew``, ``--schedule stale-admission`` that of
+``sim.scenario.stale_admission``; ``--stops`` makes every crash of a plan
 a clean shutdown (a member's Leave first).  A run prints the longest time
 node 0 held records that were not final while its frontier stood still."""
 
@@ -17,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from sim.scenario import Schedule, admission_split, clean_stop, run, split_brain, stop_skew, wide
+from sim.scenario import Schedule, admission_split, clean_stop, run, split_brain, stale_admission, stop_skew, wide
 
 SCHEDULES: dict[str, Callable[[], Schedule]] = {
     "split-brain": split_brain,
@@ -26,6 +27,7 @@ SCHEDULES: dict[str, Callable[[], Schedule]] = {
     "clean-stop": clean_stop,
     "clean-stop-crash": lambda: clean_stop(crash=True),
     "stop-skew": stop_skew,  # used to stall for good (a vote from a clock ahead)
+    "stale-admission": stale_admission,  # certification used to stop for good
 }
 
 

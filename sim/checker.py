@@ -13,7 +13,8 @@
   matcher (``matching/reference.py``) gives the same final fills;
 - no node acknowledges an order or cancel that is later voided: what a
   majority of members certified is never reported void, and after healing
-  counts on every live node.
+  counts on every live node; and after healing, every order or cancel of a
+  live member that counts is certified (none waits for good).
 
 A violation is a ``Violation`` with a short description; the simulation stops
 at the first one and prints the trace.
@@ -122,6 +123,13 @@ class Checker:
         if len(set(views.values())) > 1:
             return "live nodes differ: " + ", ".join(f"{i}: {v[0].hex()[:8]}/{v[1]}/{v[3].hex()[:8]}"
                                                      for i, v in views.items())
+        for n in members:
+            assert n.ex is not None
+            ex = n.ex
+            stuck = [e for e in n.waiting if e.seq <= ex.finality.end(n.node_id)
+                     and ex.membership.valid(n.node_id, e.seq, e.key)]
+            if stuck:
+                return f"node {n.index} has {len(stuck)} orders or cancels that count but no majority certified"
         for n in nodes:
             if n.index in self.exempt:
                 continue

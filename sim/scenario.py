@@ -178,6 +178,20 @@ def stop_skew(gap: int = 100, ahead: int = -3_000, behind: int = 4_000) -> Sched
     ])
 
 
+def stale_admission() -> Schedule:
+    """An admission vote that never decides: three members; n2 crashes at 400 ms
+    and is voted out; back at 2 s, it asks to be admitted again while split
+    from n1 ({n0, n2} | {n1}), gets n0's vote only, and is gone for good at
+    2.2 s.  n0's vote stays pending for good.  When a pending admission vote
+    of a member stopped it certifying, n1's orders were never certified
+    again: every one of them answered 503 no_quorum on a real node."""
+    return Schedule(nodes=3, duration=5_000, faults=[
+        Fault(kind="crash", start=400, end=2_000, node=2),
+        Fault(kind="partition", start=1_950, end=2_400, node=0, groups=[[0, 2], [1]]),
+        Fault(kind="crash_long", start=2_200, end=1 << 60, node=2),
+    ])
+
+
 def key_for(seed: int, i: int) -> SigningKey:
     return SigningKey(blake2b(f"sim {seed} node {i}".encode(), digest_size=32).digest())
 

@@ -25,7 +25,7 @@ from crdt import finality
 from crdt.finality import Vote
 from sim.network import Network
 from sim.node import SimNode
-from sim.scenario import PARAMS, admission_split, clean_stop, run, split_brain, stop_skew, wide
+from sim.scenario import PARAMS, admission_split, clean_stop, run, split_brain, stale_admission, stop_skew, wide
 
 #: Seeds run by ``make test`` (``python -m sim --seeds 1000`` runs more), in
 #: chunks that parallel test workers (pytest-xdist) share out.
@@ -264,6 +264,18 @@ class TestSimulatedNetworks:
         r = run(110, storm=True, schedule=wide(110))
         assert r.violation is None, r.violation
         assert r.acked > 0 and r.restarts > 0
+
+    def test_an_admission_vote_that_never_decides_does_not_stop_certification(self) -> None:
+        """Regression (``python -m sim --schedule stale-admission``): n2, voted out,
+        asks again while split from n1, gets n0's vote only, and is gone for
+        good.  A member with a pending admission vote certified nothing, so
+        n0 never certified n1's orders again (seeds 0-3: 26-99 orders waited
+        for good; on a real node, 503 no_quorum for every one).  The checker
+        fails a run where an order that counts is never certified."""
+        for seed in range(4):
+            r = run(seed, schedule=stale_admission())
+            assert r.violation is None, f"seed {seed}: {r.violation}"
+            assert r.acked > 0
 
     def test_a_seed_replays_exactly(self) -> None:
         first, again = run(7, trace=True), run(7, trace=True)
