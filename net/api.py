@@ -1062,6 +1062,7 @@ def _push_answer(node: Node, body: dict[str, Any], addr: str) -> dict[str, Any]:
         raise BadRequest("entries must be an array", code="bad_entries")
     if nid is not None:
         node.note_down(nid, body.get("down"))
+        node.peer_pushed(nid)
     try:
         result = node.ingest(entries, peer=addr, peer_id=nid)
     except ValidationError as exc:

@@ -1271,6 +1271,16 @@ class Node:
             return
         self._down_of[origin] = frozenset(d for d in down[:MAX_DOWN] if type(d) is bytes and d != self.node_id)
 
+    def peer_pushed(self, node_id: bytes) -> None:
+        """A peer pushed to this node: it is up.  One that failed before (it was
+        down, or restarting) is called again at once rather than after its
+        backoff: its certification of this node's entries comes in the replies
+        to this node's pushes, and an order waits for it (of two members, it
+        waited until the backoff ended and was answered 503 no_quorum)."""
+        peer = self.peers.peers.get(node_id)
+        if peer is not None and peer.failures and peer.next_try > self.monotonic():
+            peer.next_try = 0.0
+
     def _down(self) -> list[bytes]:
         """Peers this node cannot reach now: others pass our entries on to them at once."""
         return [nid for nid, p in self.peers.peers.items() if p.failures > 0][:MAX_DOWN]

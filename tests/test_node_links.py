@@ -97,7 +97,10 @@ class TestLinks:
             b.stop()
             b.start()
             before = pushes(b)[0]
-            second = a.order("buy", 1, 6)
+            # of two members, the order waits for b's certification, which comes in the
+            # replies to a's pushes to the restarted b; with a cid the client retries a
+            # 503 no_quorum (a loaded machine may take longer than the node waits)
+            second = a.order("buy", 1, 6, cid="after-restart")
             wait_until(lambda: pushes(b)[0] > before, timeout=30,
                        what="a pushes to the restarted b on a new link", nodes=nodes)
             wait_order_everywhere(nodes, second["id"], timeout=20)
