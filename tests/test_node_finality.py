@@ -328,8 +328,8 @@ class TestCleanShutdown:
         """A member that shuts down cleanly writes Leave, and the others vote it
         out at once: with --evict-after far longer than the test waits (so the
         eviction for silence cannot be what moves finality), a fill made after
-        the stop becomes final; nothing the leaver wrote is voided; restarted,
-        it is admitted again and trades."""
+        the stop becomes final; nothing the leaver wrote up to its Leave is
+        voided; restarted, it is admitted again and trades."""
         nodes = make_nodes(tmp_path, ("a", "b", "c"))
         for n in nodes:
             n.extra_args = ["--evict-after", "600"]
@@ -358,7 +358,10 @@ class TestCleanShutdown:
                 c.start()
                 wait_until(lambda: finality(c)["member"] and all(c_id in finality(n)["members"] for n in (a, b)),
                            timeout=SETTLE, what="c admitted again", nodes=nodes)
-                assert finality(c)["voided"] == [], finality(c)["voided"]
+                # nothing c wrote up to its Leave is void; only the heartbeat that says it is
+                # back may be, when c restarts before it hears that it was voted out
+                assert all(v["orders"] == 0 and v["entries"] <= 1 for v in finality(c)["voided"]), \
+                    finality(c)["voided"]
                 buy = a.order("buy", 2, 150)
                 assert buy["fills"], buy  # c's sell from before its leave is still on the book
                 wait_until(lambda: all_final(nodes), timeout=SETTLE, what="final everywhere again", nodes=nodes)
