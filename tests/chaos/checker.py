@@ -14,6 +14,9 @@ Columns (``Row``), and what counts as a violation (V):
   is past the node's version vector, or ``GET /v1/orders/{id}`` said 404).
   An order a node reports as void (finality's eviction) is counted as void,
   not lost;
+- acked voided (V): an acknowledged order that a node reports void (a node
+  answers only once a majority of members certified the order, and then no
+  eviction may void it: docs/FINALITY.md, section 7);
 - cancel violations (V): a cancel acknowledged as final (``final: true`` in
   the reply, or the order read back later as cancelled and final) whose order
   later shows more filled than it did then;
@@ -83,7 +86,7 @@ class Row:
     def violations(self) -> int:
         if not self.supported:
             return 0
-        return (int(not self.converged) + self.lost + self.cancel_violations + self.overfills
+        return (int(not self.converged) + self.lost + self.void + self.cancel_violations + self.overfills
                 + self.final_retracted + self.replay_mismatches + self.crashes + self.tracebacks)
 
 

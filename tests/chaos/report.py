@@ -13,7 +13,8 @@ from typing import Any
 
 from tests.chaos.checker import Row, Verdict, verdict_json
 
-HEADER = ("nemesis", "fault s", "converged (heal to equal)", "orders acked", "lost", "cancels final / violated",
+HEADER = ("nemesis", "fault s", "converged (heal to equal)", "orders acked", "lost", "acked voided",
+          "cancels final / violated",
           "over-fills", "final fills", "final retracted", "provisional revoked", "revoked visible max / p50 ms",
           "replay mismatches", "client errors", "crashes", "tracebacks")
 
@@ -37,7 +38,7 @@ def cells(r: Row) -> list[str]:
     visible = "n/a" if r.revoked_max_ms is None else (
         f"{r.revoked_max_ms} / {r.revoked_p50_ms if r.revoked_p50_ms is not None else 'n/a'}")
     return [
-        r.name, f"{r.fault_s:.0f}", converged, str(r.orders_acked), _bad(r.lost),
+        r.name, f"{r.fault_s:.0f}", converged, str(r.orders_acked), _bad(r.lost), _bad(r.void),
         f"{r.cancels_final} / {_bad(r.cancel_violations)}", _bad(r.overfills), str(r.final_fills),
         _bad(r.final_retracted), str(r.revoked), visible, _bad(r.replay_mismatches), _errors(r.client_errors),
         _bad(r.crashes), _bad(r.tracebacks),

@@ -177,14 +177,16 @@ class TestTheCheckerFails:
         v = check(w.history(nodes={"n1": {"orders": {oid: None}}}))
         assert v.rows[0].lost == 1 and not v.ok
 
-    def test_void_order_is_not_lost(self) -> None:
-        """An order an eviction voided: no node matches it (nor need hold it), and one says so."""
+    def test_void_order_is_not_lost_but_is_a_violation(self) -> None:
+        """An acknowledged order an eviction voided: no node matches it (nor need
+        hold it), and one says so.  It counts as voided, not lost, and that is a
+        violation: a node answers only once a majority certified the order."""
         w = World()
         ghost = Log(3).add(Order(side=SELL, price=120, qty=1, tif=GTC), 7)
         acks = [*w.acks(), Ack(t0=2.0, t1=2.1, node="n2", op="order", order_id=ghost.hash.hex(), side="sell",
                                 qty=1, price=120, tif="GTC", status="open", filled=0, remaining=1)]
         v = check(w.history(acks=acks, nodes={"n1": {"orders": {ghost.hash.hex(): {"status": "void"}}}}))
-        assert v.rows[0].lost == 0 and v.rows[0].void == 1 and v.ok
+        assert v.rows[0].lost == 0 and v.rows[0].void == 1 and not v.ok and v.rows[0].violations == 1
 
     def test_final_fill_changed_at_the_same_seq(self) -> None:
         w = World()
@@ -338,7 +340,7 @@ class TestCommandLine:
         printed = capsys.readouterr().out
         row = next(line for line in printed.splitlines() if line.startswith("| isolate "))
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[4] == "**1**" and cells[8] == "**1**", cells  # lost, final retracted
+        assert cells[4] == "**1**" and cells[9] == "**1**", cells  # lost, final retracted
         assert "2 VIOLATION(S)" in printed
         report = json.loads((tmp_path / "chaos-report.json").read_text())
         assert report["ok"] is False and report["rows"][0]["lost"] == 1 and report["rows"][0]["final_retracted"] == 1
