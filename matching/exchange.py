@@ -250,17 +250,23 @@ class Exchange:
         node's own ``entry``, which counts, each counting the same members as
         this node?  Then no eviction can void it: the answer to the client that
         wrote it may say it is placed."""
+        return entry.seq <= self.certified_upto() and self.membership.valid(self.node_id, entry.seq, entry.key)
+
+    def certified_upto(self) -> int:
+        """How far a majority of the members (this node included) certified
+        this node's log, each counting the same members as this node (0: not
+        at all)."""
         members = self.membership.members()
         me = self.node_id
-        if me not in members or entry.seq > self.finality.end(me) or \
-                not self.membership.valid(me, entry.seq, entry.key):
-            return False
-        if self.finality.open_votes():
-            return False  # this node counts itself by the rule it certifies others by
+        if me not in members or self.finality.open_votes():
+            return 0  # this node counts itself by the rule it certifies others by
         view = self.membership.fingerprint()
-        have = 1 + sum(1 for m in members if m != me and (c := self._certified.get(m)) is not None
-                       and c[0] >= entry.seq and c[1] == view)
-        return have >= len(members) // 2 + 1
+        lengths = sorted((c[0] for m in members if m != me and (c := self._certified.get(m)) is not None
+                          and c[1] == view), reverse=True)
+        need = len(members) // 2  # besides this node
+        if need == 0:
+            return self.finality.end(me)
+        return min(self.finality.end(me), lengths[need - 1]) if len(lengths) >= need else 0
 
     # ---- writing -----------------------------------------------------------------
 

@@ -1047,7 +1047,9 @@ async def peer_join(request: web.Request) -> web.Response:
 async def peer_push(request: web.Request) -> web.Response:
     node = _node(request)
     body = await read_peer_body(request)
-    data = pack(_push_answer(node, body, request.remote or "?"))
+    answer = _push_answer(node, body, request.remote or "?")
+    answer.update(await node.certifies(_peer_label_of(body)))
+    data = pack(answer)
     return web.Response(body=data, content_type="application/msgpack")
 
 
@@ -1073,8 +1075,7 @@ def _push_answer(node: Node, body: dict[str, Any], addr: str) -> dict[str, Any]:
     rejected += [{"origin": m.origin.hex() if m.origin else None, "seq": m.seq, "error": m.error.code}
                  for m in result.malformed]
     return {"accepted": len(result.merge.accepted), "rejected": rejected,
-            "buffered": result.merge.buffered, "has": node.member_lengths(),
-            **node.certifies(nid), **_stamp(node)}
+            "buffered": result.merge.buffered, "has": node.member_lengths(), **_stamp(node)}
 
 
 #: A peer link that carries no push for this long is closed (the peer opens another).
@@ -1122,6 +1123,7 @@ async def peer_link(request: web.Request) -> web.WebSocketResponse:
                 if not isinstance(body, dict):
                     raise BadRequest("a push must be a msgpack map", code="bad_body")
                 out = _push_answer(node, body, addr)
+                out.update(await node.certifies(_peer_label_of(body)))
                 status = 200
             except ApiError as exc:
                 status = exc.status
