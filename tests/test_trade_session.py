@@ -64,9 +64,12 @@ class TestTradeRoute:
     async def test_messages_are_carried_out_in_arrival_order(self, pair: list[NodeProc]) -> None:
         """Takers sent before a cancel of their maker, with no answer awaited in
         between, trade with the maker first; the cancel then finds it filled.
-        It was committed with them (a provisional fill can still be revised,
-        and the cancel would then apply), so it is answered 200 with the order
-        as it stands, not refused."""
+        Committed with them (a provisional fill can still be revised, and the
+        cancel would then apply), it is answered 200 with the order as it
+        stands; committed after the fills became final (a loaded machine
+        splits the burst over commits, and an answer now waits for
+        certification), it is refused as no longer resting.  Either way the
+        maker is filled, never cancelled."""
         a, _ = pair
         async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(a), headers=a.auth()) as ws:
             await ws.send_str(json.dumps({"op": "place", "ref": 0, "side": "sell", "qty": 3, "price": 451}))
@@ -77,7 +80,9 @@ class TestTradeRoute:
             await ws.send_str(json.dumps({"op": "cancel", "ref": "c", "id": maker["id"]}))
             got = await answers(ws, 6)
         assert [got[f"t{i}"]["order"]["filled"] for i in range(5)] == [1, 1, 1, 0, 0], got
-        assert got["c"]["status"] == 200 and got["c"]["order"]["status"] == "filled", got["c"]
+        cancel = got["c"]
+        assert (cancel["status"] == 200 and cancel["order"]["status"] == "filled") or \
+            (cancel["status"] == 409 and cancel["error"] == "not_cancellable"), cancel
 
     async def test_place_and_cancel_in_one_burst(self, pair: list[NodeProc]) -> None:
         """Many orders and a cancel sent without waiting for answers: each is
