@@ -252,6 +252,13 @@ class Exchange:
         wrote it may say it is placed."""
         return entry.seq <= self.certified_upto() and self.membership.valid(self.node_id, entry.seq, entry.key)
 
+    def certifiers(self) -> dict[bytes, int]:
+        """The members whose certification of this node's log counts now (same
+        fingerprint as this node's), and how far each certified it."""
+        view = self.membership.fingerprint()
+        return {m: c[0] for m in self.membership.members() if m != self.node_id
+                and (c := self._certified.get(m)) is not None and c[1] == view}
+
     def certified_upto(self) -> int:
         """How far a majority of the members (this node included) certified
         this node's log, each counting the same members as this node (0: not

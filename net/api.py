@@ -425,6 +425,7 @@ async def _certified(node: Node, entry_hash: bytes, oid: bytes, what: str) -> No
     entry = node.own_entry(entry_hash)
     if entry is None or await node.until_certified(entry, CERTIFY_TIMEOUT_S):
         return
+    node.counters["no_quorum"] += 1
     raise NoQuorum(
         f"no majority of the members certified this {what} within {CERTIFY_TIMEOUT_S:g} s: it is not "
         "acknowledged. It stays in this node's log: it counts if its entries reach a majority before this "
@@ -664,6 +665,11 @@ def finality_data(node: Node) -> dict[str, Any]:
         "votes": votes,
         "admitting": {j.hex(): [v.hex() for v in vs] for j, vs in ex.membership.admitting().items()},
         "leaving": [m.hex() for m in ex.finality.leaves()],
+        # how far a majority (this node included) certified this node's log, of its
+        # length, and how far each member counted certified it (docs/FINALITY.md, 7)
+        "certified": {"upto": ex.certified_upto(), "length": ex.finality.end(ex.node_id),
+                      "by": {m.hex(): n for m, n in ex.certifiers().items()},
+                      "no_quorum": node.counters["no_quorum"]},
         "voided": [{"cut": v.cut, "entries": v.entries, "orders": len(v.orders), "at_ms": v.at_ms}
                    for v in node.voided],
         "decisions": [{"member": d.member.hex(), "at": d.at.hex(), "cut": d.cut}

@@ -154,6 +154,12 @@ class _Snapshot(Collector):
         lag = max(node.clock_ms() - physical_ms(pending), 0) / 1000 if pending else 0.0
         yield GaugeMetricFamily("p2pex_finality_lag_seconds", "Age of the oldest record not final here", value=lag)
         yield GaugeMetricFamily("p2pex_members", "Members of the network", value=len(ex.membership.members()))
+        yield GaugeMetricFamily("p2pex_uncertified_entries", "Entries of this node's log that no majority of "
+                                "members has certified yet", value=max(ex.finality.end(ex.node_id)
+                                                                       - ex.certified_upto(), 0)
+                                if ex.is_member() else 0)
+        yield CounterMetricFamily("p2pex_no_quorum", "Orders and cancels answered 503 no_quorum",
+                                  value=c["no_quorum"])
         yield GaugeMetricFamily("p2pex_final_fills", "Fills final here", value=ex.engine.fills_base)
         yield GaugeMetricFamily("p2pex_provisional_fills", "Fills not final yet", value=len(ex.engine.fills))
         yield GaugeMetricFamily("p2pex_resting_orders", "Orders resting in the book", value=ex.engine.resting_count())

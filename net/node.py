@@ -338,7 +338,8 @@ class Node:
                          "rejected": 0, "revoked_fills": 0, "heartbeats": 0, "votes": 0, "admitted": 0,
                          "peer_bytes_sent": 0, "peer_bytes_received": 0,  # request and reply bodies of our calls
                          "duplicates": 0,  # relayed entries we held already, dropped before decoding
-                         "relayed": 0}  # entries of other members relayed to a peer that lacked them
+                         "relayed": 0,  # entries of other members relayed to a peer that lacked them
+                         "no_quorum": 0}  # orders and cancels answered 503 no_quorum
         self.metrics = NodeMetrics(self)
         self.records = 0  # entries held that are not heartbeats
         self.own_orders = 0  # orders in this node's own log

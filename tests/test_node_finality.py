@@ -399,6 +399,8 @@ class TestCertification:
                 answer = refused.json()
                 assert answer["error"] == "no_quorum" and len(answer["id"]) == 64, answer
                 oid = answer["id"]
+                cert = finality(a)["certified"]  # what an operator sees: a's log short of a majority
+                assert cert["upto"] < cert["length"] and cert["no_quorum"] == 1, cert
                 # a retry with the cid is safe: it answers for the same order, 503 until
                 # b and c (back, and pushed to again) have certified it
                 retries: list[Any] = []
@@ -412,5 +414,7 @@ class TestCertification:
                 for n in nodes:
                     got = order_at(n, oid)
                     assert got is not None and got["status"] == "open" and not got.get("void"), (n.name, got)
+                cert = finality(a)["certified"]
+                assert set(cert["by"]) == {b.node_id(), c.node_id()} and cert["upto"] > 0, cert
             finally:
                 stop_all(nodes)
