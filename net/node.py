@@ -1136,7 +1136,7 @@ class Node:
         """Wait until a majority of members certified this node's ``entry``
         (``Exchange.certified``), at most ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
-        while entry.seq > self._certified_upto or not self.exchange.certified(entry):
+        while not self.exchange.certified(entry):
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
