@@ -248,9 +248,16 @@ class Exchange:
     def certified(self, entry: Entry) -> bool:
         """Has a majority of the members (this node included) certified this
         node's own ``entry``, which counts, each counting the same members as
-        this node?  Then no eviction can void it: the answer to the client that
-        wrote it may say it is placed."""
-        return entry.seq <= self.certified_upto() and self.membership.valid(self.node_id, entry.seq, entry.key)
+        this node (or is it final)?  Then no eviction can void it: the answer
+        to the client that wrote it may say it is placed."""
+        if not self.counts(entry):
+            return False
+        return entry.hlc <= self.finality.final or entry.seq <= self.certified_upto()
+
+    def counts(self, entry: Entry) -> bool:
+        """Does this node's own ``entry`` count (not voided, not past a fork)?"""
+        return entry.seq <= self.finality.end(self.node_id) and \
+            self.membership.valid(self.node_id, entry.seq, entry.key)
 
     def certifiers(self) -> dict[bytes, int]:
         """The members whose certification of this node's log counts now (same

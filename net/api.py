@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from crdt.entry import BUY, GTC, IOC, MAX_PRICE, MAX_QTY, SELL, Cancel, Order
+from crdt.entry import BUY, GTC, IOC, MAX_PRICE, MAX_QTY, SELL, Cancel, Entry, Order
 from crdt.errors import ClockUnhealthy, ExchangeError, ForeignCancel, NotMember, ValidationError
 from crdt.hlc import physical_ms
 from crdt.keys import short_id
@@ -358,10 +358,9 @@ async def place_order(app: web.Application, body: Any, *, wait: float | None = N
         prior = node.client_request(CID_ORDER, cid)
         if prior is not None:
             first = app[FIRST_REPLIES].get(cid)
-            again = _repeat_order(node, prior.order_id, cid, order, tif_text, first)
-            if not again.get("void"):
-                await _certified(node, prior.entry, prior.order_id, "order")
-            return 200, again
+            # certified first, then the order as it stands (a void one is answered as such)
+            await _certified(node, node.own_entry(prior.entry), prior.order_id, "order")
+            return 200, _repeat_order(node, prior.order_id, cid, order, tif_text, first)
     try:
         result = await node.submit_soon(order, cid=cid)
     except NotMember as exc:
@@ -369,7 +368,7 @@ async def place_order(app: web.Application, body: Any, *, wait: float | None = N
     except ClockUnhealthy as exc:
         raise ApiError(str(exc), code="clock_unhealthy", status=503, retry_after=5) from None
     oid = result.entry.hash
-    await _certified(node, oid, oid, "order")
+    await _certified(node, result.entry, oid, "order")
     if wait is not None:
         await _until_final(node, result.entry.hlc, wait)
     view = order_view(node, oid)
@@ -417,14 +416,18 @@ def _repeat_order(node: Node, oid: bytes, cid: str, order: Order, tif_text: str,
     return view
 
 
-async def _certified(node: Node, entry_hash: bytes, oid: bytes, what: str) -> None:
+async def _certified(node: Node, entry: Entry | None, oid: bytes, what: str) -> bool:
     """Return once a majority of members certified this node's entry (an
-    order or a cancel): from then on no eviction can void it.  Raises
-    NoQuorum when that takes over CERTIFY_TIMEOUT_S.  An entry memory no
-    longer holds is below the base, which is final."""
-    entry = node.own_entry(entry_hash)
-    if entry is None or await node.until_certified(entry, CERTIFY_TIMEOUT_S):
-        return
+    order or a cancel), or it is final: from then on no eviction can void it.
+    Raises NoQuorum when that takes over CERTIFY_TIMEOUT_S.  An entry memory
+    no longer holds (None) is below the base, which is final.  False, at
+    once, for an entry that was voided (it never counts again)."""
+    if entry is None:
+        return True
+    if not node.exchange.counts(entry):
+        return False
+    if await node.until_certified(entry, CERTIFY_TIMEOUT_S):
+        return True
     node.counters["no_quorum"] += 1
     raise NoQuorum(
         f"no majority of the members certified this {what} within {CERTIFY_TIMEOUT_S:g} s: it is not "
@@ -486,10 +489,11 @@ async def cancel_order(node: Node, oid: bytes, cid: str | None) -> dict[str, Any
         if prior is not None:
             if prior.order_id != oid:
                 raise Conflict(f"cid {cid} already cancelled order {prior.order_id.hex()}", code="cid_reused")
+            if not await _certified(node, node.own_entry(prior.entry), oid, "cancel"):
+                raise Conflict(f"the cancel with cid {cid} was voided (its node was voted out before it "
+                               "reached a majority): the order stands; cancel it again", code="voided")
             view = order_view(node, oid)
             assert view is not None
-            if not view.get("void"):
-                await _certified(node, prior.entry, oid, "cancel")
             return {**view, "cid": cid, "repeat": True}
     try:
         done = await node.submit_soon(Cancel(order_id=oid), cid=cid)
@@ -505,7 +509,7 @@ async def cancel_order(node: Node, oid: bytes, cid: str | None) -> dict[str, Any
         raise Conflict(str(exc), code="foreign_order") from None
     except NotCancellable as exc:
         raise Conflict(str(exc), code="not_cancellable") from None
-    await _certified(node, done.entry.hash, oid, "cancel")
+    await _certified(node, done.entry, oid, "cancel")
     view = order_view(node, oid)
     assert view is not None
     if cid is not None:
@@ -918,7 +922,8 @@ def _trade_message(data: str | None) -> tuple[dict[str, Any], int | str | None, 
 
 
 def _trade_refusal(ref: int | str | None, exc: ApiError) -> dict[str, Any]:
-    out: dict[str, Any] = {"ref": ref, "status": exc.status, "error": exc.code, "detail": exc.detail}
+    out: dict[str, Any] = {"ref": ref, "status": exc.status, "error": exc.code, "detail": exc.detail,
+                           **exc.fields()}
     if exc.retry_after is not None:
         out["retry_after"] = max(1, math.ceil(exc.retry_after))
     return out

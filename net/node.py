@@ -816,6 +816,8 @@ class Node:
         push, queue what became final, and tell the stream."""
         if result is None:
             return
+        if result.decisions:
+            self._wake_certified()  # who counts as a member, and so who certifies, changed
         accepted = [e for e in result.merge.accepted if e is not own]
         if accepted and not stored:
             self._unsaved.extend(accepted)
@@ -934,6 +936,8 @@ class Node:
             self._publish(events)
         self.finality_changed.set()
         self.finality_changed = asyncio.Event()
+        self.certified_changed.set()  # a final entry counts as certified; a decision may change who certifies
+        self.certified_changed = asyncio.Event()
         self._finalized_since_compact += sum(b.records for b in batches)
         if (self._compact_handle is None and self._finalized_since_compact >= COMPACT_AFTER_RECORDS
                 and self.exchange.engine.quiet()
@@ -1126,11 +1130,17 @@ class Node:
     def peer_certified(self, node_id: bytes, length: Any, view: Any) -> None:
         """A peer's push reply said how much of this node's log it certifies."""
         if type(length) is int and type(view) is bytes and self.exchange.note_certified(node_id, length, view):
-            upto = self.exchange.certified_upto()
-            if upto != self._certified_upto:  # wake the answers waiting only when a majority certified more
-                self._certified_upto = upto
-                self.certified_changed.set()
-                self.certified_changed = asyncio.Event()
+            self._wake_certified()
+
+    def _wake_certified(self) -> None:
+        """Wake the answers waiting for certification when a majority certified
+        more of this node's log (also after a decision or finalization, which
+        change it without news from a peer)."""
+        upto = self.exchange.certified_upto()
+        if upto != self._certified_upto:
+            self._certified_upto = upto
+            self.certified_changed.set()
+            self.certified_changed = asyncio.Event()
 
     async def until_certified(self, entry: Entry, timeout: float) -> bool:
         """Wait until a majority of members certified this node's ``entry``
