@@ -274,9 +274,7 @@ class Exchange:
         me = self.node_id
         if me not in members or self.finality.open_votes():
             return 0  # this node counts itself by the rule it certifies others by
-        view = self.membership.fingerprint()
-        lengths = sorted((c[0] for m in members if m != me and (c := self._certified.get(m)) is not None
-                          and c[1] == view), reverse=True)
+        lengths = sorted(self.certifiers().values(), reverse=True)
         need = len(members) // 2  # besides this node
         if need == 0:
             return self.finality.end(me)

@@ -13,7 +13,6 @@ import logging
 import math
 import re
 import statistics
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -370,7 +369,7 @@ async def place_order(app: web.Application, body: Any, *, wait: float | None = N
     oid = result.entry.hash
     await _certified(node, result.entry, oid, "order")
     if wait is not None:
-        await _until_final(node, result.entry.hlc, wait)
+        await node.until_final(result.entry.hlc, wait)
     view = order_view(node, oid)
     assert view is not None
     view["tif"] = tif_text
@@ -451,21 +450,6 @@ def _wait_final(request: web.Request) -> float | None:
     if not 0 < timeout <= MAX_WAIT_FINAL_S:
         raise BadRequest(f"timeout must be in (0, {MAX_WAIT_FINAL_S:g}] seconds", code="bad_timeout")
     return timeout
-
-
-async def _until_final(node: Node, hlc: int, timeout: float) -> bool:
-    """Wait until everything stamped at or below ``hlc`` is final here."""
-    deadline = time.monotonic() + timeout
-    while node.exchange.frontiers().final < hlc:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        try:
-            async with asyncio.timeout(left):
-                await node.finality_changed.wait()
-        except TimeoutError:
-            return False
-    return True
 
 
 async def delete_order(request: web.Request) -> web.Response:

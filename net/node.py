@@ -148,6 +148,23 @@ STOP_PEERS_S = 0.5
 STOP_BUDGET_S = STOP_HTTP_S + STOP_LEAVE_S + STOP_TASKS_S + STOP_PEERS_S + 0.25
 
 
+async def wait_for(done: Callable[[], bool], changed: Callable[[], asyncio.Event], timeout: float) -> bool:
+    """Wait until ``done()``, looking again whenever the event ``changed()``
+    gives is set (such events are replaced once set), at most ``timeout``
+    seconds; ``done()`` at the end."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            async with asyncio.timeout(left):
+                await changed().wait()
+        except TimeoutError:
+            return done()
+    return True
+
+
 def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -1145,17 +1162,11 @@ class Node:
     async def until_certified(self, entry: Entry, timeout: float) -> bool:
         """Wait until a majority of members certified this node's ``entry``
         (``Exchange.certified``), at most ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while not self.exchange.certified(entry):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            try:
-                async with asyncio.timeout(left):
-                    await self.certified_changed.wait()
-            except TimeoutError:
-                return self.exchange.certified(entry)
-        return True
+        return await wait_for(lambda: self.exchange.certified(entry), lambda: self.certified_changed, timeout)
+
+    async def until_final(self, hlc: int, timeout: float) -> bool:
+        """Wait until everything stamped at or below ``hlc`` is final here, at most ``timeout`` seconds."""
+        return await wait_for(lambda: self.exchange.frontiers().final >= hlc, lambda: self.finality_changed, timeout)
 
     def own_entry(self, entry_hash: bytes) -> Entry | None:
         """This node's entry with that hash, while memory holds it (None: not

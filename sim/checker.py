@@ -44,10 +44,11 @@ class Checker:
     seen: dict[int, int]
     exempt: frozenset[int]  # nodes not held to agreement (they equivocate in a storm)
     own: dict[int, list[Fill]]  # an exempt node's final fills as last seen
+    voided_seen: dict[int, int]  # how many of each node's void reports ``acknowledged`` has read
 
     @classmethod
     def new(cls, exempt: frozenset[int] = frozenset()) -> Checker:
-        return cls(canon=[], seen={}, exempt=exempt, own={})
+        return cls(canon=[], seen={}, exempt=exempt, own={}, voided_seen={})
 
     def step(self, nodes: Sequence[SimNode]) -> None:
         for n in nodes:
@@ -90,10 +91,12 @@ class Checker:
         wrote it, unless that node equivocated before it (its log ends before
         the fork), or the storm makes it equivocate."""
         for n in nodes:
+            seen = self.voided_seen.get(n.index, 0)
+            self.voided_seen[n.index] = len(n.voided)
             if n.index in self.exempt or not n.acked:
                 continue
             forked = n.disk.evidence.get(n.node_id)  # it equivocated: its log ends before the fork
-            for e in n.voided:
+            for e in n.voided[seen:]:  # a void entry never counts again, so is never acknowledged later
                 if e.hash in n.acked and (forked is None or e.seq < forked[0].seq):
                     what = type(e.body).__name__.lower()
                     raise Violation(f"node {n.index}: its {what} seq {e.seq}, acknowledged as certified by a "
