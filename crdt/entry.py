@@ -6,6 +6,10 @@ the msgpack encoding of that tuple as arrays in fixed field order; its hash is
 BLAKE2b-256 of those bytes; the origin signs the hash.  On the wire an entry
 is the same array with the signature appended.
 
+A member carries a participant's order or cancel in a ``Carry`` entry: the
+participant signs a *ticket* ``(owner, stamp, body)`` and any member writes it
+into its own log (see ``docs/PARTICIPANTS.md``).
+
 ``ack`` is what a member says it holds when it writes the entry (see
 ``crdt.finality``): ``[]`` for a node that is not a member, ``[complete,
 stable, digest]``, or that followed by ``[suspect, complete, stable, digest]``
@@ -22,7 +26,7 @@ import msgpack
 
 from crdt.errors import MalformedEntry, OutOfRange, OversizeEntry, UnknownBodyType, ValidationError
 from crdt.hlc import MAX_HLC
-from crdt.keys import PUBLIC_LEN, SIGNATURE_LEN, SigningKey
+from crdt.keys import PUBLIC_LEN, SIGNATURE_LEN, SigningKey, verify
 
 HASH_LEN: Final = 32
 GENESIS: Final = bytes(HASH_LEN)
@@ -45,6 +49,13 @@ ADMIT_TAG: Final = 4
 EVICT_TAG: Final = 5
 RETRACT_TAG: Final = 6
 LEAVE_TAG: Final = 7
+CARRY_TAG: Final = 8
+
+#: A ticket counts only in an entry stamped within this many milliseconds of
+#: the ticket's own stamp, either way: so a ticket is carried within a bounded
+#: time or never, and a replica remembers the tickets it placed for that long.
+TICKET_WINDOW_MS: Final = 30_000
+_TICKET_DOMAIN: Final = b"p2pex-ticket-v1"
 
 #: ``()`` or ``(complete, stable, digest)`` or that plus ``(suspect, complete, stable, digest)``.
 Ack = tuple[Any, ...]
@@ -136,7 +147,46 @@ class Leave:
         return [LEAVE_TAG]
 
 
-Body = Order | Cancel | Heartbeat | Admit | Evict | Retract | Leave
+def ticket_hash(owner: bytes, stamp: int, inner: Order | Cancel) -> bytes:
+    """A ticket's id: what its owner signs, and, for an order, the order's id
+    (the same whichever member carries it, however often)."""
+    packed = msgpack.packb([_TICKET_DOMAIN, owner, stamp, inner.to_wire()], use_bin_type=True)
+    return blake2b(packed, digest_size=HASH_LEN).digest()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Carry:
+    """A participant's order or cancel (``inner``), signed by its ``owner`` at
+    its clock's ``stamp``, carried into the history by the member whose log
+    holds this entry.  ``ticket`` (not on the wire) is its hash: the id of a
+    carried order.  The entry's own stamp gives time priority; the ticket
+    counts only where the entry's stamp is within ``TICKET_WINDOW_MS`` of
+    ``stamp``, and only once per ticket (the first carry in canonical order)."""
+
+    owner: bytes
+    stamp: int
+    inner: Order | Cancel
+    sig: bytes
+    ticket: bytes
+
+    def to_wire(self) -> list[Any]:
+        return [CARRY_TAG, self.owner, self.stamp, self.inner.to_wire(), self.sig]
+
+
+def make_ticket(key: SigningKey, *, stamp: int, inner: Order | Cancel) -> Carry:
+    """Sign a participant's order or cancel for a member to carry."""
+    check_body(inner)
+    h = ticket_hash(key.public, stamp, inner)
+    return Carry(owner=key.public, stamp=stamp, inner=inner, sig=key.sign(h), ticket=h)
+
+
+def ticket_valid(carry: Carry) -> bool:
+    """True when the ticket's owner signed it (and ``ticket`` is its hash)."""
+    h = ticket_hash(carry.owner, carry.stamp, carry.inner)
+    return h == carry.ticket and verify(carry.owner, carry.sig, h)
+
+
+Body = Order | Cancel | Heartbeat | Admit | Evict | Retract | Leave | Carry
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -174,7 +224,9 @@ def key_of(hlc: int, hash_: bytes) -> bytes:
 
 def check_body(body: Body) -> None:
     """Raise ``OutOfRange`` when a body's values are outside documented ranges."""
-    if isinstance(body, Order):
+    if isinstance(body, Carry):
+        check_body(body.inner)
+    elif isinstance(body, Order):
         if body.side not in (BUY, SELL):
             raise OutOfRange(f"side must be 0 (buy) or 1 (sell), got {body.side}")
         if body.tif not in (GTC, IOC):
@@ -255,6 +307,16 @@ def decode_body(raw: Any) -> Body:
         if len(raw) != 1:
             raise MalformedEntry("leave body has 1 field")
         return Leave()
+    if tag == CARRY_TAG and type(tag) is int:
+        if len(raw) != 5:
+            raise MalformedEntry("carry body has 5 fields")
+        inner = decode_body(raw[3])
+        if not isinstance(inner, Order | Cancel):
+            raise MalformedEntry("a carried ticket holds an order or a cancel")
+        owner = _bytes(raw[1], "ticket owner", PUBLIC_LEN)
+        stamp = _int(raw[2], "ticket stamp", 1, MAX_HLC)
+        return Carry(owner=owner, stamp=stamp, inner=inner, sig=_bytes(raw[4], "ticket sig", SIGNATURE_LEN),
+                     ticket=ticket_hash(owner, stamp, inner))
     raise UnknownBodyType(f"unknown body type {tag!r}")
 
 

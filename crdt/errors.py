@@ -100,3 +100,10 @@ class TooManyOrigins(ValidationError):
     """Entries of a new origin that is not a member, past the cap on such origins."""
 
     code = "too_many_origins"
+
+
+class BadTicket(ValidationError):
+    """A participant's ticket a member will not carry: its signature does not
+    verify, or its stamp is too far from the member's clock."""
+
+    code = "bad_ticket"

@@ -31,13 +31,18 @@ full on arrival never rests, and its record stands in ``orders`` as its
 status.
 Level volumes and counts are computed when asked, so no stored total can
 drift from its orders.
+
+An order id placed once is placed once: a later record with the id of an
+order the engine holds (or of one in ``retired``, closed and final) places
+nothing.  Two members can carry the same participant ticket; the first carry in
+key order is the order, wherever the other one arrived.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
-from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
+from collections.abc import Callable, Collection, Container, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from heapq import merge
 from itertools import islice
@@ -84,6 +89,18 @@ class _Bottom:
 
 
 _BOTTOM: Final = _Bottom()
+
+
+class _EveryId:
+    """Contains every order id."""
+
+    __slots__ = ()
+
+    def __contains__(self, oid: object) -> bool:
+        return True
+
+
+_EVERY_ID: Final = _EveryId()
 
 
 class RewindTooFar(ExchangeError):
@@ -152,6 +169,11 @@ class Engine:
         self._floor: Any = None  # key of the oldest record that can be undone
         self._forgotten = 0  # records compacted out of the journal
         self.rewinds = 0  # times late records (or records taken out) rewound the book
+        #: ids of closed orders that ``finalize`` dropped, and their keys: a repeat
+        #: of one places nothing.  Only ids in ``repeatable`` are kept (every id
+        #: unless told otherwise); the owner of the engine lets go of old ones.
+        self.retired: dict[Any, Any] = {}
+        self.repeatable: Container[Any] = _EVERY_ID
 
     # ---- entry points ----------------------------------------------------
 
@@ -219,7 +241,7 @@ class Engine:
     def _run(self, recs: Sequence[Record], start: int = 0) -> int:
         """Apply ``recs[start:]`` while each sorts after the one before and after
         the frontier; return the index of the first record not applied."""
-        bids, asks, orders = self.bids, self.asks, self.orders
+        bids, asks, orders, retired = self.bids, self.asks, self.orders, self.retired
         bid_prices, ask_prices = self._bid_prices, self._ask_prices
         fpush = self.fills.append
         apush = self._applied.append
@@ -238,6 +260,8 @@ class Engine:
             last = key
             apush(rec)
             if kind < CANCEL:
+                if oid in orders or oid in retired:
+                    continue  # a repeat of an order placed before: it places nothing
                 # the buy and sell branches mirror each other; they are written
                 # out twice because this loop is the engine's whole cost
                 if side == BUY:
@@ -410,6 +434,8 @@ class Engine:
                 out.append(FinalOrder(oid=oid, owner=o[7], key=o[6], status=st))
             if st.remaining == 0:
                 del orders[oid]
+                if oid in self.repeatable:
+                    self.retired[oid] = o[0] if o.__class__ is tuple else o[6]
         first_seq = self.fills_base
         self.fills_base += len(new_final)
         self.fills.clear()
@@ -471,6 +497,9 @@ class Engine:
                 continue
             if kind == NOOP:
                 continue
+            held: Any = orders.get(oid)
+            if held is None or (held[0] if held.__class__ is tuple else held[6]) != rec[0]:
+                continue  # a repeat that placed nothing
             o = orders.pop(oid)
             if kind == GTC and o.__class__ is list and o[0]:
                 book = self.bids if side == BUY else self.asks

@@ -15,15 +15,38 @@ entries to peers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from hashlib import blake2b
 from typing import Any
 
 import msgpack
 
-from crdt.entry import GENESIS, Admit, Body, Cancel, Entry, Heartbeat, Leave, Order, make_entry
-from crdt.errors import ClockUnhealthy, ExchangeError, ForeignCancel, NotMember, TooManyOrigins, WrongNetwork
+from crdt.entry import (
+    GENESIS,
+    TICKET_WINDOW_MS,
+    Admit,
+    Body,
+    Cancel,
+    Carry,
+    Entry,
+    Heartbeat,
+    Leave,
+    Order,
+    make_entry,
+    make_ticket,
+    ticket_hash,
+    ticket_valid,
+)
+from crdt.errors import (
+    BadTicket,
+    ClockUnhealthy,
+    ExchangeError,
+    ForeignCancel,
+    NotMember,
+    TooManyOrigins,
+    WrongNetwork,
+)
 from crdt.finality import (
     DEFAULT_EVICT_AFTER_MS,
     DEFAULT_HEARTBEAT_MS,
@@ -53,6 +76,8 @@ from matching.engine import (
 
 #: Far above any wall clock: restored entries are exempt from the skew bound.
 _NO_CLOCK = 1 << 62
+#: Ticket signatures remembered as checked (the memory is let go when full).
+_TICKET_SIGS_KEPT = 200_000
 
 
 class UnknownOrder(ExchangeError):
@@ -68,13 +93,38 @@ def floor_key(hlc: int) -> bytes:
     return hlc.to_bytes(8, "big") + b"\xff" * 32
 
 
-def record_of(entry: Entry) -> Record | None:
+def record_of(entry: Entry, ticket_ok: Callable[[Carry], bool] = ticket_valid) -> Record | None:
+    """The engine record of a member's entry, or None (it trades nothing).  A
+    carried ticket is its owner's order (id: the ticket's hash) or cancel, at
+    the carrying entry's key; it counts only with a valid signature and a stamp
+    within ``TICKET_WINDOW_MS`` of the entry's (``ticket_ok`` checks the
+    signature; the caller may remember its answers)."""
     body = entry.body
     if isinstance(body, Order):
         kind = MARKET if body.market else (IOC if body.tif == IOC else GTC)
         return (entry.key, kind, entry.hash, body.side, body.price, body.qty, entry.origin)
     if isinstance(body, Cancel):
         return (entry.key, CANCEL, body.order_id, 0, 0, 0, entry.origin)
+    if isinstance(body, Carry):
+        if abs(physical_ms(body.stamp) - physical_ms(entry.hlc)) > TICKET_WINDOW_MS or not ticket_ok(body):
+            return None
+        inner = body.inner
+        if isinstance(inner, Order):
+            kind = MARKET if inner.market else (IOC if inner.tif == IOC else GTC)
+            return (entry.key, kind, body.ticket, inner.side, inner.price, inner.qty, body.owner)
+        return (entry.key, CANCEL, inner.order_id, 0, 0, 0, body.owner)
+    return None
+
+
+def order_id_of(entry: Entry) -> bytes | None:
+    """The id of the order an entry places or cancels (None for other entries)."""
+    body = entry.body
+    if isinstance(body, Carry):
+        return body.ticket if isinstance(body.inner, Order) else body.inner.order_id
+    if isinstance(body, Order):
+        return entry.hash
+    if isinstance(body, Cancel):
+        return body.order_id
     return None
 
 
@@ -93,6 +143,8 @@ class Params:
     max_clock_offset_ms: int = 1_000
     #: origins held that are not members (anyone can make a key); entries of more are refused
     max_foreign_origins: int | None = None
+    #: a member votes to admit no one while the committee has this many members
+    max_members: int = 7
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -102,6 +154,7 @@ class Submitted:
     fills: tuple[Fill, ...]
     first_fill_seq: int = 0  # global seq of fills[0]
     received: Received | None = None
+    order_id: bytes | None = None  # the order placed or cancelled (a carried order's id is its ticket's)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -176,6 +229,11 @@ class Exchange:
         # member -> how much of this node's log it certified, and the fingerprint of
         # the memberships it counted (see certified())
         self._certified: dict[bytes, tuple[int, bytes]] = {}
+        # carried tickets: whether each signature verified (checked once), and the
+        # stamp of the entry that carried each ticket order (until final passes it far)
+        self._ticket_sigs: dict[tuple[bytes, bytes], bool] = {}
+        self._tickets: dict[bytes, int] = {}
+        self.engine.repeatable = self._tickets
 
     # ---- network and membership ------------------------------------------------
 
@@ -213,6 +271,8 @@ class Exchange:
             return None
         if joiner == self.node_id or m.voted(self.node_id, joiner):
             return None
+        if len(m.members()) >= self.params.max_members:
+            return None  # the committee is full: the joiner stays a participant
         return Admit(member=joiner, after=max(after, self.replica.length(joiner)))
 
     def leave_body(self) -> Leave | None:
@@ -302,19 +362,11 @@ class Exchange:
             raise NotMember(
                 f"this node's admission was decided at a stamp {physical_ms(hlc_of(admitted)) - now_ms} ms "
                 "ahead of its clock (a voter's clock is ahead); it writes once its clock passes that stamp")
-        if isinstance(body, Order | Cancel) and not self.clock_healthy():
-            raise ClockUnhealthy(
-                f"this node's clock is {-self.clock_offset_ms} ms off its peers' median "
-                f"(limit {self.params.max_clock_offset_ms} ms); fix the clock (NTP) before trading")
-        if isinstance(body, Cancel):
-            owner = self.engine.owner(body.order_id)
-            if owner is None:
-                raise UnknownOrder(f"no resting order {body.order_id.hex()}")
-            if owner != self.node_id:
-                raise ForeignCancel("only the node that placed an order can cancel it")
-            status = self.engine.status(body.order_id)
-            if status is None or status.remaining == 0:
-                raise NotCancellable(f"order {body.order_id.hex()} is no longer resting")
+        if isinstance(body, Order | Cancel | Carry):
+            self._check_trading(body.inner if isinstance(body, Carry) else body,
+                                body.owner if isinstance(body, Carry) else self.node_id)
+        if isinstance(body, Carry):
+            self.check_ticket(body, now_ms=now_ms)
         if after is None:
             seq, prev, _ = self.replica.head_info(self.node_id)
         else:
@@ -324,6 +376,41 @@ class Exchange:
         return make_entry(self.key, seq=seq + 1, hlc=self.hlc.now(now_ms), prev=prev, body=body,
                           ack=self.finality.own_ack())
 
+    def _check_trading(self, body: Order | Cancel, owner: bytes) -> None:
+        """Refuse an order or cancel by ``owner`` that this node will not write
+        or carry: a clock too far off, a cancel of an order that is unknown,
+        someone else's, or no longer resting."""
+        if not self.clock_healthy():
+            raise ClockUnhealthy(
+                f"this node's clock is {-self.clock_offset_ms} ms off its peers' median "
+                f"(limit {self.params.max_clock_offset_ms} ms); fix the clock (NTP) before trading")
+        if isinstance(body, Cancel):
+            placed_by = self.engine.owner(body.order_id)
+            if placed_by is None:
+                raise UnknownOrder(f"no resting order {body.order_id.hex()}")
+            if placed_by != owner:
+                raise ForeignCancel("only the node that placed an order can cancel it")
+            status = self.engine.status(body.order_id)
+            if status is None or status.remaining == 0:
+                raise NotCancellable(f"order {body.order_id.hex()} is no longer resting")
+
+    def check_ticket(self, carry: Carry, *, now_ms: int) -> None:
+        """Raise ``BadTicket`` for a participant's ticket this member will not
+        carry: a signature that does not verify, or a stamp more than half the
+        ticket window from this node's clock (so that the carrying entry's stamp
+        lies well inside the window, where the ticket counts)."""
+        if abs(physical_ms(carry.stamp) - now_ms) > TICKET_WINDOW_MS // 2:
+            raise BadTicket(f"the ticket's stamp is {physical_ms(carry.stamp) - now_ms} ms from this member's "
+                            f"clock (limit {TICKET_WINDOW_MS // 2} ms)")
+        if not self._ticket_signed(carry):
+            raise BadTicket("the ticket's signature does not verify")
+
+    def ticket(self, inner: Order | Cancel, *, now_ms: int) -> Carry:
+        """Sign this node's order or cancel as a ticket for a member to carry
+        (a participant trades this way: it writes no log of its own)."""
+        self._check_trading(inner, self.node_id)
+        return make_ticket(self.key, stamp=self.hlc.now(now_ms), inner=inner)
+
     def apply_own(self, entry: Entry, *, now_ms: int, mono_ms: int | None = None) -> Submitted:
         before = self.engine.fills_base + len(self.engine.fills)  # our entry is the newest: its fills come after
         result = self.receive([entry], now_ms=now_ms, mono_ms=mono_ms, trusted=True)
@@ -331,11 +418,17 @@ class Exchange:
             raise result.merge.rejected[0].error
         if entry.body.__class__ is Leave:
             self.finality.leaving = True
+        return self.submitted(entry, before, result)
+
+    def submitted(self, entry: Entry, before: int, result: Received | None = None) -> Submitted:
+        """What an order or cancel entry did, just applied: its order's state
+        and the fills it took (those numbered ``before`` and on)."""
+        target = order_id_of(entry)
         body = entry.body
-        target = body.order_id if isinstance(body, Cancel) else entry.hash
-        fills, first = self.fills_of(entry.hash, since=before) if isinstance(body, Order) else ((), 0)
-        return Submitted(entry=entry, status=self._status_now(target), fills=fills, first_fill_seq=first,
-                         received=result)
+        places = isinstance(body, Order) or (isinstance(body, Carry) and isinstance(body.inner, Order))
+        fills, first = self.fills_of(target, since=before) if places and target is not None else ((), 0)
+        return Submitted(entry=entry, status=None if target is None else self._status_now(target), fills=fills,
+                         first_fill_seq=first, received=result, order_id=target)
 
     def _status_now(self, oid: bytes) -> OrderStatus | None:
         """An order's status, also when it just became final and left memory."""
@@ -471,7 +564,7 @@ class Exchange:
                 continue
             if e.hlc > self._newest_record:
                 self._newest_record = e.hlc
-            rec = record_of(e)
+            rec = self._record(e)
             if rec is None:
                 continue
             if self.engine.floor is not None and rec[0] <= self.engine.floor:
@@ -483,6 +576,36 @@ class Exchange:
         if recs:
             recs.sort(key=lambda r: r[0])
             self._engine_change(lambda: self.engine.add_many(recs), fx)
+
+    def _record(self, e: Entry) -> Record | None:
+        rec = record_of(e, self._ticket_signed)
+        if rec is not None and e.body.__class__ is Carry and rec[1] != CANCEL:
+            self._tickets.setdefault(rec[2], e.hlc)
+        return rec
+
+    def _ticket_signed(self, carry: Carry) -> bool:
+        # by signature too: a copy of a ticket with a bad signature must not spoil the good one
+        seen = (ticket_hash(carry.owner, carry.stamp, carry.inner), carry.sig)
+        if seen[0] != carry.ticket:
+            return False
+        ok = self._ticket_sigs.get(seen)
+        if ok is None:
+            if len(self._ticket_sigs) >= _TICKET_SIGS_KEPT:
+                self._ticket_sigs.clear()
+            ok = self._ticket_sigs[seen] = ticket_valid(carry)
+        return ok
+
+    def _forget_tickets(self, final: int) -> None:
+        """A closed ticket order's id stays known (``Engine.retired``) for as
+        long as another carry of the ticket could still count, so that a late
+        repeat places nothing: until ``final`` is twice the ticket window past
+        the entry that placed it."""
+        tickets, retired = self._tickets, self.engine.retired
+        horizon = pack(max(0, physical_ms(final) - 2 * TICKET_WINDOW_MS), 0)
+        if tickets and min(tickets.values()) < horizon:
+            for t in [t for t, h in tickets.items() if h < horizon]:
+                del tickets[t]
+                retired.pop(t, None)
 
     def _origins_to_resync(self, evidence: Iterable[bytes]) -> list[bytes]:
         out = set(self._applied) | set(self.membership.ever_members()) | set(evidence)
@@ -502,7 +625,7 @@ class Exchange:
                     continue
                 if e.body.__class__ is Heartbeat or not self._is_matched(e):
                     continue
-                rec = record_of(e)
+                rec = self._record(e)
                 if rec is not None:
                     want[rec[0]] = rec
             remove += [k for k in current if k not in want]
@@ -639,6 +762,7 @@ class Exchange:
             return
         key = floor_key(f)
         batch = self.engine.finalize(key)
+        self._forget_tickets(f)
         digest = self.final_digest
         for taker, maker, price, qty in batch.fills:  # chained fill by fill: batches differ between nodes
             digest = blake2b(b"%s%s%s%d:%d" % (digest, taker, maker, price, qty), digest_size=32).digest()
@@ -721,10 +845,13 @@ class Exchange:
         return len(engine.orders)
 
     def load(self, checkpoint: Checkpoint | None, resting: Iterable[list[Any]], entries: Iterable[Entry],
-             *, mono_ms: int) -> Received:
+             *, mono_ms: int, closed: Iterable[tuple[bytes, bytes]] = ()) -> Received:
         """Restart: the final state at the checkpoint, then the entries above it
         (committed by this node before it acknowledged them, so not re-verified,
-        and exempt from the clock bound: the clock may have stepped back since)."""
+        and exempt from the clock bound: the clock may have stepped back since).
+        ``closed``: ``(id, key)`` of the final orders that closed within twice
+        the ticket window of the checkpoint's frontier (a carried ticket's
+        repeat must not place it again)."""
         if checkpoint is not None:
             if checkpoint.network is not None:
                 self.membership.network = checkpoint.network
@@ -740,6 +867,9 @@ class Exchange:
             self.finality.final = checkpoint.final
             self.finality.stable = checkpoint.stable
             self.engine.restore(resting, floor=floor_key(checkpoint.final), fills_base=checkpoint.fills_base)
+            for oid, key in closed:
+                self.engine.retired[oid] = key
+                self._tickets[oid] = int.from_bytes(key[:8], "big")
             self.final_digest = checkpoint.final_digest
             self.hlc.observe(checkpoint.final)
         own = self.replica.head_info(self.node_id)[2]

@@ -119,6 +119,8 @@ def reference(records: Iterable[Record]) -> RefResult:
                 target.resting = False
                 out.book.remove(target)
             continue
+        if oid in out.orders:
+            continue  # a repeated id places nothing
         taker = RefOrder(key=key, oid=oid, kind=kind, side=side, price=price, qty=qty, owner=owner,
                          remaining=qty)
         out.orders[oid] = taker

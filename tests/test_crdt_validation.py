@@ -330,7 +330,7 @@ class TestWire:
         with pytest.raises(MalformedEntry):
             decode_entry_bytes(data)
 
-    @pytest.mark.parametrize("tag", [0, 8, 99, -1, "order", True, None], ids=repr)
+    @pytest.mark.parametrize("tag", [0, 9, 99, -1, "order", True, None], ids=repr)
     def test_unknown_body_type(self, tag: Any) -> None:
         raw = mutated((5,), [tag, 0, 100, 2, 0, False])
         with pytest.raises(UnknownBodyType):

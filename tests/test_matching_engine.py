@@ -50,6 +50,7 @@ class Step:
     delay: int  # how many places earlier than its arrival the record sorts
     cut: bool  # end the current delivery batch after this record
     compact: int | None  # compact(keep) before this record (compaction test only)
+    repeat: bool = False  # an order repeats an earlier order's id and fields (a ticket carried twice)
 
 
 STEP = st.builds(
@@ -62,6 +63,7 @@ STEP = st.builds(
     delay=st.one_of(st.just(0), st.just(0), st.integers(1, 40)),
     cut=st.booleans(),
     compact=st.one_of(st.none(), st.none(), st.none(), st.integers(0, 6)),
+    repeat=st.sampled_from((False, False, False, True)),
 )
 
 
@@ -84,6 +86,11 @@ def to_records(steps: Sequence[Step]) -> list[Record]:
         elif s.kind == NOOP:
             out.append((key, NOOP, f"o{i}", 0, 0, 0, OWNERS[i % 2]))
         else:
+            placed = [r for r in out if r[1] < CANCEL]
+            if s.repeat and placed:  # the same order again, at its own key: it must place nothing
+                first = placed[s.target % len(placed)]
+                out.append((key, *first[1:]))
+                continue
             price = 0 if s.kind == MARKET else s.price
             out.append((key, s.kind, f"o{i}", s.side, price, s.qty, OWNERS[i % 2]))
     return out
