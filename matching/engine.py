@@ -146,6 +146,8 @@ class FinalBatch:
     fills: tuple[Fill, ...]
     orders: tuple[FinalOrder, ...]
     records: int
+    #: ``(id, key)`` of the closed orders this call let go and keeps in ``retired``
+    retired: tuple[tuple[Any, Any], ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -422,6 +424,7 @@ class Engine:
             touched[f[1]] = None
         orders = self.orders
         out: list[FinalOrder] = []
+        retired: list[tuple[Any, Any]] = []
         for oid in touched:
             o = orders.get(oid)
             if o is None:
@@ -435,7 +438,8 @@ class Engine:
             if st.remaining == 0:
                 del orders[oid]
                 if oid in self.repeatable:
-                    self.retired[oid] = o[0] if o.__class__ is tuple else o[6]
+                    key = self.retired[oid] = o[0] if o.__class__ is tuple else o[6]
+                    retired.append((oid, key))
         first_seq = self.fills_base
         self.fills_base += len(new_final)
         self.fills.clear()
@@ -446,7 +450,8 @@ class Engine:
         if undone:
             done = self._run(undone[::-1])
             assert done == len(undone), "replay of the provisional tail out of key order"
-        return FinalBatch(first_seq=first_seq, fills=new_final, orders=tuple(out), records=len(final_recs))
+        return FinalBatch(first_seq=first_seq, fills=new_final, orders=tuple(out), records=len(final_recs),
+                          retired=tuple(retired))
 
     def restore(self, resting: Iterable[Order], *, floor: Any, fills_base: int) -> None:
         """Start from a final book (orders as lists, any order) at ``floor``.

@@ -601,11 +601,21 @@ class Exchange:
         repeat places nothing: until ``final`` is twice the ticket window past
         the entry that placed it."""
         tickets, retired = self._tickets, self.engine.retired
-        horizon = pack(max(0, physical_ms(final) - 2 * TICKET_WINDOW_MS), 0)
-        if tickets and min(tickets.values()) < horizon:
-            for t in [t for t, h in tickets.items() if h < horizon]:
-                del tickets[t]
-                retired.pop(t, None)
+        horizon = self.ticket_horizon(final)
+        while tickets:  # oldest first, as they were met (a late one waits for those met before it)
+            t, h = next(iter(tickets.items()))
+            if h >= horizon:
+                break
+            del tickets[t]
+            retired.pop(t, None)
+
+    @staticmethod
+    def ticket_horizon(final: int) -> int:
+        """The stamp below which no entry that placed a ticket order can have a
+        repeat still to come, once ``final`` is the final frontier: any carry
+        of a ticket lies within the window of its stamp, so two carries of one
+        ticket lie within twice the window of each other."""
+        return pack(max(0, physical_ms(final) - 2 * TICKET_WINDOW_MS), 0)
 
     def _origins_to_resync(self, evidence: Iterable[bytes]) -> list[bytes]:
         out = set(self._applied) | set(self.membership.ever_members()) | set(evidence)
@@ -849,9 +859,9 @@ class Exchange:
         """Restart: the final state at the checkpoint, then the entries above it
         (committed by this node before it acknowledged them, so not re-verified,
         and exempt from the clock bound: the clock may have stepped back since).
-        ``closed``: ``(id, key)`` of the final orders that closed within twice
-        the ticket window of the checkpoint's frontier (a carried ticket's
-        repeat must not place it again)."""
+        ``closed``: ``(id, key)`` of the carried orders that final let go
+        (``FinalBatch.retired``) and that a repeat of their ticket could still
+        reach (the shell keeps them); a repeat must not place them again."""
         if checkpoint is not None:
             if checkpoint.network is not None:
                 self.membership.network = checkpoint.network
@@ -866,10 +876,16 @@ class Exchange:
             self.finality.final = self.finality.stable = self.finality.complete = 0
             self.finality.final = checkpoint.final
             self.finality.stable = checkpoint.stable
+            resting = list(resting)
             self.engine.restore(resting, floor=floor_key(checkpoint.final), fills_base=checkpoint.fills_base)
+            horizon = self.ticket_horizon(checkpoint.final)
+            for held in resting:  # a resting ticket order closes later: it must be retired then
+                if held[6] >= floor_key(horizon):
+                    self._tickets[held[1]] = int.from_bytes(held[6][:8], "big")
             for oid, key in closed:
-                self.engine.retired[oid] = key
-                self._tickets[oid] = int.from_bytes(key[:8], "big")
+                if key >= floor_key(horizon):
+                    self.engine.retired[oid] = key
+                    self._tickets[oid] = int.from_bytes(key[:8], "big")
             self.final_digest = checkpoint.final_digest
             self.hlc.observe(checkpoint.final)
         own = self.replica.head_info(self.node_id)[2]

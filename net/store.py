@@ -26,7 +26,7 @@ import msgpack
 from crdt.entry import Entry, decode_entry_bytes, encode_entry
 from crdt.keys import SEED_LEN, SigningKey
 from matching.engine import FinalBatch, OrderStatus
-from matching.exchange import Checkpoint
+from matching.exchange import Checkpoint, Exchange, floor_key
 from net.errors import StorageError
 
 KEY_FILE = "node.key"
@@ -143,6 +143,12 @@ class Store:
             "CREATE TABLE IF NOT EXISTS evidence (origin BLOB PRIMARY KEY, first BLOB NOT NULL,"
             " second BLOB NOT NULL)"
         )
+        # carried orders that final let go, while a repeat of their ticket could still come
+        # (matching.exchange: ``FinalBatch.retired``); rows below the horizon are deleted
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS retired_tickets (key BLOB NOT NULL, oid BLOB NOT NULL,"
+            " PRIMARY KEY (key, oid)) WITHOUT ROWID"
+        )
         # a client's id for a request (``cid``) -> the entry it wrote and the order it concerns
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS client_ids (kind INTEGER, cid TEXT, entry BLOB NOT NULL,"
@@ -237,6 +243,12 @@ class Store:
                                st.state))
         self._db.executemany("INSERT INTO final_fills VALUES (?, ?, ?, ?, ?, ?)", fills)
         self._db.executemany("INSERT OR REPLACE INTO final_orders VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", orders)
+        retired = [(key, oid) for b in batches for oid, key in b.retired]
+        if retired:
+            self._db.executemany("INSERT OR REPLACE INTO retired_tickets VALUES (?, ?)", retired)
+        if batches:
+            self._db.execute("DELETE FROM retired_tickets WHERE key < ?",
+                             (floor_key(Exchange.ticket_horizon(checkpoint.final)),))
         self._db.execute("INSERT OR REPLACE INTO meta VALUES ('checkpoint', ?)", (encode_checkpoint(checkpoint),))
 
     def load_checkpoint(self) -> Checkpoint | None:
@@ -260,6 +272,11 @@ class Store:
         return [[remaining, bytes(oid), qty, qty - filled - remaining, side, prices.setdefault(price, price),
                  bytes(key), owners.setdefault(bytes(owner), bytes(owner))]
                 for oid, owner, key, side, price, qty, filled, remaining in cur]
+
+    def retired_tickets(self) -> list[tuple[bytes, bytes]]:
+        """``(id, key)`` of the carried orders final let go that a repeat of
+        their ticket could still reach (for ``Exchange.load``)."""
+        return [(bytes(oid), bytes(key)) for key, oid in self._db.execute("SELECT key, oid FROM retired_tickets")]
 
     def final_order(self, oid: bytes) -> StoredOrder | None:
         row = self._db.execute("SELECT owner, key, side, price, qty, filled, remaining, state FROM final_orders"

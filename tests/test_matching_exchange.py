@@ -127,6 +127,7 @@ class Lockstep:
         self.log: list[Entry] = []  # everything written, in order
         self.finals: dict[int, list[Fill]] = {i: [] for i in range(n)}
         self.final_orders: dict[int, dict[bytes, FinalOrder]] = {i: {} for i in range(n)}
+        self.retired: dict[int, list[tuple[bytes, bytes]]] = {i: [] for i in range(n)}  # as the node keeps them
         genesis = self.nodes[0].found(now_ms=self.now)
         self._apply(0, genesis)
         for j, ex in enumerate(self.nodes[1:], start=1):
@@ -148,6 +149,7 @@ class Lockstep:
             self.finals[i] += batch.fills
             for fo in batch.orders:
                 self.final_orders[i][fo.oid] = fo
+            self.retired[i] += batch.retired
 
     def write(self, i: int, body: object) -> Entry:
         entry = self.nodes[i].prepare(body, now_ms=self.now)  # type: ignore[arg-type]

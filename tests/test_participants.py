@@ -135,3 +135,31 @@ class TestCarriedOrders:
         assert st2 is not None and st2.state == OPEN
         assert first.ticket != second.ticket
         assert p.engine.resting(BUY) == [(96, second.ticket, 2)]
+
+
+class TestRestart:
+    def test_a_repeat_after_a_restart_places_nothing(self) -> None:
+        """Regression: the ids of closed ticket orders that final let go lived
+        in memory only; after a restart from a checkpoint, a repeat of the
+        ticket within the window placed the order a second time.  The node now
+        keeps them (``FinalBatch.retired``) and hands them to ``load``."""
+        lock = Lockstep(3)
+        p = participant(lock)
+        ticket = p.ticket(Order(side=SELL, price=100, qty=1), now_ms=lock.now)
+        lock.write(1, ticket)
+        lock.now += 5
+        lock.write(0, Order(side=BUY, price=100, qty=1))
+        settle(lock)
+        assert ticket.ticket in dict(lock.retired[2])
+        ex = lock.nodes[2]
+        cp = ex.checkpoint()
+        resting = [[fo.status.remaining, fo.oid, fo.status.qty, fo.status.qty - fo.status.filled - fo.status.remaining,
+                    fo.status.side, fo.status.price, fo.key, fo.owner]
+                   for fo in lock.final_orders[2].values() if fo.status.remaining]
+        stored = [e for e in lock.log if e.seq > cp.bases.get(e.origin, (0,))[0]]
+        for closed, places in ((lock.retired[2], False), ([], True)):
+            again = Exchange(ex.key, network=cp.network, params=lock.params)
+            again.load(cp, resting, stored, mono_ms=lock.now, closed=closed)
+            repeat = lock.nodes[2].prepare(ticket, now_ms=lock.now)  # a member carries the ticket once more
+            again.receive([repeat], now_ms=lock.now)
+            assert (again.engine.resting(SELL) != []) == places  # without the kept ids it would rest again
