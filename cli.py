@@ -120,6 +120,13 @@ def add_node_parser(sub: Any) -> None:
     p.add_argument("--genesis", action="store_true", default=env("GENESIS", "") in ("1", "true", "yes"),
                    help="found a new network even with --bootstrap (a node without --bootstrap and without "
                         "known peers founds one anyway); only on a fresh data dir [P2PEX_GENESIS=1]")
+    p.add_argument("--member", action="store_true", default=env("MEMBER", "") in ("1", "true", "yes"),
+                   help="ask the members to admit this node to the committee that certifies orders and moves "
+                        "finality (without it, a node that joins is a participant: it trades, and members "
+                        "carry its orders) [P2PEX_MEMBER=1]")
+    p.add_argument("--max-members", type=positive_int, default=env("MAX_MEMBERS", "7"),
+                   help="a member votes to admit no one while the committee has this many members "
+                        "[P2PEX_MAX_MEMBERS]")
     p.add_argument("--evict-after", type=positive_float, default=env("EVICT_AFTER", "10"),
                    help="seconds of silence after which the members vote a member out [P2PEX_EVICT_AFTER]")
     p.add_argument("--heartbeat-ms", type=positive_int, default=env("HEARTBEAT_MS", "50"),
@@ -175,7 +182,8 @@ def run_node(args: argparse.Namespace) -> int:
         max_connections=args.max_connections, header_timeout=args.header_timeout, body_timeout=args.body_timeout,
         keepalive_timeout=args.keepalive_timeout, max_receiving=int(args.max_receiving_mb * 1024 * 1024),
         write_limit=args.write_limit, read_limit=args.read_limit, peer_limit=args.peer_limit,
-        genesis=args.genesis, evict_after=args.evict_after, heartbeat_ms=args.heartbeat_ms,
+        genesis=args.genesis, member=args.member, max_members=args.max_members,
+        evict_after=args.evict_after, heartbeat_ms=args.heartbeat_ms,
         clock_offset_ms=args.clock_offset_ms, max_clock_offset_ms=args.max_clock_offset_ms,
         max_loop_lag_ms=args.max_loop_lag_ms,
         max_foreign_origins=args.max_foreign_origins,

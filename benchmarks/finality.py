@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import sys
 import tempfile
@@ -120,14 +121,27 @@ async def load(nodes: list[NodeProc], rate: float, seconds: float, seed: int) ->
     return counts
 
 
-def cluster_figures(base: Path, rate: float, seconds: float, idle_s: float, seed: int) -> dict[str, Any]:
-    nodes = make_nodes(base, ("a", "b", "c", "d", "e"))
+def cpu_ms(pid: int) -> float:
+    """CPU time (user + system) a process used so far, in milliseconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def cluster_figures(base: Path, rate: float, seconds: float, idle_s: float, seed: int, *,
+                    members: int = 5, participants: int = 0) -> dict[str, Any]:
+    names = [f"m{i + 1}" for i in range(members)] + [f"p{i + 1}" for i in range(participants)]
+    nodes = make_nodes(base, names)
+    for n in nodes[members:]:
+        n.member = False
+    traders = nodes[members:] or nodes  # the load goes through the participants, if any
     try:
-        start_network(nodes, timeout=60)
-        counts = asyncio.run(load(nodes, rate, seconds, seed))
+        start_network(nodes, timeout=120)
+        cpu0 = {n.name: cpu_ms(n.pid) for n in nodes}
+        counts = asyncio.run(load(traders, rate, seconds, seed))
         t_end = time.monotonic()
         wait_until(lambda: all_final(nodes), timeout=120, what="every fill final", nodes=nodes, interval=0.1)
         drain_s = time.monotonic() - t_end
+        cpu = {n.name: cpu_ms(n.pid) - cpu0[n.name] for n in nodes}
         samples: list[float] = []
         for n in nodes:
             samples += n.get("/v1/latency")["final_samples"]
@@ -136,11 +150,12 @@ def cluster_figures(base: Path, rate: float, seconds: float, idle_s: float, seed
         time.sleep(idle_s)
         after = [n.status() for n in nodes]
         per_min = 60.0 / idle_s
-        entries = [(a["counts"]["own_entries"] - b["counts"]["own_entries"]) * per_min for a, b in zip(after, before,
-                                                                                                        strict=True)]
+        own = [(a["counts"]["own_entries"] - b["counts"]["own_entries"]) * per_min
+               for a, b in zip(after, before, strict=True)]
+        entries, part_entries = own[:members], own[members:]
         nbytes = [((a["replication"]["peer_bytes_sent"] + a["replication"]["peer_bytes_received"])
                    - (b["replication"]["peer_bytes_sent"] + b["replication"]["peer_bytes_received"])) * per_min
-                  for a, b in zip(after, before, strict=True)]
+                  for a, b in zip(after[:members], before[:members], strict=True)]
         final_fills = after[0]["counts"]["final_fills"]
     finally:
         stop_all(nodes)
@@ -151,6 +166,13 @@ def cluster_figures(base: Path, rate: float, seconds: float, idle_s: float, seed
         "final_max_ms": max(samples) if samples else float("nan"), "drain_s": round(drain_s, 2),
         "idle_entries_per_member_min": round(sum(entries) / len(entries), 1),
         "idle_bytes_per_member_min": round(sum(nbytes) / len(nbytes)),
+        "idle_entries_per_participant_min": round(sum(part_entries) / len(part_entries), 1) if part_entries else 0,
+        "cpu_ms_per_order": round(sum(cpu.values()) / max(counts["ok"], 1), 2),
+        "cpu_ms_per_order_member": round(sum(cpu[n.name] for n in nodes[:members]) / members
+                                         / max(counts["ok"], 1), 2),
+        "cpu_ms_per_order_participant": round(sum(cpu[n.name] for n in nodes[members:]) / participants
+                                              / max(counts["ok"], 1), 3) if participants else None,
+        "members": members, "participants": participants,
     }
 
 
@@ -210,20 +232,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle", type=float, default=30.0, help="seconds of idle measurement (default 30)")
     p.add_argument("--history", type=int, default=1_000_000, help="orders in the restart history (default 1,000,000)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--members", type=int, default=5, help="members of the cluster (default 5)")
+    p.add_argument("--participants", type=int, default=0,
+                   help="participants besides the members; the load then goes through them (default 0)")
     p.add_argument("--quick", action="store_true", help="5 s load, 10 s idle, 20,000-order history")
     p.add_argument("--skip-restart", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
         args.seconds, args.idle, args.history = 5.0, 10.0, 20_000
     with tempfile.TemporaryDirectory(prefix="p2pex-bench-") as tmp:
-        c = cluster_figures(Path(tmp) / "cluster", args.rate, args.seconds, args.idle, args.seed)
-        print(f"load       {c['offered_per_s']:g} orders/s offered for {args.seconds:g} s over 5 nodes: "
+        c = cluster_figures(Path(tmp) / "cluster", args.rate, args.seconds, args.idle, args.seed,
+                            members=args.members, participants=args.participants)
+        through = f"{args.participants} participants" if args.participants else f"{args.members} members"
+        print(f"load       {c['offered_per_s']:g} orders/s offered for {args.seconds:g} s through {through} "
+              f"({args.members} members, {args.participants} participants): "
               f"{c['accepted_per_s']} accepted/s, {c['errors']} errors, {c['final_fills']} final fills")
+        print(f"cpu        per order: {c['cpu_ms_per_order']} ms summed over all nodes; "
+              f"{c['cpu_ms_per_order_member']} ms per member"
+              + (f", {c['cpu_ms_per_order_participant']} ms per participant" if args.participants else ""))
         print(f"final      acceptance to final at the accepting node: p50 {c['final_p50_ms']:.0f} ms, "
               f"p99 {c['final_p99_ms']:.0f} ms, max {c['final_max_ms']:.0f} ms ({c['final_samples']} samples); "
-              f"every fill final on all 5 nodes {c['drain_s']} s after the last order")
+              f"every fill final on all {args.members + args.participants} nodes {c['drain_s']} s after the last order")
         print(f"idle       per member per minute: {c['idle_entries_per_member_min']} entries, "
-              f"{c['idle_bytes_per_member_min']} peer bytes (over {args.idle:g} s)")
+              f"{c['idle_bytes_per_member_min']} peer bytes (over {args.idle:g} s)"
+              + (f"; per participant {c['idle_entries_per_participant_min']} entries" if args.participants else ""))
         restart_s = float("nan")
         if not args.skip_restart:
             rows = []
@@ -241,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"scaling    10x the history: restart {t_ratio:.1f}x, RSS after restart {m_ratio:.2f}x")
             restart_s = big["restart_to_ready_s"]
         print(f"final_p50_ms={c['final_p50_ms']:.0f} final_p99_ms={c['final_p99_ms']:.0f} "
+              f"cpu_ms_per_order={c['cpu_ms_per_order']} "
               f"idle_entries_per_member_min={c['idle_entries_per_member_min']} "
               f"idle_bytes_per_member_min={c['idle_bytes_per_member_min']} restart_s={restart_s:.2f}")
     return 0

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from crdt.entry import BUY, GTC, IOC, MAX_PRICE, MAX_QTY, SELL, Cancel, Entry, Order
-from crdt.errors import ClockUnhealthy, ExchangeError, ForeignCancel, NotMember, ValidationError
+from crdt.entry import BUY, GTC, IOC, MAX_PRICE, MAX_QTY, SELL, Cancel, Carry, Entry, Order, decode_body
+from crdt.errors import BadTicket, ClockUnhealthy, ExchangeError, ForeignCancel, NotMember, ValidationError
 from crdt.hlc import physical_ms
 from crdt.keys import short_id
 from matching.engine import OrderStatus
@@ -39,6 +39,7 @@ from net.errors import (
     UnsupportedMediaType,
 )
 from net.metrics import CONTENT_TYPE
+from net.node import CARRY_PAGE, CARRY_PATH, CARRY_WAIT_S
 from net.peers import NONCE_LEN, is_loopback_host, prove
 from net.ports import percentile
 from net.ratelimit import Buckets
@@ -361,12 +362,15 @@ async def place_order(app: web.Application, body: Any, *, wait: float | None = N
             await _certified(node, node.own_entry(prior.entry), prior.order_id, "order")
             return 200, _repeat_order(node, prior.order_id, cid, order, tif_text, first)
     try:
-        result = await node.submit_soon(order, cid=cid)
+        result = await node.place(order, cid=cid)
     except NotMember as exc:
         raise ApiError(str(exc), code="not_member", status=503, retry_after=1) from None
     except ClockUnhealthy as exc:
         raise ApiError(str(exc), code="clock_unhealthy", status=503, retry_after=5) from None
-    oid = result.entry.hash
+    except BadTicket as exc:
+        raise ApiError(str(exc), code="bad_ticket", status=503, retry_after=5) from None
+    oid = result.order_id
+    assert oid is not None
     await _certified(node, result.entry, oid, "order")
     if wait is not None:
         await node.until_final(result.entry.hlc, wait)
@@ -421,8 +425,8 @@ async def _certified(node: Node, entry: Entry | None, oid: bytes, what: str) -> 
     Raises NoQuorum when that takes over CERTIFY_TIMEOUT_S.  An entry memory
     no longer holds (None) is below the base, which is final.  False, at
     once, for an entry that was voided (it never counts again)."""
-    if entry is None:
-        return True
+    if entry is None or entry.origin != node.node_id:
+        return True  # below the base (final), or a member's that carried this participant's ticket once certified
     if not node.exchange.counts(entry):
         return False
     if await node.until_certified(entry, CERTIFY_TIMEOUT_S):
@@ -480,7 +484,9 @@ async def cancel_order(node: Node, oid: bytes, cid: str | None) -> dict[str, Any
             assert view is not None
             return {**view, "cid": cid, "repeat": True}
     try:
-        done = await node.submit_soon(Cancel(order_id=oid), cid=cid)
+        done = await node.place(Cancel(order_id=oid), cid=cid)
+    except BadTicket as exc:
+        raise ApiError(str(exc), code="bad_ticket", status=503, retry_after=5) from None
     except UnknownOrder as exc:
         if node.final_order(oid) is not None:
             raise Conflict(f"order {oid.hex()} is no longer resting", code="not_cancellable") from None
@@ -643,6 +649,10 @@ def finality_data(node: Node) -> dict[str, Any]:
     return {
         "network": ex.network.hex() if ex.network else None,
         "member": ex.is_member(),
+        # member: of the committee; participant: trades through tickets members carry;
+        # joining: started with --member, not admitted yet
+        "role": "member" if ex.is_member() else ("participant" if not node.config.member else "joining"),
+        "max_members": node.config.max_members,
         "members": [m.hex() for m in ex.membership.members()],
         "frontier": fr.final, "frontier_ms": physical_ms(fr.final) if fr.final else None,
         "stable": fr.stable, "complete": fr.complete,
@@ -658,6 +668,8 @@ def finality_data(node: Node) -> dict[str, Any]:
         "certified": {"upto": ex.certified_upto(), "length": ex.finality.end(ex.node_id),
                       "by": {m.hex(): n for m, n in ex.certifiers().items()},
                       "no_quorum": node.counters["no_quorum"]},
+        # tickets: this participant's that members carried, and participants' this member carried
+        "tickets": {"carried": node.counters["carried"], "carries": node.counters["carries"]},
         "voided": [{"cut": v.cut, "entries": v.entries, "orders": len(v.orders), "at_ms": v.at_ms}
                    for v in node.voided],
         "decisions": [{"member": d.member.hex(), "at": d.at.hex(), "cut": d.cut}
@@ -1034,7 +1046,7 @@ async def peer_join(request: web.Request) -> web.Response:
     after = body.get("after", 0)
     if type(joiner) is not bytes or len(joiner) != 32 or type(after) is not int or not 0 <= after < 1 << 62:
         raise BadRequest("from must be a 32-byte node id and after a log length", code="bad_join")
-    admitted = node.admit(joiner, after)
+    admitted = False if body.get("participant") is True else node.admit(joiner, after)
     out = {"admitted": admitted, "member": node.exchange.is_member(), **_stamp(node)}
     return web.Response(body=pack(out), content_type="application/msgpack")
 
@@ -1140,6 +1152,53 @@ async def peer_link(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+async def peer_carry(request: web.Request) -> web.Response:
+    """A participant's ticket (its signed order or cancel), for this member to
+    carry in its own log.  Answered once a majority of the members certified
+    the entry that carries it: ``seq`` (that entry's place in this member's log)
+    and ``entries``, this log from the caller's ``has`` up to it (at most
+    CARRY_PAGE); ``503 no_quorum`` when no majority certified it within
+    CARRY_WAIT_S (the caller tries another member with the same ticket: it
+    counts once however many carry it).  A ticket this member would not carry
+    is refused with the core's error code."""
+    node = _node(request)
+    body = await read_peer_body(request)
+    _same_network(node, body)
+    has = body.get("has", 0)
+    if type(has) is not int or not 0 <= has < 1 << 62:
+        raise BadRequest("has must be a log length", code="bad_carry")
+    try:
+        ticket = decode_body(body.get("ticket"))
+    except ValidationError as exc:
+        raise Unprocessable(f"not a ticket: {exc}", code="bad_ticket") from None
+    if not isinstance(ticket, Carry):
+        raise Unprocessable("not a ticket: a carried order or cancel is expected", code="bad_ticket")
+    what = "order" if isinstance(ticket.inner, Order) else "cancel"
+    oid = ticket.ticket if isinstance(ticket.inner, Order) else ticket.inner.order_id
+    try:
+        entry = await node.carry(ticket)
+    except NotMember as exc:
+        raise ApiError(str(exc), code="not_member", status=503, retry_after=1) from None
+    except ClockUnhealthy as exc:
+        raise ApiError(str(exc), code="clock_unhealthy", status=503, retry_after=5) from None
+    except BadTicket as exc:
+        raise Unprocessable(str(exc), code="bad_ticket") from None
+    except UnknownOrder as exc:
+        raise NotFound(str(exc), code="unknown_order") from None
+    except ForeignCancel as exc:
+        raise Conflict(str(exc), code="foreign_order") from None
+    except NotCancellable as exc:
+        raise Conflict(str(exc), code="not_cancellable") from None
+    if not await node.until_certified(entry, CARRY_WAIT_S):
+        raise NoQuorum(f"no majority of the members certified the entry carrying this {what} within "
+                       f"{CARRY_WAIT_S:g} s", order_id=oid, retry_after=CARRY_WAIT_S)
+    node.counters["carries"] += 1
+    lo = max(has + 1, entry.seq - CARRY_PAGE + 1)
+    entries = node.store.wire_range(node.node_id, lo, entry.seq) if lo <= entry.seq else []
+    out = {"seq": entry.seq, "entries": entries, **_stamp(node)}
+    return web.Response(body=pack(out), content_type="application/msgpack")
+
+
 def _take_peer_call(app: web.Application, addr: str) -> None:
     """One call from the peer address's bucket (the one each peer request takes from)."""
     buckets = app[LIMITERS].peer
@@ -1198,6 +1257,7 @@ def build_app(node: Node) -> web.Application:
     app.router.add_get("/peer/v1/link", peer_link)
     app.router.add_post("/peer/v1/peers", peer_peers)
     app.router.add_post("/peer/v1/join", peer_join)
+    app.router.add_post(CARRY_PATH, peer_carry)
     add_web_routes(app)  # GET /: the web view (net/webview.py)
     return app
 

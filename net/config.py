@@ -37,6 +37,8 @@ class NodeConfig:
     peer_limit: Rate | None = DEFAULT_RATE  # per peer address
     ready_timeout: float = 3.0  # seconds to find a live peer to sync with before declaring "alone"
     genesis: bool = False  # found a new network even with bootstrap addresses (only with no state yet)
+    member: bool = False  # ask the members to admit this node to the committee (else: a participant)
+    max_members: int = 7  # a member votes to admit no one while the committee has this many
     evict_after: float = 10.0  # seconds of silence before the members vote a member out
     heartbeat_ms: int = 50  # spacing of the entries that move finality while something is not final
     clock_offset_ms: int = 0  # added to the wall clock (tests that skew clocks)

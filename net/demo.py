@@ -1,6 +1,7 @@
 """`make demo`: a local exchange network in separate OS processes.
 
-Owns starting 2 seed nodes, N exchange nodes and N trader nodes on free
+Owns starting 2 seed nodes and N exchange nodes (the members, which certify
+orders and move finality) and N trader nodes (participants) on free
 127.0.0.1 ports, driving the traders, live progress, the activity summary
 (every figure read from the nodes' own HTTP APIs through ``client.Client``;
 the per-node rows as a rich table) and stopping every process it started, by
@@ -124,6 +125,8 @@ class Demo:
             cmd += ["--bootstrap", f"127.0.0.1:{b.port}"]
         if proc.role == "seed":
             cmd.append("--seed")
+        if proc.role in ("seed", "exchange"):  # the committee (however large asked for); traders are participants
+            cmd += ["--member", "--max-members", str(max(7, self.args.seeds + self.args.exchanges))]
         proc.log_path.unlink(missing_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("P2PEX_")}
         # stderr goes to the log as well: a traceback that escapes the node's
@@ -286,19 +289,19 @@ class Demo:
         secs = self.args.seconds
         print()
         print("activity summary (from each node's /v1/status)", flush=True)
-        rows = table("node", "id", ("entries", "right"), ("orders", "right"), ("cancels", "right"),
+        rows = table("node", "role", "id", ("entries", "right"), ("orders", "right"), ("cancels", "right"),
                      ("fills", "right"), ("final", "right"), ("revoked", "right"), ("resting", "right"),
                      ("peers", "right"), "state hash")
         for p in self.procs:
             s = p.status
             if not s:
-                row(rows, p.name, "(no answer)", *[""] * 9)
+                row(rows, p.name, "", "(no answer)", *[""] * 9)
                 continue
             c = s["counts"]
             up = sum(1 for q in s["peers"] if q["state"] == "up")
-            row(rows, p.name, s["short_id"], c["own_entries"], c["own_orders"], c["own_cancels"], c["fills"],
-                c["final_fills"], s["replication"]["revoked_fills"], c["resting"], f"{up}/{len(s['peers'])}",
-                s["state_hash"][:16])
+            row(rows, p.name, s["finality"]["role"], s["short_id"], c["own_entries"], c["own_orders"],
+                c["own_cancels"], c["fills"], c["final_fills"], s["replication"]["revoked_fills"], c["resting"],
+                f"{up}/{len(s['peers'])}", s["state_hash"][:16])
         show(rows)
         sts = [p.status for p in self.procs if p.status]
         ref = max(sts, key=lambda s: s["counts"]["entries"])["counts"]

@@ -160,6 +160,8 @@ class NodeProc:
     data_dir: Path
     bootstrap: list[int] = field(default_factory=list)
     extra_args: list[str] = field(default_factory=list)
+    #: started with ``--member`` (asks to join the committee); False: a participant
+    member: bool = True
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
     #: ids of the orders a test placed here (``order``, or ``placed.append``), for ``cancel_leftovers``
@@ -191,7 +193,7 @@ class NodeProc:
         assert not self.running(), f"{self.name} already running"
         args = [sys.executable, str(CLI), "node", "--host", HOST, "--port", str(self.port),
                 "--data-dir", str(self.data_dir), "--name", self.name,
-                "--log-file", str(self.log_file), *self.extra_args]
+                "--log-file", str(self.log_file), *(["--member"] if self.member else []), *self.extra_args]
         for p in self.bootstrap:
             args += ["--bootstrap", f"{HOST}:{p}"]
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -435,7 +437,8 @@ def make_nodes(base: Path, names: Iterable[str]) -> list[NodeProc]:
 def start_network(nodes: list[NodeProc], *, members: bool = True, timeout: float = CONVERGE_TIMEOUT) -> None:
     """Start the first node (no bootstrap: it founds the network), then the
     others (they join it); wait until all are ready and peers of each other,
-    and (``members``) until every node counts all of them as members."""
+    and (``members``) until every node counts all of those started with
+    ``--member`` (and the first) as members."""
     nodes[0].start()
     for n in nodes[1:]:
         n.start(wait=False)
@@ -443,11 +446,14 @@ def start_network(nodes: list[NodeProc], *, members: bool = True, timeout: float
         n.wait_ready()
     wait_full_mesh(nodes, timeout)
     if members:
+        committee = [nodes[0], *(n for n in nodes[1:] if n.member)]
+
         def all_members() -> bool:
             fins = [n.status()["finality"] for n in nodes]
-            return all(f["member"] and len(f["members"]) == len(nodes) for f in fins)
+            return all((f["member"] or n not in committee) and len(f["members"]) == len(committee)
+                       for n, f in zip(nodes, fins, strict=True))
 
-        wait_until(all_members, timeout=timeout, what=f"{len(nodes)} members", nodes=nodes, interval=0.1)
+        wait_until(all_members, timeout=timeout, what=f"{len(committee)} members", nodes=nodes, interval=0.1)
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ import secrets
 import socket
 import statistics
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +36,7 @@ from crdt.entry import (
     BadWireEntry,
     Body,
     Cancel,
+    Carry,
     Entry,
     Heartbeat,
     Order,
@@ -44,12 +45,12 @@ from crdt.entry import (
     decode_entry,
     encode_entry,
 )
-from crdt.errors import ExchangeError, ValidationError
+from crdt.errors import BadTicket, ExchangeError, ForeignCancel, ValidationError
 from crdt.hlc import physical_ms
 from crdt.keys import short_id
 from crdt.replica import MergeResult
-from matching.engine import Fill, FinalBatch
-from matching.exchange import Exchange, NotCancellable, Params, Received, Submitted
+from matching.engine import CANCELLED, Fill, FinalBatch
+from matching.exchange import Exchange, NotCancellable, Params, Received, Submitted, UnknownOrder
 from net import logs
 from net.addresses import (
     AddressGuard,
@@ -63,7 +64,16 @@ from net.addresses import (
 from net.config import NodeConfig, split_host_port
 from net.datadir import DataDirLock
 from net.discovery import Discovery
-from net.errors import BadReply, BadRequest, ListenError, PeerError, PeerErrorReply, PeerRefused, TooLarge
+from net.errors import (
+    BadReply,
+    BadRequest,
+    ListenError,
+    NoQuorum,
+    PeerError,
+    PeerErrorReply,
+    PeerRefused,
+    TooLarge,
+)
 from net.metrics import NodeMetrics
 from net.networks import NetworkConflict, is_fatal, short_network
 from net.peers import (
@@ -126,6 +136,12 @@ EXCHANGE_MAX_S = 5.0
 ENDPOINT_FILE = "endpoint"  # the local URL of the node, for the CLI
 MAX_FOREIGN = 1024  # peers of other networks remembered (not dialed again)
 JOIN_EVERY_S = 0.5  # how often a node that is not a member asks a peer to admit it
+CARRY_PATH = "/peer/v1/carry"  # a participant's ticket, for a member to carry
+CARRY_WAIT_S = 1.5  # how long a member waits for a majority to certify the entry carrying a ticket
+CARRY_BUDGET_S = 3.0  # how long a participant tries members, one after another, for one ticket
+CARRY_PAGE = 256  # entries of its log a member's answer carries up to the ticket's entry
+CARRY_VISIBLE_S = 1.0  # how long a participant waits to hold the entry that carries its ticket
+TICKETS_KEPT = 10_000  # tickets remembered by client id (participant) and entries by ticket (member)
 EVIDENCE_PER_REPLY = 8  # equivocation proofs handed out in one sync reply
 OFFSET_TTL_S = 30.0  # a peer's clock reading older than this is not used
 OWN_COMMIT_S = 0.001  # client orders and cancels arriving this close together share one commit
@@ -257,6 +273,16 @@ def _cid_kind(body: Body) -> int:
     return CID_CANCEL if isinstance(body, Cancel) else CID_ORDER
 
 
+def _refusal(exc: PeerErrorReply) -> ExchangeError | None:
+    """A member's refusal to carry a ticket that another member would refuse
+    too (as the core's typed error), or None (try another member)."""
+    kinds: dict[str, type[ExchangeError]] = {
+        "unknown_order": UnknownOrder, "not_cancellable": NotCancellable, "foreign_order": ForeignCancel,
+        "bad_ticket": BadTicket}
+    kind = kinds.get(exc.code)
+    return None if kind is None else kind(exc.detail)
+
+
 def _retrieved(done: asyncio.Future[Submitted]) -> None:
     """A request that hung up leaves its outcome unread: read it (no warning)."""
     if not done.cancelled():
@@ -291,7 +317,7 @@ class Node:
         self.exchange = Exchange(self.key, params=Params(
             max_skew_ms=config.max_skew_ms, evict_after_ms=evict_ms, heartbeat_ms=config.heartbeat_ms,
             liveness_ms=min(3_000, max(evict_ms // 3, 1)), max_clock_offset_ms=config.max_clock_offset_ms,
-            max_foreign_origins=config.max_foreign_origins))
+            max_foreign_origins=config.max_foreign_origins, max_members=config.max_members))
         self.token = new_token()  # in .cookie once the node listens
         self.http_guard = Guard(ConnectionLimits(
             max_connections=config.max_connections, header_timeout=config.header_timeout,
@@ -326,6 +352,10 @@ class Node:
         # own entries waiting for their group commit, in order: the body, the client's id of the
         # request, and what the request waits on
         self._own_queue: list[tuple[Body, str | None, asyncio.Future[Submitted] | None]] = []
+        # a participant's tickets by client id (a repeat sends the same ticket), and a
+        # member's entries by the ticket they carry (a repeat is answered by the same entry)
+        self._cid_tickets: OrderedDict[tuple[int, str], Carry] = OrderedDict()
+        self._carried: OrderedDict[bytes, Entry] = OrderedDict()
         self._own_handle: asyncio.TimerHandle | None = None
         self._pushing: set[bytes] = set()
         self._pushed_at: dict[bytes, float] = {}  # peer -> when the last push to it started (monotonic)
@@ -356,10 +386,12 @@ class Node:
                          "peer_bytes_sent": 0, "peer_bytes_received": 0,  # request and reply bodies of our calls
                          "duplicates": 0,  # relayed entries we held already, dropped before decoding
                          "relayed": 0,  # entries of other members relayed to a peer that lacked them
-                         "no_quorum": 0}  # orders and cancels answered 503 no_quorum
+                         "no_quorum": 0,  # orders and cancels answered 503 no_quorum
+                         "carried": 0,  # this participant's tickets a member carried and got certified
+                         "carries": 0}  # participants' tickets this member carried and got certified
         self.metrics = NodeMetrics(self)
         self.records = 0  # entries held that are not heartbeats
-        self.own_orders = 0  # orders in this node's own log
+        self.own_orders = 0  # orders this node placed: in its own log, or (a participant) carried by a member
         self.peer_latencies: dict[bytes, deque[int]] = {}  # peer -> recent acceptance-to-merge delays (ms)
         self.others_orders = 0  # orders in other origins' logs
         self.others_cancels = 0
@@ -452,7 +484,16 @@ class Node:
 
     @property
     def ready(self) -> bool:
-        return self.serving and self.readiness.ready and self.exchange.is_member()
+        """Serving, caught up, and able to trade: a member, or a participant
+        that knows its network."""
+        return self.serving and self.readiness.ready and (self.exchange.is_member() or self.participant)
+
+    @property
+    def participant(self) -> bool:
+        """This node trades through tickets that members carry: it is not a
+        member and was not started to become one (``--member``)."""
+        return (not self.config.member and self.exchange.network is not None
+                and not self.exchange.is_member())
 
     def mono_ms(self) -> int:
         return int(self.monotonic() * 1000)
@@ -469,7 +510,8 @@ class Node:
             resting = self.store.resting_orders()
         else:
             entries, resting = self.store.load_entries(), []
-        result = self.exchange.load(cp, resting, entries, mono_ms=self.mono_ms())
+        result = self.exchange.load(cp, resting, entries, mono_ms=self.mono_ms(),
+                                    closed=self.store.retired_tickets() if cp is not None else ())
         for first, second in self.store.load_evidence():
             more = self.exchange.add_evidence(first, second, now_ms=self.clock_ms())
             if more is not None:
@@ -749,6 +791,101 @@ class Node:
         if self._own_handle is None:
             self._own_handle = loop.call_later(OWN_COMMIT_S, self._commit_own_due)
         return await asyncio.shield(done)  # a client that hangs up does not take its entry back
+
+    async def place(self, body: Order | Cancel, *, cid: str | None = None) -> Submitted:
+        """One of this node's orders or cancels, from a client: a member writes
+        it in its own log (``submit_soon``); a participant has a member carry
+        it (``_carry``).  Raises the core's typed errors, and NoQuorum from a
+        participant whose ticket no member got certified in time."""
+        if self.exchange.is_member() or not self.participant:
+            return await self.submit_soon(body, cid=cid)
+        return await self._carry(body, cid)
+
+    async def _carry(self, body: Order | Cancel, cid: str | None) -> Submitted:
+        """Sign ``body`` as a ticket and hand it to the members, one after
+        another, until one answers that a majority certified the entry that
+        carries it.  The same ticket goes to each (and again on a repeat of the
+        client id), so however many carry it, it counts once."""
+        key = None if cid is None else (_cid_kind(body), cid)
+        ticket = None if key is None else self._cid_tickets.get(key)
+        if ticket is None:
+            ticket = self.exchange.ticket(body, now_ms=self.clock_ms())
+            if key is not None:
+                self._cid_tickets[key] = ticket
+                if len(self._cid_tickets) > TICKETS_KEPT:
+                    self._cid_tickets.popitem(last=False)
+        oid = ticket.ticket if isinstance(body, Order) else body.order_id
+        members = self.exchange.membership.members()
+        peers = [p for p in self.peers.peers.values() if p.record.node_id in members]
+        self.rng.shuffle(peers)
+        peers.sort(key=lambda p: p.failures > 0)  # the healthy ones first
+        deadline = self.monotonic() + CARRY_BUDGET_S
+        refusal: ExchangeError | None = None
+        for peer in peers:
+            left = deadline - self.monotonic()
+            if left <= 0.05:
+                break
+            member = peer.record.node_id
+            try:
+                reply = await self._call(peer, CARRY_PATH, {
+                    "from": self.node_id, "ticket": ticket.to_wire(),
+                    "has": self.exchange.replica.length(member)}, timeout=min(left, CARRY_WAIT_S + 0.5))
+            except PeerErrorReply as exc:
+                refusal = _refusal(exc) or refusal
+                continue
+            except PeerError:
+                continue
+            seq = reply.get("seq") if isinstance(reply, dict) else None
+            if type(seq) is not int:
+                continue
+            self.ingest(reply.get("entries", []), peer=peer.record.url, peer_id=member)
+            entry = await self._until_held(peer, seq)
+            if entry is None or not isinstance(entry.body, Carry) or entry.body.ticket != ticket.ticket:
+                continue
+            self.counters["carried"] += 1
+            if isinstance(body, Order):
+                self.own_orders += 1
+            else:
+                self.own_cancels += 1
+            # its fills: those it took as the taker, whenever its entry reached this node (the
+            # member's push may have brought it before the answer)
+            return self.exchange.submitted(entry, 0)
+        if refusal is not None:
+            raise refusal
+        self.counters["no_quorum"] += 1
+        raise NoQuorum(
+            f"no member got a majority to certify this {'order' if isinstance(body, Order) else 'cancel'} "
+            f"within {CARRY_BUDGET_S:g} s ({len(peers)} members reached): it is not acknowledged. A member may "
+            "still carry it, and then it counts once, however often it is sent again (GET "
+            f"/v1/orders/{oid.hex()} tells). A retry with the same cid through this node sends the same ticket",
+            order_id=oid, retry_after=CARRY_BUDGET_S)
+
+    async def _until_held(self, peer: Peer, seq: int) -> Entry | None:
+        """The entry at ``seq`` of ``peer``'s log once this node holds it (the
+        answer carried the entries up to it; a sync fetches what more it
+        needs), or None after CARRY_VISIBLE_S."""
+        member = peer.record.node_id
+        deadline = self.monotonic() + CARRY_VISIBLE_S
+        while self.exchange.replica.length(member) < seq:
+            if self.monotonic() >= deadline:
+                return None
+            self._spawn(self.sync_with(peer), f"sync-{peer.short}")
+            await asyncio.sleep(0.02)
+        return self.exchange.replica.entry(member, seq)
+
+    async def carry(self, ticket: Carry) -> Entry:
+        """A participant's ticket, for this member to carry: the entry that
+        carries it (written now, or the one that carried it before and still
+        counts).  Raises the core's typed errors (``BadTicket``, a cancel that
+        is not the owner's or of no resting order, ``NotMember``)."""
+        entry = self._carried.get(ticket.ticket)
+        if entry is not None and self.exchange.counts(entry):
+            return entry
+        entry = (await self.submit_soon(ticket)).entry
+        self._carried[ticket.ticket] = entry
+        if len(self._carried) > TICKETS_KEPT:
+            self._carried.popitem(last=False)
+        return entry
 
     async def cid_settled(self, kind: int, cid: str) -> None:
         """Wait until a request with this client id that waits for its commit
@@ -1067,11 +1204,13 @@ class Node:
         self.exchange.clock_offset_ms = offset
 
     async def _join_loop(self) -> None:
-        """While this node is not a member, ask every proven peer it reaches to
-        admit it: admission takes the votes of a majority of the members."""
+        """While this node (started with ``--member``) is not a member, ask every
+        proven peer it reaches to admit it: admission takes the votes of a
+        majority of the members.  A participant asks only which network its
+        peers serve, until it knows."""
         while True:
             await asyncio.sleep(JOIN_EVERY_S * (0.75 + self.rng.random() / 2))
-            if self.exchange.is_member():
+            if self.exchange.is_member() or (not self.config.member and self.exchange.network is not None):
                 continue
             live = [p for p in self.peers.ready(self.monotonic()) if p.failures == 0]
             if live:
@@ -1082,7 +1221,7 @@ class Node:
         try:
             reply = await self._call(peer, "/peer/v1/join", {
                 "from": self.node_id, "after": self.exchange.replica.length(self.node_id),
-                "net": self.exchange.network})
+                "net": self.exchange.network, "participant": not self.config.member})
         except PeerError:
             return
         except Exception:
@@ -1093,8 +1232,12 @@ class Node:
             self.exchange.set_network(network)
             self.store.save_network(network)
             self._met_own = True
-            log.info("%s: joining network %s (named by %s); admission waits for a majority of its members",
-                     self.config.name, network.hex()[:16], peer.short)
+            if self.config.member:
+                log.info("%s: joining network %s (named by %s); admission waits for a majority of its members",
+                         self.config.name, network.hex()[:16], peer.short)
+            else:
+                log.info("%s: joined network %s (named by %s) as a participant: members carry its orders",
+                         self.config.name, network.hex()[:16], peer.short)
             self._spawn(self._probe(peer), f"sync-{peer.short}")
 
     def admit(self, joiner: bytes, after: int) -> bool:
@@ -1177,8 +1320,22 @@ class Node:
         return None
 
     def client_request(self, kind: int, cid: str) -> ClientId | None:
-        """What an earlier request with this client id wrote, if any."""
-        return self.store.find_client_id(kind, cid)
+        """What an earlier request with this client id wrote, if any.  A
+        participant's is the ticket it sent, once its order (its cancel) is
+        known here (until then a repeat sends the same ticket again)."""
+        found = self.store.find_client_id(kind, cid)
+        ticket = self._cid_tickets.get((kind, cid))
+        if found is not None or ticket is None:
+            return found
+        inner = ticket.inner
+        oid = ticket.ticket if isinstance(inner, Order) else inner.order_id
+        st = self.exchange.status(oid)
+        if st is None:
+            stored = self.final_order(oid)
+            st = None if stored is None else stored.status
+        if st is None or (isinstance(inner, Cancel) and st.state != CANCELLED):
+            return None
+        return ClientId(kind=kind, cid=cid, entry=b"", order_id=oid)
 
     def ingest(self, raw_entries: Any, *, peer: str, peer_id: bytes | None = None) -> Ingested:
         if type(raw_entries) is list and len(raw_entries) <= SYNC_PAGE * 2:
@@ -1459,8 +1616,9 @@ class Node:
         if refusal is not None:
             raise PeerRefused(f"{url}: {refusal}")
 
-    async def _request(self, url: str, path: str, body: dict[str, Any]) -> Any:
-        """One POST to a peer URL under the peer timeout; its decoded reply.
+    async def _request(self, url: str, path: str, body: dict[str, Any], *, timeout: float | None = None) -> Any:
+        """One POST to a peer URL under the peer timeout (or ``timeout``
+        seconds); its decoded reply.
 
         Raises PeerRefused when the address policy forbids the URL (nothing is
         sent), PeerError when the peer is unreachable or answers badly."""
@@ -1470,6 +1628,7 @@ class Node:
         self.counters["peer_bytes_sent"] += len(out)
         async with self._session.post(
             url + path, data=out, headers={"Content-Type": MSGPACK, "Accept": MSGPACK},
+            timeout=None if timeout is None else aiohttp.ClientTimeout(total=timeout),
         ) as resp:
             try:
                 data = await read_capped(resp.content, PEER_BODY_CAP, resp.content_length)
@@ -1567,9 +1726,10 @@ class Node:
         if ws is not None and not ws.closed:
             self._spawn(ws.close(), "link-close")
 
-    async def _call(self, peer: Peer, path: str, body: dict[str, Any]) -> Any:
-        """One request to a table peer; updates the peer's health and the
-        estimate of its clock (each side stamps its wall clock, ``t``)."""
+    async def _call(self, peer: Peer, path: str, body: dict[str, Any], *, timeout: float | None = None) -> Any:
+        """One request to a table peer (under the peer timeout, or ``timeout``
+        seconds); updates the peer's health and the estimate of its clock (each
+        side stamps its wall clock, ``t``)."""
         start = self.monotonic()
         sent = self.clock_ms()
         body = {**body, "t": sent, "net": self.exchange.network}
@@ -1577,7 +1737,7 @@ class Node:
             if path == PUSH_PATH:
                 result = await self._push_on_link(peer, body)
             else:
-                result = await self._request(peer.record.url, path, body)
+                result = await self._request(peer.record.url, path, body, timeout=timeout)
         except BadReply as exc:  # a reply we cannot decode
             self.peers.failed(peer, self.monotonic(), f"bad reply: {exc}")
             log.warning("peer %s (%s) sent a bad reply to %s: %s", peer.short, peer.record.url, path, exc)

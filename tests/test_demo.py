@@ -92,8 +92,9 @@ class TestDemo:
             assert cluster, out
             assert int(cluster.group(1)) > 0 and int(cluster.group(3)) > 0, out
             assert re.search(r"replication latency.*p50 \d+ ms, p99 \d+ ms", out), out
-            for role in ROLES:
-                assert re.search(rf"^{role}\s+[0-9a-f]{{8}}\s", out, re.M), f"no summary row for {role}"
+            for role in ROLES:  # seeds and exchanges are the members, traders participants
+                kind = "participant" if role.startswith("trader") else "member"
+                assert re.search(rf"^{role}\s+{kind}\s+[0-9a-f]{{8}}\s", out, re.M), f"no {kind} row for {role}"
                 assert (log_dir / f"{role}.log").stat().st_size > 0
             assert not wait_gone(str(log_dir)), "node processes left running"
 

@@ -326,7 +326,7 @@ class TestWrongNetworkAnswer:
         ours = node.exchange.network
         assert ours is not None
 
-        async def refuse(url: str, path: str, body: dict[str, Any]) -> Any:
+        async def refuse(url: str, path: str, body: dict[str, Any], **_: Any) -> Any:
             raise peer_error(409, pack({"error": "wrong_network", "net": theirs,
                                         "detail": f"this node belongs to network {theirs.hex()[:16]}, "
                                                   f"not {ours.hex()[:16]}"}))

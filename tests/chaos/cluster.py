@@ -107,7 +107,8 @@ class Node:
 
     def argv(self) -> list[str]:
         args = [sys.executable, str(CLI), "node", "--host", self.ip, "--port", str(PORT),
-                "--data-dir", str(self.data_dir), "--name", self.name, "--log-file", str(self.log_file)]
+                "--data-dir", str(self.data_dir), "--name", self.name, "--log-file", str(self.log_file),
+                "--member"]  # every chaos node is of the committee
         if self.bootstrap:
             args += ["--bootstrap", self.bootstrap]
         args += self.extra

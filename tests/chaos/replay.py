@@ -24,7 +24,8 @@ from typing import Any
 
 import msgpack
 
-from crdt.entry import BUY, IOC, SELL, Cancel, Entry, Order, decode_entry
+from crdt.entry import BUY, IOC, SELL, TICKET_WINDOW_MS, Cancel, Carry, Entry, Order, decode_entry, ticket_valid
+from crdt.hlc import physical_ms
 from crdt.membership import Decision
 from matching.engine import CANCEL, GTC, MARKET
 from matching.reference import Record, reference
@@ -45,7 +46,7 @@ def counted_entries(entries: Iterable[Entry], finality: Mapping[str, Any] | None
     up to eviction cuts and the ends of forked logs.
     """
     held = list(entries)
-    chosen = [e for e in held if isinstance(e.body, (Order, Cancel))]
+    chosen = [e for e in held if isinstance(e.body, (Order, Cancel)) or _ticket_counts(e)]
     if finality is not None and finality.get("network"):
         decisions = [Decision(member=bytes.fromhex(d["member"]), at=bytes.fromhex(d["at"]), cut=int(d["cut"]))
                      for d in finality.get("decisions", ())]
@@ -58,9 +59,24 @@ def counted_entries(entries: Iterable[Entry], finality: Mapping[str, Any] | None
     return chosen
 
 
-def to_record(position: int, entry: Entry) -> Record:
-    """A reference record keyed by its position in the rule's order."""
+def _ticket_counts(entry: Entry) -> bool:
+    """A participant's ticket carried by a member (docs/PARTICIPANTS.md): it
+    counts with its owner's signature, stamped within the window of the entry."""
     body = entry.body
+    return (isinstance(body, Carry) and abs(physical_ms(body.stamp) - physical_ms(entry.hlc)) <= TICKET_WINDOW_MS
+            and ticket_valid(body))
+
+
+def to_record(position: int, entry: Entry) -> Record:
+    """A reference record keyed by its position in the rule's order (a
+    carried ticket is its owner's order or cancel, its id the ticket's)."""
+    body = entry.body
+    if isinstance(body, Carry):
+        inner = body.inner
+        if isinstance(inner, Cancel):
+            return (position, CANCEL, inner.order_id.hex(), 0, 0, 0, body.owner)
+        kind = MARKET if inner.market else (IOC if inner.tif == IOC else GTC)
+        return (position, kind, body.ticket.hex(), inner.side, inner.price, inner.qty, body.owner)
     if isinstance(body, Cancel):
         return (position, CANCEL, body.order_id.hex(), 0, 0, 0, entry.origin)
     assert isinstance(body, Order)
@@ -87,4 +103,7 @@ def replay(entries: Iterable[Entry], finality: Mapping[str, Any] | None = None) 
 
 def order_quantities(entries: Iterable[Entry]) -> dict[str, int]:
     """Every order's quantity, by id, whether or not the rule counts it."""
-    return {e.hash.hex(): e.body.qty for e in entries if isinstance(e.body, Order)}
+    out = {e.hash.hex(): e.body.qty for e in entries if isinstance(e.body, Order)}
+    out.update((e.body.ticket.hex(), e.body.inner.qty) for e in entries
+               if isinstance(e.body, Carry) and isinstance(e.body.inner, Order))
+    return out
