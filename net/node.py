@@ -839,7 +839,7 @@ class Node:
             if type(seq) is not int:
                 continue
             self.ingest(reply.get("entries", []), peer=peer.record.url, peer_id=member)
-            entry = await self._until_held(peer, seq)
+            entry = await self._until_held(peer, seq, oid)
             if entry is None or not isinstance(entry.body, Carry) or entry.body.ticket != ticket.ticket:
                 continue
             self.counters["carried"] += 1
@@ -860,16 +860,19 @@ class Node:
             f"/v1/orders/{oid.hex()} tells). A retry with the same cid through this node sends the same ticket",
             order_id=oid, retry_after=CARRY_BUDGET_S)
 
-    async def _until_held(self, peer: Peer, seq: int) -> Entry | None:
+    async def _until_held(self, peer: Peer, seq: int, oid: bytes) -> Entry | None:
         """The entry at ``seq`` of ``peer``'s log once this node holds it (the
         answer carried the entries up to it; a sync fetches what more it
-        needs), or None after CARRY_VISIBLE_S."""
+        needs) and knows order ``oid`` (this node may learn the carrier's
+        admission a moment after the entry), or None after CARRY_VISIBLE_S."""
         member = peer.record.node_id
         deadline = self.monotonic() + CARRY_VISIBLE_S
-        while self.exchange.replica.length(member) < seq:
+        while (self.exchange.replica.length(member) < seq
+               or (self.exchange.status(oid) is None and self.final_order(oid) is None)):
             if self.monotonic() >= deadline:
                 return None
-            self._spawn(self.sync_with(peer), f"sync-{peer.short}")
+            if self.exchange.replica.length(member) < seq:
+                self._spawn(self.sync_with(peer), f"sync-{peer.short}")
             await asyncio.sleep(0.02)
         return self.exchange.replica.entry(member, seq)
 
