@@ -362,7 +362,12 @@ class Exchange:
             raise NotMember(
                 f"this node's admission was decided at a stamp {physical_ms(hlc_of(admitted)) - now_ms} ms "
                 "ahead of its clock (a voter's clock is ahead); it writes once its clock passes that stamp")
-        if isinstance(body, Order | Cancel | Carry):
+        if isinstance(body, Carry) and body.ticket in self._tickets:
+            # carried before, by this member or another: once more is a repeat that changes nothing
+            # (refusing it would leave the participant with no way to get the first carry certified)
+            if not self.clock_healthy():
+                self._check_trading(body.inner, body.owner)
+        elif isinstance(body, Order | Cancel | Carry):
             self._check_trading(body.inner if isinstance(body, Carry) else body,
                                 body.owner if isinstance(body, Carry) else self.node_id)
         if isinstance(body, Carry):
@@ -579,8 +584,11 @@ class Exchange:
 
     def _record(self, e: Entry) -> Record | None:
         rec = record_of(e, self._ticket_signed)
-        if rec is not None and e.body.__class__ is Carry and rec[1] != CANCEL:
-            self._tickets.setdefault(rec[2], e.hlc)
+        body = e.body
+        if rec is not None and isinstance(body, Carry):
+            # the ids of the orders carried tickets placed (the engine keeps them once closed), and of
+            # the tickets themselves, cancels too (carrying one again is a harmless repeat: prepare)
+            self._tickets.setdefault(body.ticket, e.hlc)
         return rec
 
     def _ticket_signed(self, carry: Carry) -> bool:
@@ -880,10 +888,10 @@ class Exchange:
             self.engine.restore(resting, floor=floor_key(checkpoint.final), fills_base=checkpoint.fills_base)
             horizon = self.ticket_horizon(checkpoint.final)
             for held in resting:  # a resting ticket order closes later: it must be retired then
-                if held[6] >= floor_key(horizon):
+                if int.from_bytes(held[6][:8], "big") >= horizon:
                     self._tickets[held[1]] = int.from_bytes(held[6][:8], "big")
-            for oid, key in closed:
-                if key >= floor_key(horizon):
+            for oid, key in closed:  # by stamp, as _forget_tickets keeps them
+                if int.from_bytes(key[:8], "big") >= horizon:
                     self.engine.retired[oid] = key
                     self._tickets[oid] = int.from_bytes(key[:8], "big")
             self.final_digest = checkpoint.final_digest

@@ -361,6 +361,8 @@ async def place_order(app: web.Application, body: Any, *, wait: float | None = N
             # certified first, then the order as it stands (a void one is answered as such)
             await _certified(node, node.own_entry(prior.entry), prior.order_id, "order")
             return 200, _repeat_order(node, prior.order_id, cid, order, tif_text, first)
+    # a participant's repeat sends the ticket it sent before, and is answered once a member says it is certified
+    repeat = cid is not None and node.participant and node.ticket_sent(order, cid)
     try:
         result = await node.place(order, cid=cid)
     except NotMember as exc:
@@ -372,6 +374,9 @@ async def place_order(app: web.Application, body: Any, *, wait: float | None = N
     oid = result.order_id
     assert oid is not None
     await _certified(node, result.entry, oid, "order")
+    if repeat:
+        assert cid is not None
+        return 200, _repeat_order(node, oid, cid, order, tif_text, app[FIRST_REPLIES].get(cid))
     if wait is not None:
         await node.until_final(result.entry.hlc, wait)
     view = order_view(node, oid)
@@ -483,6 +488,7 @@ async def cancel_order(node: Node, oid: bytes, cid: str | None) -> dict[str, Any
             view = order_view(node, oid)
             assert view is not None
             return {**view, "cid": cid, "repeat": True}
+    repeat = cid is not None and node.participant and node.ticket_sent(Cancel(order_id=oid), cid)
     try:
         done = await node.place(Cancel(order_id=oid), cid=cid)
     except BadTicket as exc:
@@ -504,6 +510,8 @@ async def cancel_order(node: Node, oid: bytes, cid: str | None) -> dict[str, Any
     assert view is not None
     if cid is not None:
         view["cid"] = cid
+        if repeat:
+            view["repeat"] = True
     return view
 
 

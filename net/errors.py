@@ -76,6 +76,12 @@ class Unprocessable(ApiError):
     code = "unprocessable"
 
 
+class CidReused(Conflict):
+    """A client id that came before with another order or cancel."""
+
+    code = "cid_reused"
+
+
 class NoQuorum(ApiError):
     """An order or cancel that no majority of members certified in time: not
     acknowledged.  It stays in this node's log, so it may still count (its

@@ -33,6 +33,7 @@ import aiohttp
 from aiohttp import web
 
 from crdt.entry import (
+    TICKET_WINDOW_MS,
     BadWireEntry,
     Body,
     Cancel,
@@ -49,7 +50,7 @@ from crdt.errors import BadTicket, ExchangeError, ForeignCancel, ValidationError
 from crdt.hlc import physical_ms
 from crdt.keys import short_id
 from crdt.replica import MergeResult
-from matching.engine import CANCELLED, Fill, FinalBatch
+from matching.engine import Fill, FinalBatch
 from matching.exchange import Exchange, NotCancellable, Params, Received, Submitted, UnknownOrder
 from net import logs
 from net.addresses import (
@@ -67,6 +68,7 @@ from net.discovery import Discovery
 from net.errors import (
     BadReply,
     BadRequest,
+    CidReused,
     ListenError,
     NoQuorum,
     PeerError,
@@ -806,14 +808,7 @@ class Node:
         another, until one answers that a majority certified the entry that
         carries it.  The same ticket goes to each (and again on a repeat of the
         client id), so however many carry it, it counts once."""
-        key = None if cid is None else (_cid_kind(body), cid)
-        ticket = None if key is None else self._cid_tickets.get(key)
-        if ticket is None:
-            ticket = self.exchange.ticket(body, now_ms=self.clock_ms())
-            if key is not None:
-                self._cid_tickets[key] = ticket
-                if len(self._cid_tickets) > TICKETS_KEPT:
-                    self._cid_tickets.popitem(last=False)
+        ticket = self.client_ticket(body, cid)
         oid = ticket.ticket if isinstance(body, Order) else body.order_id
         members = self.exchange.membership.members()
         peers = [p for p in self.peers.peers.values() if p.record.node_id in members]
@@ -838,8 +833,9 @@ class Node:
             seq = reply.get("seq") if isinstance(reply, dict) else None
             if type(seq) is not int:
                 continue
-            self.ingest(reply.get("entries", []), peer=peer.record.url, peer_id=member)
-            entry = await self._until_held(peer, seq, oid)
+            carried = reply.get("entries", [])
+            self.ingest(carried, peer=peer.record.url, peer_id=member)
+            entry = await self._until_held(peer, seq, oid, carried)
             if entry is None or not isinstance(entry.body, Carry) or entry.body.ticket != ticket.ticket:
                 continue
             self.counters["carried"] += 1
@@ -860,11 +856,13 @@ class Node:
             f"/v1/orders/{oid.hex()} tells). A retry with the same cid through this node sends the same ticket",
             order_id=oid, retry_after=CARRY_BUDGET_S)
 
-    async def _until_held(self, peer: Peer, seq: int, oid: bytes) -> Entry | None:
+    async def _until_held(self, peer: Peer, seq: int, oid: bytes, carried: Any) -> Entry | None:
         """The entry at ``seq`` of ``peer``'s log once this node holds it (the
-        answer carried the entries up to it; a sync fetches what more it
+        answer ``carried`` the entries up to it; a sync fetches what more it
         needs) and knows order ``oid`` (this node may learn the carrier's
-        admission a moment after the entry), or None after CARRY_VISIBLE_S."""
+        admission a moment after the entry), or None after CARRY_VISIBLE_S.
+        An entry already final here and let go from memory is read from the
+        answer."""
         member = peer.record.node_id
         deadline = self.monotonic() + CARRY_VISIBLE_S
         while (self.exchange.replica.length(member) < seq
@@ -874,7 +872,50 @@ class Node:
             if self.exchange.replica.length(member) < seq:
                 self._spawn(self.sync_with(peer), f"sync-{peer.short}")
             await asyncio.sleep(0.02)
-        return self.exchange.replica.entry(member, seq)
+        held = self.exchange.replica.entry(member, seq)
+        if held is None and isinstance(carried, list) and carried:
+            with contextlib.suppress(ValidationError):
+                last = decode_entry(carried[-1])
+                if last.origin == member and last.seq == seq:
+                    try:
+                        same = self.exchange.replica.hash_at(member, seq) == last.hash
+                    except KeyError:  # below the base, let go: final here
+                        same = True
+                    held = last if same else None
+        return held
+
+    def client_ticket(self, body: Order | Cancel, cid: str | None) -> Carry:
+        """The ticket this participant sends for ``body``: with a client id
+        that came before, the ticket signed then (a repeat must not place a
+        second order), else a new one, kept with its client id in SQLite
+        before any member sees it.  Raises ``CidReused`` when the id came
+        with another order or cancel.  A kept ticket that no member can carry
+        any more (twice the ticket window past its stamp) and that placed
+        nothing is replaced by a new one."""
+        if cid is None:
+            return self.exchange.ticket(body, now_ms=self.clock_ms())
+        key = (_cid_kind(body), cid)
+        ticket = self._cid_tickets.get(key) or self.store.find_client_ticket(*key)
+        if ticket is not None:
+            if ticket.inner != body:
+                what = "order" if isinstance(ticket.inner, Order) else "cancel"
+                raise CidReused(f"cid {cid} already came with another {what}")
+            oid = ticket.ticket if isinstance(body, Order) else body.order_id
+            stale = physical_ms(ticket.stamp) + 2 * TICKET_WINDOW_MS < self.clock_ms()
+            if not (stale and isinstance(body, Order) and self.exchange.status(oid) is None
+                    and self.final_order(oid) is None):
+                return ticket
+        ticket = self.exchange.ticket(body, now_ms=self.clock_ms())
+        self.store.save_client_ticket(*key, ticket)
+        self._cid_tickets[key] = ticket
+        if len(self._cid_tickets) > TICKETS_KEPT:
+            self._cid_tickets.popitem(last=False)
+        return ticket
+
+    def ticket_sent(self, body: Order | Cancel, cid: str) -> bool:
+        """Did this participant send a ticket for this client id before?"""
+        key = (_cid_kind(body), cid)
+        return key in self._cid_tickets or self.store.find_client_ticket(*key) is not None
 
     async def carry(self, ticket: Carry) -> Entry:
         """A participant's ticket, for this member to carry: the entry that
@@ -1323,22 +1364,9 @@ class Node:
         return None
 
     def client_request(self, kind: int, cid: str) -> ClientId | None:
-        """What an earlier request with this client id wrote, if any.  A
-        participant's is the ticket it sent, once its order (its cancel) is
-        known here (until then a repeat sends the same ticket again)."""
-        found = self.store.find_client_id(kind, cid)
-        ticket = self._cid_tickets.get((kind, cid))
-        if found is not None or ticket is None:
-            return found
-        inner = ticket.inner
-        oid = ticket.ticket if isinstance(inner, Order) else inner.order_id
-        st = self.exchange.status(oid)
-        if st is None:
-            stored = self.final_order(oid)
-            st = None if stored is None else stored.status
-        if st is None or (isinstance(inner, Cancel) and st.state != CANCELLED):
-            return None
-        return ClientId(kind=kind, cid=cid, entry=b"", order_id=oid)
+        """What an earlier request with this client id wrote, if any (a
+        participant's requests write nothing: see ``client_ticket``)."""
+        return self.store.find_client_id(kind, cid)
 
     def ingest(self, raw_entries: Any, *, peer: str, peer_id: bytes | None = None) -> Ingested:
         if type(raw_entries) is list and len(raw_entries) <= SYNC_PAGE * 2:

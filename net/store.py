@@ -23,10 +23,11 @@ from pathlib import Path
 
 import msgpack
 
-from crdt.entry import Entry, decode_entry_bytes, encode_entry
+from crdt.entry import Carry, Entry, decode_body, decode_entry_bytes, encode_entry
+from crdt.errors import ValidationError
 from crdt.keys import SEED_LEN, SigningKey
 from matching.engine import FinalBatch, OrderStatus
-from matching.exchange import Checkpoint, Exchange, floor_key
+from matching.exchange import Checkpoint, Exchange
 from net.errors import StorageError
 
 KEY_FILE = "node.key"
@@ -149,6 +150,11 @@ class Store:
             "CREATE TABLE IF NOT EXISTS retired_tickets (key BLOB NOT NULL, oid BLOB NOT NULL,"
             " PRIMARY KEY (key, oid)) WITHOUT ROWID"
         )
+        # a participant's client id for a request -> the ticket it signed for it (a repeat sends the same)
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS client_tickets (kind INTEGER, cid TEXT, ticket BLOB NOT NULL,"
+            " PRIMARY KEY (kind, cid)) WITHOUT ROWID"
+        )
         # a client's id for a request (``cid``) -> the entry it wrote and the order it concerns
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS client_ids (kind INTEGER, cid TEXT, entry BLOB NOT NULL,"
@@ -179,6 +185,21 @@ class Store:
                 self._write_finals(*finals)
             if network is not None:
                 self._db.execute("INSERT OR REPLACE INTO meta VALUES ('network', ?)", (network,))
+
+    def save_client_ticket(self, kind: int, cid: str, ticket: Carry) -> None:
+        """A participant's ticket for a client id, before it goes to any member."""
+        self._db.execute("INSERT OR REPLACE INTO client_tickets VALUES (?, ?, ?)",
+                         (kind, cid, msgpack.packb(ticket.to_wire(), use_bin_type=True)))
+
+    def find_client_ticket(self, kind: int, cid: str) -> Carry | None:
+        row = self._db.execute("SELECT ticket FROM client_tickets WHERE kind = ? AND cid = ?", (kind, cid)).fetchone()
+        if row is None:
+            return None
+        try:
+            body = decode_body(msgpack.unpackb(bytes(row[0]), raw=False))
+        except (ValidationError, ValueError) as exc:
+            raise StorageError(f"a stored ticket does not decode: {exc}") from None
+        return body if isinstance(body, Carry) else None
 
     def find_client_id(self, kind: int, cid: str) -> ClientId | None:
         row = self._db.execute("SELECT entry, order_id FROM client_ids WHERE kind = ? AND cid = ?",
@@ -247,8 +268,9 @@ class Store:
         if retired:
             self._db.executemany("INSERT OR REPLACE INTO retired_tickets VALUES (?, ?)", retired)
         if batches:
+            # by stamp, as the exchange lets them go (``Exchange._forget_tickets``)
             self._db.execute("DELETE FROM retired_tickets WHERE key < ?",
-                             (floor_key(Exchange.ticket_horizon(checkpoint.final)),))
+                             (Exchange.ticket_horizon(checkpoint.final).to_bytes(8, "big"),))
         self._db.execute("INSERT OR REPLACE INTO meta VALUES ('checkpoint', ?)", (encode_checkpoint(checkpoint),))
 
     def load_checkpoint(self) -> Checkpoint | None:

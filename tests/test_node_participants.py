@@ -123,6 +123,35 @@ class TestParticipants:
         wait_until(lambda: all((o := order_at(n, oid)) is not None and o["status"] == "cancelled" for n in nodes),
                    timeout=SETTLE, what="cancelled everywhere", nodes=nodes)
 
+    def test_a_repeated_cid_is_certified_again_and_survives_a_restart(self, nodes: list[NodeProc]) -> None:
+        """Regression: a participant answered a repeated cid from what it held,
+        with no certification, so after a 503 no_quorum a retry through it was
+        acknowledged while the only carry was a cut-off member's, which its
+        eviction then voided (``make chaos``, split: one acknowledged order
+        lost).  A repeat now sends the same ticket to a member again and is
+        answered once one says a majority certified it; the ticket is kept in
+        SQLite, so a restart changes nothing; a cid reused for another order is
+        refused."""
+        p1 = nodes[3]
+        body = {"side": "buy", "qty": 2, "price": 80, "cid": "p1-again"}
+        first = p1.request("POST", "/v1/orders", body)
+        assert first.status == 201, first
+        oid = first.json()["id"]
+        p1.placed.append(oid)
+        carried = finality(p1)["tickets"]["carried"]
+        again = p1.request("POST", "/v1/orders", body)
+        assert again.status == 200 and again.json()["id"] == oid and again.json()["repeat"], again
+        assert finality(p1)["tickets"]["carried"] == carried + 1  # a member answered for it again
+        other = p1.request("POST", "/v1/orders", {**body, "qty": 3})
+        assert other.status == 409 and other.json()["error"] == "cid_reused", other
+        p1.stop()
+        p1.start()
+        after = p1.request("POST", "/v1/orders", body)
+        assert after.status == 200 and after.json()["id"] == oid and after.json()["repeat"], after
+        for n in nodes:
+            wait_until(lambda n=n: (o := order_at(n, oid)) is not None and o["remaining"] == 2, timeout=SETTLE,
+                       what=f"one order of 2 at {n.name}", nodes=nodes)
+
     def test_participant_churn_holds_finality_back_for_nobody(self, request: pytest.FixtureRequest,
                                                                nodes: list[NodeProc]) -> None:
         """A participant stopped, killed and restarted: the members' finality

@@ -16,7 +16,7 @@ from crdt.entry import BUY, SELL, TICKET_WINDOW_MS, Cancel, Carry, Order, make_t
 from crdt.errors import BadTicket, ForeignCancel
 from crdt.hlc import pack
 from matching.engine import CANCELLED, FILLED, OPEN
-from matching.exchange import Exchange, record_of
+from matching.exchange import Exchange, NotCancellable, UnknownOrder, record_of
 from tests.conftest import key_for
 from tests.test_matching_exchange import Lockstep
 
@@ -97,6 +97,28 @@ class TestCarriedOrders:
             assert lock.final_orders[i][ticket.ticket].status.state == CANCELLED
         for ex in (*lock.nodes, p, q):
             assert ex.engine.resting(BUY) == []
+
+    def test_a_cancel_carried_before_is_carried_again(self) -> None:
+        """Regression: a member refused a participant's cancel ticket that
+        another member had carried (the order no longer rested in its view),
+        and the participant answered 409 not_cancellable, though that first
+        carry was not certified and could be voided.  Carrying a ticket again
+        changes nothing, so a member does."""
+        lock = Lockstep(3)
+        p = participant(lock)
+        ticket = p.ticket(Order(side=BUY, price=70, qty=1), now_ms=lock.now)
+        lock.write(0, ticket)
+        settle(lock, p)
+        cancel = p.ticket(Cancel(order_id=ticket.ticket), now_ms=lock.now)
+        lock.write(1, cancel)
+        lock.deliver()
+        again = lock.write(2, cancel)  # no NotCancellable: the same ticket, once more
+        assert again.body == cancel
+        settle(lock, p)
+        assert lock.final_orders[0][ticket.ticket].status.state == CANCELLED
+        other = make_ticket(p.key, stamp=pack(lock.now + 1, 0), inner=Cancel(order_id=ticket.ticket))
+        with pytest.raises((NotCancellable, UnknownOrder)):  # a new cancel of it is refused
+            lock.nodes[2].prepare(other, now_ms=lock.now)
 
     def test_a_forged_or_stale_ticket_counts_nothing(self) -> None:
         lock = Lockstep(3)
