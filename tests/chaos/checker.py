@@ -42,7 +42,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from crdt.entry import Entry
+from crdt.entry import Carry, Entry, Order
 from tests.chaos.history import Ack, Check, FillKey, History, NodeState, Phase, ShownFill
 from tests.chaos.replay import decode_wire_hex, order_quantities, replay
 
@@ -280,7 +280,10 @@ class _Judge:
                                   "skipped")
             else:
                 held[n.node] = entries
-        ids_held = {node: {e.hash.hex() for e in es} for node, es in held.items()}
+        # an order's id: its entry's hash, or for a participant's order its ticket's (the member's entry carries it)
+        ids_held = {node: {e.hash.hex() for e in es}
+                    | {e.body.ticket.hex() for e in es if isinstance(e.body, Carry) and isinstance(e.body.inner, Order)}
+                    for node, es in held.items()}
 
         # acknowledged orders void (a node says so), lost (a live node lacks them)
         acks = [a for a in self.h.acks if window[0] < a.t1 <= window[1]]

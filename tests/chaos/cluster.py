@@ -82,8 +82,9 @@ ERROR_LINE = re.compile(r"^\S+ \S+ \S+ ERROR ")
 
 class Node:
     def __init__(self, *, name: str, ns_argv: Callable[[list[str]], list[str]], ip: str, data_dir: Path,
-                 log_dir: Path, bootstrap: str | None, extra: list[str]) -> None:
+                 log_dir: Path, bootstrap: str | None, extra: list[str], member: bool = True) -> None:
         self.name = name
+        self.member = member  # started with --member (else a participant: docs/PARTICIPANTS.md)
         self.ns_argv = ns_argv
         self.ip = ip
         self.data_dir = data_dir
@@ -108,7 +109,7 @@ class Node:
     def argv(self) -> list[str]:
         args = [sys.executable, str(CLI), "node", "--host", self.ip, "--port", str(PORT),
                 "--data-dir", str(self.data_dir), "--name", self.name, "--log-file", str(self.log_file),
-                "--member"]  # every chaos node is of the committee
+                *(["--member"] if self.member else [])]
         if self.bootstrap:
             args += ["--bootstrap", self.bootstrap]
         args += self.extra
@@ -129,7 +130,7 @@ class Node:
 
 class Cluster:
     def __init__(self, lab: NetLab, *, data_root: Path, log_dir: Path, rec: Recorder, clock: Callable[[], float],
-                 extra: list[str], genesis: bool = False) -> None:
+                 extra: list[str], genesis: bool = False, participants: frozenset[str] = frozenset()) -> None:
         self.lab = lab
         self.rec = rec
         self.clock = clock
@@ -141,7 +142,8 @@ class Cluster:
             self.nodes[name] = Node(
                 name=name, ns_argv=functools.partial(lab.exec_argv, name), ip=lab.hosts[name].ip,
                 data_dir=data_root / name, log_dir=log_dir, bootstrap=f"{boot}:{PORT}",
-                extra=[*extra, *(["--genesis"] if i == 0 and genesis else [])])  # the first node founds the network
+                extra=[*extra, *(["--genesis"] if i == 0 and genesis else [])],  # the first node founds the network
+                member=name not in participants)
 
     def _event(self, node: Node, kind: str, detail: str = "", *, expected: bool = True) -> None:
         self.rec.node_events.append(NodeEvent(t=round(self.clock(), 3), node=node.name, kind=kind, detail=detail,

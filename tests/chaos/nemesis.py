@@ -190,9 +190,11 @@ async def isolate_one(f: Faults, seconds: float) -> None:
 
 
 async def split_two_three(f: Faults, seconds: float) -> None:
-    names = f.names
-    f.rng.shuffle(names)
-    f.partition([sorted(names[:2]), sorted(names[2:])])
+    """Two members from the other three, each participant on a random side."""
+    members = [n for n in f.names if f.cluster.nodes[n].member]
+    f.rng.shuffle(members)
+    small = members[:2] + [n for n in f.names if not f.cluster.nodes[n].member and f.rng.random() < 0.5]
+    f.partition([sorted(small), sorted(n for n in f.names if n not in small)])
     await f.sleep(seconds)
 
 
@@ -292,7 +294,7 @@ async def storm(f: Faults, seconds: float) -> None:
 NEMESES: Final = (
     Nemesis(name="calm", title="no fault (control)", seconds=10.0, run=calm),
     Nemesis(name="isolate", title="one node isolated", seconds=45.0, run=isolate_one),
-    Nemesis(name="split", title="2|3 split", seconds=45.0, run=split_two_three),
+    Nemesis(name="split", title="2|3 split of the members", seconds=45.0, run=split_two_three),
     Nemesis(name="kill-restart", title="kill -9 and restart, repeatedly", seconds=50.0, run=kill_restart),
     Nemesis(name="kill-long", title="kill -9, down past --evict-after", seconds=30.0, run=kill_long),
     Nemesis(name="pause", title="SIGSTOP / SIGCONT, repeatedly", seconds=50.0, run=pause_resume),

@@ -37,7 +37,7 @@ from typing import Any
 import aiohttp
 import msgpack
 
-from crdt.entry import Order, decode_entry
+from crdt.entry import Carry, Order, decode_entry
 from crdt.errors import ValidationError
 from tests.chaos.cluster import Cluster, Node
 from tests.chaos.history import (
@@ -345,6 +345,8 @@ class Observer:
                     entry = decode_entry(e)
                     if isinstance(entry.body, Order):
                         self.order_ids.add(entry.hash.hex())
+                    elif isinstance(entry.body, Carry) and isinstance(entry.body.inner, Order):
+                        self.order_ids.add(entry.body.ticket.hex())  # a participant's order, carried by a member
             if not reply.get("more") or not entries:
                 break
         return out

@@ -55,7 +55,9 @@ def table(verdict: Verdict) -> str:
 def markdown(verdict: Verdict, meta: dict[str, Any]) -> str:
     out = ["# Chaos run", ""]
     features = meta.get("features", {})
-    out.append(f"5 nodes in network namespaces, seed {meta.get('seed')}, {meta.get('seconds', 0):.0f} s; node "
+    nodes, parts = len(meta.get("nodes", ())) or 5, len(meta.get("participants", ()))
+    out.append(f"{nodes - parts} members and {parts} participants in network namespaces, seed {meta.get('seed')}, "
+               f"{meta.get('seconds', 0):.0f} s; node "
                f"features: finality {'yes' if features.get('finality') else 'no'}, client order ids "
                f"{'yes' if features.get('cid') else 'no'}, --evict-after "
                f"{'yes' if features.get('evict_after') else 'no'}, --clock-offset-ms "

@@ -1,7 +1,8 @@
 """One chaos run, from an empty machine state back to an empty machine state.
 
 ``run_suite`` builds the lab (5 namespaces on a bridge), starts the link
-shaper when a nemesis needs it, starts the 5 nodes and waits for a full mesh,
+shaper when a nemesis needs it, starts the 5 members and 2 participants
+(docs/PARTICIPANTS.md; faults hit both) and waits for a full mesh,
 then for each nemesis: clients trade for a warm-up, the nemesis runs its
 faults, everything heals, the clients stop, and the observer waits for the
 cluster to converge and takes the check.  At the end the nodes get SIGTERM,
@@ -42,7 +43,9 @@ from tests.chaos.observer import NodeGone, Observer
 from tests.chaos.report import table, write
 from tests.chaos.shaper import Shaper
 
-NAMES = ("n1", "n2", "n3", "n4", "n5")
+MEMBERS = ("n1", "n2", "n3", "n4", "n5")
+PARTICIPANTS = ("p1", "p2")  # trade through tickets the members carry; faults hit them too
+NAMES = (*MEMBERS, *PARTICIPANTS)
 EVICT_AFTER_S = 8.0  # passed to nodes that take --evict-after
 DEFAULT_EVICT_AFTER_S = 10.0  # what a node without the flag will have
 MESH_TIMEOUT_S = 40.0
@@ -106,7 +109,8 @@ def run_suite(opt: Options) -> Outcome:
     def clock() -> float:
         return time.monotonic() - origin
 
-    rec = Recorder({"seed": opt.seed, "nodes": list(NAMES), "rate": opt.rate, "python": sys.version.split()[0],
+    rec = Recorder({"seed": opt.seed, "nodes": list(NAMES), "participants": list(PARTICIPANTS), "rate": opt.rate,
+                    "python": sys.version.split()[0],
                     "machine": platform.platform(), "iptables": caps.iptables,
                     "nemeses": [list(n) for n in opt.nemeses]})
     needs_shaper = any(BY_NAME[n].needs_shaper or BY_NAME[n].wants_shaper for n, _ in opt.nemeses)
@@ -132,7 +136,7 @@ def run_suite(opt: Options) -> Outcome:
                 shaper, shaper_reason = None, str(exc)
         extra = ["--evict-after", f"{EVICT_AFTER_S:g}"] if flags.evict_after else []
         cluster = Cluster(lab, data_root=data_root, log_dir=log_dir, rec=rec, clock=clock, extra=extra,
-                          genesis=flags.genesis)
+                          genesis=flags.genesis, participants=frozenset(PARTICIPANTS))
         timings["lab"] = round(time.monotonic() - t0, 1)
         play = _Play(opt, lab=lab, cluster=cluster, shaper=shaper, shaper_reason=shaper_reason, flags=flags, rec=rec,
                      clock=clock, timings=timings)
@@ -194,7 +198,8 @@ class _Play:
             features = {"finality": observer.finality, "cid": None, "evict_after": flags.evict_after,
                         "clock_offset": flags.clock_offset}
             self.rec.meta["features"] = features
-            self.opt.echo(f"5 nodes up in {self.timings['start']:.1f} s; finality "
+            self.opt.echo(f"{len(MEMBERS)} members and {len(PARTICIPANTS)} participants up in "
+                          f"{self.timings['start']:.1f} s; finality "
                           f"{'yes' if observer.finality else 'no'}, --evict-after "
                           f"{'yes' if flags.evict_after else 'no'}, --clock-offset-ms "
                           f"{'yes' if flags.clock_offset else 'no'}")
