@@ -104,7 +104,7 @@ class TestSimulatedNetworks:
         was cached, so the void vote completed a majority.  The evicted node
         never reached that decision; once the deciding node equivocated too,
         the two finalized a different fill #65."""
-        r = run(292, storm=True)
+        r = run(292, storm=True, participants=0)
         assert r.violation is None, r.violation
         assert r.finals > 100
 
@@ -112,7 +112,7 @@ class TestSimulatedNetworks:
         """Regression: an evicted member that had also equivocated got an
         effective end past its eviction's cut; the entries there were void and
         already pruned, and banning it raised ``KeyError`` in the core."""
-        r = run(334, storm=True)
+        r = run(334, storm=True, participants=0)
         assert r.violation is None, r.violation
 
     def test_storm_seed_351_votes_that_arrive_before_the_admission_are_kept(self) -> None:
@@ -120,7 +120,7 @@ class TestSimulatedNetworks:
         ``Admit`` that had made it a member, dropped them as votes against a
         non-member, and never decided its own eviction.  It went on to match its
         own voided entries and finalized a different fill #91."""
-        r = run(351, storm=True)
+        r = run(351, storm=True, participants=0)
         assert r.violation is None, r.violation
         assert r.evictions == 2
 
@@ -131,7 +131,7 @@ class TestSimulatedNetworks:
         paused member finalize its own entries 13-20; the eviction then decided
         at the first votes, with cut 12, voided those entries everywhere else.
         The member refused that decision and finalized a different fill #11."""
-        r = run(1133, storm=True)
+        r = run(1133, storm=True, participants=0)
         assert r.violation is None, r.violation
         assert r.evictions == 1
 
@@ -141,7 +141,7 @@ class TestSimulatedNetworks:
         another member, which had crashed meanwhile.  With one member contested
         at a time, nobody joined the vote against the crashed one, and finality
         stalled for good.  Now only a live vote holds up another vote."""
-        r = run(721)
+        r = run(721, participants=0)
         assert r.violation is None, r.violation
         assert r.evictions == 1
 
@@ -151,7 +151,7 @@ class TestSimulatedNetworks:
         short end as the rest arrived, so the node left 45 entries unmatched
         while its digests committed to them, and finalized a different fill
         #190 from the other honest node."""
-        r = run(1383)
+        r = run(1383, participants=0)
         assert r.violation is None, r.violation
         assert r.finals > 200
 
@@ -160,7 +160,7 @@ class TestSimulatedNetworks:
         voided orders still counted as its newest record, so it reported
         records not final (and went on writing heartbeats) until real time
         caught up with their stamps, long after healing."""
-        r = run(1170)
+        r = run(1170, participants=0)
         assert r.violation is None, r.violation
         assert r.evictions == 2
 
@@ -171,7 +171,7 @@ class TestSimulatedNetworks:
         against the equivocator, every node heartbeat at full rate, and the
         equivocator's own view stayed frozen.  Now the equivocator is voted out
         whatever else is under vote, and its eviction retracts its votes."""
-        r = run(1835)
+        r = run(1835, participants=0)
         assert r.violation is None, r.violation
         assert r.evictions == 1
         assert r.finals > 200  # 235 since joiners ask every peer (the messages, not the faults, moved)
@@ -261,7 +261,7 @@ class TestSimulatedNetworks:
         took every entry past the cut as void, whatever membership it was in
         (and dropped that membership's admission votes, on a node that learns
         of a decision late).  Now only entries no membership counts are void."""
-        r = run(110, storm=True, schedule=wide(110))
+        r = run(110, storm=True, schedule=wide(110), participants=0)
         assert r.violation is None, r.violation
         assert r.acked > 0 and r.restarts > 0
 
@@ -314,12 +314,12 @@ class TestCheckerCanFail:
         its node had answered that it was placed.  ``python -m sim --wide
         --seed 64`` does that under the old rule (node 2's order seq 21) and
         passes under the highest cut, the rule certification rests on."""
-        assert run(64, schedule=wide(64)).violation is None
+        assert run(64, schedule=wide(64), participants=0).violation is None
 
         def lowest(votes: list[Vote]) -> int:
             cuts = [v.cut for v in votes if v.cut is not None and v.key]
             return min(cuts) if cuts else 1 << 62
 
         monkeypatch.setattr(finality, "_cut_of", lowest)
-        r = run(64, schedule=wide(64))
+        r = run(64, schedule=wide(64), participants=0)
         assert r.violation is not None and "acknowledged" in r.violation, r.violation
