@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import random
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -370,8 +371,11 @@ class SimNode:
         if self.participant:
             if ex.network is None or not ex.clock_healthy():
                 return
-            inner = self._order_or_cancel(rng, exclude={s.carry.inner.order_id for s in self.sending.values()
-                                                        if isinstance(s.carry.inner, Cancel)})
+            # it cancels an order once (no cancel of it waits for an answer), and only
+            # one it was answered for: carried and certified, so that carry is never voided
+            cancelling = {s.carry.inner.order_id for s in self.sending.values() if isinstance(s.carry.inner, Cancel)}
+            answered = self.tickets_acked if self.guard_core_bugs else ex.engine.orders
+            inner = self._order_or_cancel(rng, only=lambda oid: oid in answered and oid not in cancelling)
             try:
                 carry = ex.ticket(inner, now_ms=self.wall(now))
             except ExchangeError:
@@ -384,11 +388,11 @@ class SimNode:
         if e is not None:
             self.waiting.append(e)
 
-    def _order_or_cancel(self, rng: random.Random, exclude: set[bytes] | None = None) -> Order | Cancel:
+    def _order_or_cancel(self, rng: random.Random, only: Callable[[bytes], bool] | None = None) -> Order | Cancel:
         ex = self.ex
         assert ex is not None
         mine = [o[1] for o in ex.engine.orders.values() if o.__class__ is list and o[0] and o[7] == self.node_id
-                and (not exclude or o[1] not in exclude)]
+                and (only is None or only(o[1]))]
         if mine and rng.random() < 0.25:
             return Cancel(order_id=rng.choice(sorted(mine)))
         side = rng.randrange(2)

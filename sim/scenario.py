@@ -214,7 +214,8 @@ def participant_faults(rng: random.Random, n: int, p: int, duration: int) -> lis
     """Faults of the participants (nodes n..n+p-1), any number at once and on
     top of the members' faults (a participant never holds finality back):
     crashes and restarts with the same key, a crash or a clean stop for good
-    (``crash_long`` lasts to the end), pauses, clocks past the limit, links
+    (``crash_long`` lasts to the end, unless a later crash of the same
+    participant ends it: back after a long outage), pauses, clocks past the limit, links
     to some of the members cut both ways (``split`` with groups
     ``[[participant], members]``), and one-way links (``deaf``, ``mute``)."""
     faults: list[Fault] = []
@@ -448,7 +449,8 @@ def _run(seed: int, *, trace: bool, storm: bool, stops: bool, rule: Callable[[Si
     for nd in nodes:
         log.append(f"{'participant' if nd.participant else 'node'} {nd.index}: {'up' if nd.ex else 'down'}, "
                    f"final fills {len(nd.disk.final_fills)}, "
-                   f"restarts {nd.restarts}, revoked {nd.revoked}, voided own {len(nd.voided)}"
+                   f"restarts {nd.restarts}" + (f" ({nd.wipes} with an empty disk)" if nd.wipes else "") + ", "
+                   f"revoked {nd.revoked}, voided own {len(nd.voided)}"
                    + (f", member {nd.ex.is_member()}, F {nd.ex.finality.final >> 16}" if nd.ex else ""))
     return Result(
         seed=seed, nodes=n, steps=steps, finals=len(checker.canon),
