@@ -260,13 +260,13 @@ class Checker:
                          min(len(want), len(got)))
             raise Violation(f"node {node.index}: replay through the reference matcher gives {len(want)} final "
                             f"fills, the node {len(got)}; first difference at #{first}")
-        for oid, o in ref.orders.items():  # and every final order's state, a ticket's included
+        for oid, placed_by in ((oid, ro.owner) for oid, ro in ref.orders.items()):  # a ticket's included
             fo = node.disk.final_orders.get(oid)
             st: OrderStatus | None = ref.status(oid)
-            if fo is None or fo.status != st or fo.owner != o.owner:
+            if fo is None or fo.status != st or fo.owner != placed_by:
                 raise Violation(f"node {node.index}: final order {oid.hex()[:12]} is "
                                 f"{None if fo is None else (fo.status, fo.owner.hex()[:8])}, the reference "
-                                f"matcher says {(st, o.owner.hex()[:8])}")
+                                f"matcher says {(st, placed_by.hex()[:8])}")
 
 
 def _what(carry: Carry) -> str:
