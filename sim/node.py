@@ -136,9 +136,17 @@ class SimNode:
             for fo in batch.orders:
                 self.disk.final_orders[fo.oid] = fo
             cp = self.disk.checkpoint = self.ex.checkpoint()
-            self.disk.forgets_votes = any(v.seq <= cp.bases.get(v.voter, (0,))[0]
-                                          for votes in self.ex.finality.votes().values() for v in votes)
+            self.disk.forgets_votes = self._forgets_votes(cp)
         self.disk.network = self.ex.network
+
+    def _forgets_votes(self, cp: Checkpoint) -> bool:
+        """Would a restart from ``cp`` forget a vote to evict a member that is
+        still one here (an ``Evict`` at or below the bases)?  Retracted or not:
+        a retraction counts from its own key on."""
+        ex = self.ex
+        assert ex is not None
+        return any(v.cut is not None and v.seq <= cp.bases.get(v.voter, (0,))[0]
+                   for x, votes in ex.finality.votes().items() if ex.membership.is_member(x) for v in votes)
 
     def write(self, now: int, body: Body) -> Entry | None:
         """Prepare, commit, apply and push one own entry."""
