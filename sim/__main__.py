@@ -9,7 +9,10 @@ that of ``sim.scenario.clean_stop``, and ``--schedule stop-skew`` that of
 ``sim.scenario.stop_skew``, ``--schedule stale-admission`` that of
 ``sim.scenario.stale_admission``; ``--stops`` makes every crash of a plan
 a clean shutdown (a member's Leave first).  A run prints the longest time
-node 0 held records that were not final while its frontier stood still."""
+node 0 held records that were not final while its frontier stood still.
+Runs have participants as the seed draws them (``--participants N``: N in
+every run); ``--expose`` turns off the simulator's guards against the core
+bugs it found (``sim.node``), so that the seeds that found them fail again."""
 
 from __future__ import annotations
 
@@ -45,23 +48,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wide", action="store_true",
                    help="overlapping partitions into two or three groups, one-way links, crashes, pauses and "
                         "clocks past the limit, all healed by the end; every guarantee checked, liveness included")
+    p.add_argument("--participants", type=int, default=None,
+                   help="this many participants in every run (default: as the seed draws, 0-6)")
+    p.add_argument("--expose", action="store_true",
+                   help="turn off the guards against known core bugs (sim/node.py) to replay them")
     args = p.parse_args(argv)
     schedule = None if args.schedule is None else SCHEDULES[args.schedule]()
     if args.seed is not None:
         r = run(args.seed, trace=True, storm=args.storm, stops=args.stops,
-                schedule=wide(args.seed) if args.wide else schedule)
+                schedule=wide(args.seed) if args.wide else schedule, participants=args.participants,
+                expose=args.expose)
         print("\n".join(r.trace))
-        print(f"seed {r.seed}: {r.nodes} nodes, {r.steps} steps, {r.finals} final fills, {r.revoked} "
+        print(f"seed {r.seed}: {r.nodes} nodes, {r.participants} participants, {r.steps} steps, {r.finals} final "
+              f"fills, {r.revoked} "
               f"revoked provisional fills, {r.evictions} evictions, {r.restarts} restarts, {r.acked} acknowledged "
-              f"orders and cancels, longest finality "
+              f"orders and cancels, {r.tickets} acknowledged participants' tickets ({r.carried_twice} carried "
+              f"twice), longest finality "
               f"gap at node 0 {r.max_final_gap_ms} ms: "
               + ("ok" if r.violation is None else f"VIOLATION: {r.violation}"))
         return 0 if r.violation is None else 1
     start = time.monotonic()
-    totals = {"steps": 0, "finals": 0, "revoked": 0, "evictions": 0, "restarts": 0, "acked": 0}
+    totals = {"steps": 0, "finals": 0, "revoked": 0, "evictions": 0, "restarts": 0, "acked": 0, "participants": 0,
+              "tickets": 0, "carried_twice": 0}
     failed: list[int] = []
     for seed in range(args.first, args.first + args.seeds):
-        r = run(seed, storm=args.storm, stops=args.stops, schedule=wide(seed) if args.wide else schedule)
+        r = run(seed, storm=args.storm, stops=args.stops, schedule=wide(seed) if args.wide else schedule,
+                participants=args.participants, expose=args.expose)
         for k in totals:
             totals[k] += getattr(r, k)
         if r.violation is not None:
@@ -69,12 +81,15 @@ def main(argv: list[str] | None = None) -> int:
             again = (f"python -m sim --seed {seed}" + (" --storm" if args.storm else "")
                      + (" --wide" if args.wide else "")
                      + (" --stops" if args.stops else "")
+                     + (f" --participants {args.participants}" if args.participants is not None else "")
+                     + (" --expose" if args.expose else "")
                      + (f" --schedule {args.schedule}" if args.schedule else ""))
             print(f"seed {seed}: VIOLATION: {r.violation}  (replay: {again})", flush=True)
     secs = time.monotonic() - start
     print(f"{args.seeds} seeds, {totals['steps']} steps, {totals['finals']} final fills, {totals['revoked']} "
           f"revoked provisional fills, {totals['evictions']} evictions, {totals['restarts']} restarts, "
-          f"{totals['acked']} acknowledged orders and cancels, "
+          f"{totals['acked']} acknowledged orders and cancels, {totals['participants']} participants, "
+          f"{totals['tickets']} acknowledged participants' tickets ({totals['carried_twice']} carried twice), "
           f"{len(failed)} violations; {args.seeds / secs * 60:.0f} seeds per minute")
     return 1 if failed else 0
 

@@ -14,7 +14,16 @@
 - no node acknowledges an order or cancel that is later voided: what a
   majority of members certified is never reported void, and after healing
   counts on every live node; and after healing, every order or cancel of a
-  live member that counts is certified (none waits for good).
+  live member that counts is certified (none waits for good);
+- participants (``sim.node``) are held to all of the above like any node, and
+  a participant's order or cancel that a member answered as carried (its
+  ``Carry`` entry certified) is never reported void by that member, and after
+  healing counts and is final on every live node: the order, by its ticket's
+  hash, is the participant's there, a cancelled order rests nowhere;
+- the replay counts a ticket once: only its first carry in canonical order
+  places the order (a participant that got no answer sends the same ticket to
+  another member), and every final order's state on a node (its final orders
+  on disk) equals the naive recount's.
 
 A violation is a ``Violation`` with a short description; the simulation stops
 at the first one and prints the trace.
@@ -23,13 +32,13 @@ at the first one and prints the trace.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
-from crdt.entry import Admit, Cancel, Entry, Order
+from crdt.entry import TICKET_WINDOW_MS, Admit, Cancel, Carry, Entry, Order, ticket_valid
 from crdt.membership import Decision
-from matching.engine import CANCEL, GTC, IOC, MARKET, Fill
+from matching.engine import CANCEL, GTC, IOC, MARKET, Fill, OrderStatus
 from matching.reference import reference
 from sim.node import SimNode
 
@@ -45,6 +54,8 @@ class Checker:
     exempt: frozenset[int]  # nodes not held to agreement (they equivocate in a storm)
     own: dict[int, list[Fill]]  # an exempt node's final fills as last seen
     voided_seen: dict[int, int]  # how many of each node's void reports ``acknowledged`` has read
+    wipes: dict[int, int] = field(default_factory=dict)  # restarts with an empty disk seen, by node
+    carried_twice: int = 0  # tickets carried more than once among a node's final entries (the most seen)
 
     @classmethod
     def new(cls, exempt: frozenset[int] = frozenset()) -> Checker:
@@ -52,6 +63,10 @@ class Checker:
 
     def step(self, nodes: Sequence[SimNode]) -> None:
         for n in nodes:
+            if n.wipes != self.wipes.get(n.index, 0):  # a participant started over with an empty disk
+                self.wipes[n.index] = n.wipes
+                self.seen[n.index] = self.voided_seen[n.index] = 0
+                self.own.pop(n.index, None)
             fills = n.disk.final_fills
             k = self.seen.get(n.index, 0)
             if len(fills) < k:
@@ -89,18 +104,29 @@ class Checker:
         """No node acknowledges an order or cancel that is later voided: one a
         majority of members certified is never reported void on the node that
         wrote it, unless that node equivocated before it (its log ends before
-        the fork), or the storm makes it equivocate."""
+        the fork), or the storm makes it equivocate.  The same for a ticket a
+        member carried and a participant was answered for: the member never
+        reports its carrying entry void."""
         for n in nodes:
             seen = self.voided_seen.get(n.index, 0)
             self.voided_seen[n.index] = len(n.voided)
-            if n.index in self.exempt or not n.acked:
+            if n.index in self.exempt or len(n.voided) == seen:
                 continue
             forked = n.disk.evidence.get(n.node_id)  # it equivocated: its log ends before the fork
             for e in n.voided[seen:]:  # a void entry never counts again, so is never acknowledged later
-                if e.hash in n.acked and (forked is None or e.seq < forked[0].seq):
+                if forked is not None and e.seq >= forked[0].seq:
+                    continue
+                if e.hash in n.acked:
                     what = type(e.body).__name__.lower()
                     raise Violation(f"node {n.index}: its {what} seq {e.seq}, acknowledged as certified by a "
                                     "majority, was voided")
+                if isinstance(e.body, Carry):
+                    for p in nodes:
+                        got = p.tickets_acked.get(e.body.ticket)
+                        if got is not None and got[1].hash == e.hash:
+                            raise Violation(f"node {n.index}: its carry (seq {e.seq}) of participant {p.index}'s "
+                                            f"{_what(got[0])} {e.body.ticket.hex()[:12]}, acknowledged to the "
+                                            "participant, was voided")
 
     def invariants(self, nodes: Sequence[SimNode]) -> None:
         for n in nodes:
@@ -126,6 +152,9 @@ class Checker:
         if len(set(views.values())) > 1:
             return "live nodes differ: " + ", ".join(f"{i}: {v[0].hex()[:8]}/{v[1]}/{v[3].hex()[:8]}"
                                                      for i, v in views.items())
+        for n in live:
+            if n.sending:
+                return f"participant {n.index} has {len(n.sending)} tickets waiting for an answer"
         for n in members:
             assert n.ex is not None
             ex = n.ex
@@ -145,7 +174,47 @@ class Checker:
                     if not m.ex.membership.valid(e.origin, e.seq, e.key) or e.seq > m.ex.finality.end(e.origin):
                         raise Violation(f"node {n.index}: its acknowledged {type(e.body).__name__.lower()} seq "
                                         f"{e.seq} does not count at node {m.index}")
+        self._tickets_final(nodes, live)
         return None
+
+    def _tickets_final(self, nodes: Sequence[SimNode], live: Sequence[SimNode]) -> None:
+        """Every participant's acknowledged order or cancel counts and is final
+        on every live node (participants included), once they all agree: the
+        carrying entry counts and lies at or below the final frontier; an
+        order is the participant's there (by its ticket's hash) and final; the
+        order a cancel named rests nowhere."""
+        by_id = {n.node_id: n for n in nodes}
+        for p in nodes:
+            for carry, e in p.tickets_acked.values():
+                member = by_id.get(e.origin)
+                if member is None or member.index in self.exempt:
+                    continue
+                forked = member.disk.evidence.get(member.node_id)
+                if forked is not None and e.seq >= forked[0].seq:
+                    continue  # the carrying member equivocated before it: its log ends at the fork
+                what = f"participant {p.index}'s acknowledged {_what(carry)} {carry.ticket.hex()[:12]}"
+                for m in live:
+                    ex = m.ex
+                    assert ex is not None
+                    if not ex.membership.valid(e.origin, e.seq, e.key) or e.seq > ex.finality.end(e.origin):
+                        raise Violation(f"{what} (carried by node {member.index}, seq {e.seq}) does not count at "
+                                        f"node {m.index}")
+                    if e.hlc > ex.finality.final:
+                        raise Violation(f"{what} is not final at node {m.index}")
+                    inner = carry.inner
+                    if isinstance(inner, Order):
+                        fo = m.disk.final_orders.get(carry.ticket)
+                        owner = fo.owner if fo is not None else ex.owner(carry.ticket)
+                        if owner != carry.owner:
+                            raise Violation(f"{what} is not the participant's order at node {m.index}")
+                        if fo is None and not ex.order_final(carry.ticket):
+                            raise Violation(f"{what} is not final at node {m.index}")
+                    else:
+                        st = ex.status(inner.order_id)
+                        if st is None and (fo := m.disk.final_orders.get(inner.order_id)) is not None:
+                            st = fo.status
+                        if st is not None and st.remaining:
+                            raise Violation(f"{what} left its order resting at node {m.index}")
 
     def replay(self, node: SimNode, decisions: Sequence[Decision]) -> None:
         """Recompute the final fills from the node's entries with naive rules."""
@@ -162,19 +231,46 @@ class Checker:
         for e in entries:
             if e.hlc > final or e.seq > ex.finality.end(e.origin) or not valid(e):
                 continue
-            body = e.body
+            body, owner, oid = e.body, e.origin, e.hash
+            if isinstance(body, Carry):  # a participant's ticket: its owner's, within its window, signed
+                if abs((body.stamp >> 16) - (e.hlc >> 16)) > TICKET_WINDOW_MS or not ticket_valid(body):
+                    continue
+                owner, oid, body = body.owner, body.ticket, body.inner
             if isinstance(body, Order):
                 kind = MARKET if body.market else (IOC if body.tif == IOC else GTC)
-                records.append((e.key, kind, e.hash, body.side, body.price, body.qty, e.origin))
+                records.append((e.key, kind, oid, body.side, body.price, body.qty, owner))
             elif isinstance(body, Cancel):
-                records.append((e.key, CANCEL, body.order_id, 0, 0, 0, e.origin))
-        want = reference(records).fills
+                records.append((e.key, CANCEL, body.order_id, 0, 0, 0, owner))
+        # only the first carry of a ticket in canonical order places it; the others place nothing
+        records.sort(key=lambda r: r[0])
+        placed: set[Any] = set()
+        once: list[tuple[Any, ...]] = []
+        for r in records:
+            if r[1] != CANCEL:
+                if r[2] in placed:
+                    continue
+                placed.add(r[2])
+            once.append(r)
+        self.carried_twice = max(self.carried_twice, len(records) - len(once))
+        ref = reference(once)
+        want = ref.fills
         got = node.disk.final_fills
         if want != got:
             first = next((i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b),
                          min(len(want), len(got)))
             raise Violation(f"node {node.index}: replay through the reference matcher gives {len(want)} final "
                             f"fills, the node {len(got)}; first difference at #{first}")
+        for oid, placed_by in ((oid, ro.owner) for oid, ro in ref.orders.items()):  # a ticket's included
+            fo = node.disk.final_orders.get(oid)
+            st: OrderStatus | None = ref.status(oid)
+            if fo is None or fo.status != st or fo.owner != placed_by:
+                raise Violation(f"node {node.index}: final order {oid.hex()[:12]} is "
+                                f"{None if fo is None else (fo.status, fo.owner.hex()[:8])}, the reference "
+                                f"matcher says {(st, placed_by.hex()[:8])}")
+
+
+def _what(carry: Carry) -> str:
+    return "order" if isinstance(carry.inner, Order) else "cancel"
 
 
 def naive_validity(entries: Sequence[Entry], decisions: Sequence[Decision], network: bytes | None,

@@ -1,6 +1,14 @@
 """One simulated run from one seed: a network founded, nodes admitted, traders
 trading, a schedule of faults, then healing, quiescence and the final checks.
 
+Besides its members a run has 0 to 6 participants (``PARTICIPANTS``): nodes
+that never join, hold a full replica and trade through tickets that members
+carry (``sim.node``).  They crash and restart with their key, stop for good,
+pause, run skewed clocks, lose their links to some members or go deaf or
+mute (``participant_faults``), at any time: they never hold finality back.
+How many and their faults come from a generator of their own, so a seed
+drawn without participants runs exactly as it did before they existed.
+
 Everything is driven by ``random.Random(seed)``: the same seed replays the
 same run, step for step.  Time is in simulated milliseconds; finality's
 timeouts are scaled down (eviction after 800 ms) so a run is short.
@@ -8,12 +16,16 @@ timeouts are scaled down (eviction after 800 ms) so a run is short.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from hashlib import blake2b
 
+import crdt.entry
+import crdt.keys
+import crdt.replica
 from crdt.entry import GENESIS, Heartbeat, Order, make_entry
 from crdt.errors import ExchangeError
 from crdt.keys import SigningKey
@@ -45,7 +57,7 @@ class Fault:
 @dataclass(slots=True, kw_only=True)
 class Result:
     seed: int
-    nodes: int
+    nodes: int  # members at the start (participants apart)
     steps: int
     finals: int
     revoked: int
@@ -57,6 +69,9 @@ class Result:
     # the longest time node 0 held records that were not final while its final
     # frontier did not move, before healing (ms of simulated time)
     max_final_gap_ms: int = 0
+    participants: int = 0
+    tickets: int = 0  # participants' orders and cancels answered as carried and certified
+    carried_twice: int = 0  # tickets carried more than once among the final entries
 
 
 @dataclass(slots=True, kw_only=True)
@@ -67,6 +82,7 @@ class Schedule:
     nodes: int
     duration: int
     faults: list[Fault]
+    participants: int | None = 0  # None: as many as the seed draws (0-6), with their faults
 
 
 def split_brain(*, fresh: bool = False) -> Schedule:
@@ -145,7 +161,7 @@ def wide(seed: int) -> Schedule:
             f.other = rng.choice((-3_000, -2_000, 2_500, 4_000))
         faults.append(f)
         t += rng.randint(100, 600)
-    return Schedule(nodes=n, duration=duration, faults=faults)
+    return Schedule(nodes=n, duration=duration, faults=faults, participants=None)
 
 
 def clean_stop(*, crash: bool = False) -> Schedule:
@@ -190,6 +206,36 @@ def stale_admission() -> Schedule:
         Fault(kind="partition", start=1_950, end=2_400, node=0, groups=[[0, 2], [1]]),
         Fault(kind="crash_long", start=2_200, end=1 << 60, node=2),
     ])
+
+
+PARTICIPANT_KINDS = ("crash", "crash", "crash_long", "stop", "pause", "skew", "split", "split", "deaf", "mute")
+
+
+def participant_faults(rng: random.Random, n: int, p: int, duration: int) -> list[Fault]:
+    """Faults of the participants (nodes n..n+p-1), any number at once and on
+    top of the members' faults (a participant never holds finality back):
+    crashes and restarts with the same key, a crash or a clean stop for good
+    (``crash_long`` lasts to the end, unless a later crash of the same
+    participant ends it: back after a long outage), pauses, clocks past the limit, links
+    to some of the members cut both ways (``split`` with groups
+    ``[[participant], members]``), and one-way links (``deaf``, ``mute``)."""
+    faults: list[Fault] = []
+    if not p:
+        return faults
+    t = rng.randint(200, 600)
+    while t < duration - 300:
+        kind = rng.choice(PARTICIPANT_KINDS)
+        node = n + rng.randrange(p)
+        f = Fault(kind=kind, start=t, end=min(t + rng.randint(100, 1_200), duration), node=node)
+        if kind == "crash_long" or (kind == "stop" and rng.random() < 0.5):
+            f.end = 1 << 60
+        if kind == "split":
+            f.groups = [[node], sorted(rng.sample(range(n), rng.randint(1, n)))]
+        if kind == "skew":
+            f.other = rng.choice((-3_000, -800, 600, 4_000))
+        faults.append(f)
+        t += rng.randint(150, 700)
+    return faults
 
 
 def key_for(seed: int, i: int) -> SigningKey:
@@ -244,36 +290,89 @@ def plan(rng: random.Random, n: int, duration: int, *, storm: bool = False, stop
     return faults
 
 
+PARTICIPANTS = (0, 0, 1, 1, 2, 3, 4, 6)  # drawn per seed
+
+
+@contextlib.contextmanager
+def _signatures_checked_once() -> Iterator[None]:
+    """Every node of a run checks every signature it is shown, as a real node
+    does; the answer for one (key, signature, message) is computed once per
+    run (``crdt.keys.verify`` is a pure function) and shared, so that a run of
+    many replicas does not spend most of its time re-checking the same
+    signatures."""
+    verify = crdt.keys.verify  # what crdt.replica and crdt.entry imported
+    memo: dict[tuple[bytes, bytes, bytes], bool] = {}
+
+    def once(public: bytes, signature: bytes, message: bytes) -> bool:
+        k = (public, signature, message)
+        ok = memo.get(k)
+        if ok is None:
+            ok = memo[k] = verify(public, signature, message)
+        return ok
+
+    for module in (crdt.replica, crdt.entry):
+        setattr(module, "verify", once)  # noqa: B010 (the modules do not export the name they imported)
+    try:
+        yield
+    finally:
+        for module in (crdt.replica, crdt.entry):
+            setattr(module, "verify", verify)  # noqa: B010
+
+
 def run(seed: int, *, trace: bool = False, storm: bool = False, stops: bool = False,
-        rule: Callable[[SimNode], None] | None = None, schedule: Schedule | None = None) -> Result:
+        rule: Callable[[SimNode], None] | None = None, schedule: Schedule | None = None,
+        participants: int | None = None, expose: bool = False) -> Result:
     """One run; ``storm`` overlaps every kind of fault and checks safety only;
     ``stops`` makes every crash a clean shutdown (see ``plan``);
     ``rule`` may alter each node's core (a test of the checker itself);
-    ``schedule`` pins the nodes, the duration and the faults."""
+    ``schedule`` pins the nodes, the duration and the faults;
+    ``participants``: this many participants (and faults of theirs) instead
+    of what the seed draws (a pinned schedule has none unless it says);
+    ``expose`` turns off the guards against core bugs (``sim.node``)."""
+    with _signatures_checked_once():
+        return _run(seed, trace=trace, storm=storm, stops=stops, rule=rule, schedule=schedule,
+                    participants=participants, expose=expose)
+
+
+def _run(seed: int, *, trace: bool, storm: bool, stops: bool, rule: Callable[[SimNode], None] | None,
+         schedule: Schedule | None, participants: int | None, expose: bool) -> Result:
     rng = random.Random(seed)
+    prng = random.Random(f"participants {seed}")  # theirs alone: a seed without any runs as it always did
     if schedule is None:
         n = rng.randint(3, 5)
         duration = rng.randint(2_500, 4_500)
     else:
         n, duration = schedule.nodes, schedule.duration
+    if participants is None:
+        participants = schedule.participants if schedule is not None else None
+    p = prng.choice(PARTICIPANTS) if participants is None else participants
     net = Network(rng)
-    nodes = [SimNode(i, key_for(seed, i), PARAMS, net, rng) for i in range(n)]
+    nodes = [SimNode(i, key_for(seed, i), PARAMS, net, rng, participant=i >= n) for i in range(n + p)]
+    directory = {nd.node_id: nd.index for nd in nodes}
     for nd in nodes:
-        nd.peers = [j for j in range(n) if j != nd.index]
+        nd.peers = [j for j in range(n + p) if j != nd.index]
+        nd.directory = directory
+        nd.guard_core_bugs = not expose
         if rule is not None:
             rule(nd)
     faults = plan(rng, n, duration, storm=storm, stops=stops) if schedule is None else list(schedule.faults)
+    faults += participant_faults(prng, n, p, duration)
     checker = Checker.new(frozenset(f.node for f in faults if f.kind == "equivocate") if storm else frozenset())
     log: list[str] = []
     rate = rng.choice((20, 60, 150))  # orders per simulated second, over all nodes
     nodes[0].found(0)
-    log.append(f"seed {seed}: {n} nodes, {duration} ms, {rate} orders/s, faults: "
+    for nd in nodes[n:]:  # a participant is told which network it trades on
+        assert nd.ex is not None and nodes[0].ex is not None and nodes[0].ex.network is not None
+        nd.ex.set_network(nodes[0].ex.network)
+        nd.disk.network = nodes[0].ex.network
+    log.append(f"seed {seed}: {n} nodes" + (f" and {p} participants (n{n}-n{n + p - 1})" if p else "")
+               + f", {duration} ms, {rate} orders/s, faults: "
                + "; ".join(f"{f.kind}@{f.start}-{f.end if f.end < 1 << 59 else 'end'} n{f.node}" for f in faults))
     now = 0
     steps = 0
     active: list[Fault] = []
     pending = sorted(faults, key=lambda f: f.start)
-    backlog: dict[int, list[tuple[int, int, tuple[object, ...]]]] = {i: [] for i in range(n)}
+    backlog: dict[int, list[tuple[int, int, tuple[object, ...]]]] = {i: [] for i in range(n + p)}
     quiet_until = duration + 6_000
     healed = False
     converged_at = None
@@ -351,8 +450,10 @@ def run(seed: int, *, trace: bool = False, storm: bool = False, stops: bool = Fa
         log.append(f"{now}: VIOLATION {violation}")
         log.extend(traceback.format_exc().rstrip().splitlines())
     for nd in nodes:
-        log.append(f"node {nd.index}: {'up' if nd.ex else 'down'}, final fills {len(nd.disk.final_fills)}, "
-                   f"restarts {nd.restarts}, revoked {nd.revoked}, voided own {len(nd.voided)}"
+        log.append(f"{'participant' if nd.participant else 'node'} {nd.index}: {'up' if nd.ex else 'down'}, "
+                   f"final fills {len(nd.disk.final_fills)}, "
+                   f"restarts {nd.restarts}" + (f" ({nd.wipes} with an empty disk)" if nd.wipes else "") + ", "
+                   f"revoked {nd.revoked}, voided own {len(nd.voided)}"
                    + (f", member {nd.ex.is_member()}, F {nd.ex.finality.final >> 16}" if nd.ex else ""))
     return Result(
         seed=seed, nodes=n, steps=steps, finals=len(checker.canon),
@@ -361,6 +462,7 @@ def run(seed: int, *, trace: bool = False, storm: bool = False, stops: bool = Fa
         restarts=sum(nd.restarts for nd in nodes), violation=violation,
         acked=sum(len(nd.acked) for nd in nodes),
         trace=log if (trace or violation) else [], max_final_gap_ms=max_gap,
+        participants=p, tickets=sum(len(nd.tickets_acked) for nd in nodes), carried_twice=checker.carried_twice,
     )
 
 

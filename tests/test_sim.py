@@ -5,11 +5,15 @@ checked after every step (prefix-consistent final fills, none retracted,
 convergence after healing, an independent replay of the final entries),
 also with every crash a clean shutdown (a member's Leave first), and
 pinned schedules: the split brain, and clean shutdowns against kills.
+Most runs also have participants, which trade through tickets that members
+carry (``TestParticipants`` forces them into every run); the pinned
+regression seeds run as they were found, without any.
 Seeds run in chunks, shared out among the test workers (or in a process pool
 without them); a failing seed replays with
 ``python -m sim --seed N``.  The checker is shown to fail on broken rules
 (a frontier that ignores a member; an eviction cut at its lowest voter's,
-which voids acknowledged orders).
+which voids acknowledged orders; a repeated ticket placed again), and on the
+two core bugs the participants found, with the simulator's guards off.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ STORM_CHUNK = 8
 
 
 WIDE_SEEDS = 16
+PARTICIPANT_SEEDS = 40  # runs with 2-6 participants each, besides those the seeds above draw
+PARTICIPANT_STORM_SEEDS = 16
 
 
 def _one(args: tuple[int, bool, bool, bool]) -> tuple[int, str | None, int]:
@@ -55,6 +61,21 @@ def _run_many(seeds: range, *, storm: bool, wide_faults: bool = False,
     workers = max(1, min(4, os.cpu_count() or 1))
     with ProcessPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(_one, jobs, chunksize=4))
+
+
+def _with_participants(args: tuple[int, bool, bool]) -> tuple[int, str | None, int, int, int]:
+    seed, storm, wide_faults = args
+    r = run(seed, storm=storm, schedule=wide(seed) if wide_faults else None, participants=2 + seed % 5)
+    return seed, r.violation, r.finals, r.tickets, r.carried_twice
+
+
+def _run_participants(seeds: range, *, storm: bool = False,
+                      wide_faults: bool = False) -> list[tuple[int, str | None, int, int, int]]:
+    jobs = [(s, storm, wide_faults) for s in seeds]
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return [_with_participants(job) for job in jobs]
+    with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        return list(pool.map(_with_participants, jobs, chunksize=4))
 
 
 def _chunks(total: int, size: int) -> list[range]:
@@ -104,7 +125,7 @@ class TestSimulatedNetworks:
         was cached, so the void vote completed a majority.  The evicted node
         never reached that decision; once the deciding node equivocated too,
         the two finalized a different fill #65."""
-        r = run(292, storm=True)
+        r = run(292, storm=True, participants=0)
         assert r.violation is None, r.violation
         assert r.finals > 100
 
@@ -112,7 +133,7 @@ class TestSimulatedNetworks:
         """Regression: an evicted member that had also equivocated got an
         effective end past its eviction's cut; the entries there were void and
         already pruned, and banning it raised ``KeyError`` in the core."""
-        r = run(334, storm=True)
+        r = run(334, storm=True, participants=0)
         assert r.violation is None, r.violation
 
     def test_storm_seed_351_votes_that_arrive_before_the_admission_are_kept(self) -> None:
@@ -120,7 +141,7 @@ class TestSimulatedNetworks:
         ``Admit`` that had made it a member, dropped them as votes against a
         non-member, and never decided its own eviction.  It went on to match its
         own voided entries and finalized a different fill #91."""
-        r = run(351, storm=True)
+        r = run(351, storm=True, participants=0)
         assert r.violation is None, r.violation
         assert r.evictions == 2
 
@@ -131,7 +152,7 @@ class TestSimulatedNetworks:
         paused member finalize its own entries 13-20; the eviction then decided
         at the first votes, with cut 12, voided those entries everywhere else.
         The member refused that decision and finalized a different fill #11."""
-        r = run(1133, storm=True)
+        r = run(1133, storm=True, participants=0)
         assert r.violation is None, r.violation
         assert r.evictions == 1
 
@@ -141,7 +162,7 @@ class TestSimulatedNetworks:
         another member, which had crashed meanwhile.  With one member contested
         at a time, nobody joined the vote against the crashed one, and finality
         stalled for good.  Now only a live vote holds up another vote."""
-        r = run(721)
+        r = run(721, participants=0)
         assert r.violation is None, r.violation
         assert r.evictions == 1
 
@@ -151,7 +172,7 @@ class TestSimulatedNetworks:
         short end as the rest arrived, so the node left 45 entries unmatched
         while its digests committed to them, and finalized a different fill
         #190 from the other honest node."""
-        r = run(1383)
+        r = run(1383, participants=0)
         assert r.violation is None, r.violation
         assert r.finals > 200
 
@@ -160,7 +181,7 @@ class TestSimulatedNetworks:
         voided orders still counted as its newest record, so it reported
         records not final (and went on writing heartbeats) until real time
         caught up with their stamps, long after healing."""
-        r = run(1170)
+        r = run(1170, participants=0)
         assert r.violation is None, r.violation
         assert r.evictions == 2
 
@@ -171,7 +192,7 @@ class TestSimulatedNetworks:
         against the equivocator, every node heartbeat at full rate, and the
         equivocator's own view stayed frozen.  Now the equivocator is voted out
         whatever else is under vote, and its eviction retracts its votes."""
-        r = run(1835)
+        r = run(1835, participants=0)
         assert r.violation is None, r.violation
         assert r.evictions == 1
         assert r.finals > 200  # 235 since joiners ask every peer (the messages, not the faults, moved)
@@ -261,7 +282,7 @@ class TestSimulatedNetworks:
         took every entry past the cut as void, whatever membership it was in
         (and dropped that membership's admission votes, on a node that learns
         of a decision late).  Now only entries no membership counts are void."""
-        r = run(110, storm=True, schedule=wide(110))
+        r = run(110, storm=True, schedule=wide(110), participants=0)
         assert r.violation is None, r.violation
         assert r.acked > 0 and r.restarts > 0
 
@@ -280,6 +301,35 @@ class TestSimulatedNetworks:
     def test_a_seed_replays_exactly(self) -> None:
         first, again = run(7, trace=True), run(7, trace=True)
         assert first.trace == again.trace and first.finals == again.finals
+
+
+class TestParticipants:
+    """Participants: nodes that never join, hold a full replica and trade
+    through tickets that members carry, retried through another member when
+    no answer comes; they crash and restart, stop for good, pause, skew their
+    clocks and lose links, and never hold finality back.  Each run here has 2
+    to 6 of them (``python -m sim --seed N --participants K``)."""
+
+    @pytest.mark.parametrize("seeds", _chunks(PARTICIPANT_SEEDS, CHUNK),
+                             ids=lambda r: f"participants{r.start}-{r.stop - 1}")
+    def test_seeds_with_participants_keep_every_guarantee(self, seeds: range) -> None:
+        results = _run_participants(seeds)
+        bad = [(s, v) for s, v, *_ in results if v is not None]
+        assert not bad, "\n".join(f"seed {s}: {v} (replay: python -m sim --seed {s} --participants {2 + s % 5})"
+                                   for s, v in bad)
+        # not vacuous: fills became final, participants were answered, and some
+        # tickets were carried twice (a retry after an answer was lost or late)
+        assert sum(f for _, _, f, _, _ in results) > len(seeds) * 10
+        assert sum(t for _, _, _, t, _ in results) > len(seeds) * 10
+        assert sum(d for *_, d in results) > 0
+
+    @pytest.mark.parametrize("wide_faults", [False, True], ids=["storm", "wide"])
+    def test_storm_and_wide_seeds_with_participants_stay_safe(self, wide_faults: bool) -> None:
+        results = _run_participants(range(PARTICIPANT_STORM_SEEDS), storm=True, wide_faults=wide_faults)
+        bad = [(s, v) for s, v, *_ in results if v is not None]
+        flags = "--storm" + (" --wide" if wide_faults else "")
+        assert not bad, "\n".join(f"seed {s}: {v} (replay: python -m sim --seed {s} {flags} "
+                                   f"--participants {2 + s % 5})" for s, v in bad)
 
 
 def _frontier_ignores_the_last_member(nd: SimNode) -> None:
@@ -314,12 +364,53 @@ class TestCheckerCanFail:
         its node had answered that it was placed.  ``python -m sim --wide
         --seed 64`` does that under the old rule (node 2's order seq 21) and
         passes under the highest cut, the rule certification rests on."""
-        assert run(64, schedule=wide(64)).violation is None
+        assert run(64, schedule=wide(64), participants=0).violation is None
 
         def lowest(votes: list[Vote]) -> int:
             cuts = [v.cut for v in votes if v.cut is not None and v.key]
             return min(cuts) if cuts else 1 << 62
 
         monkeypatch.setattr(finality, "_cut_of", lowest)
-        r = run(64, schedule=wide(64))
+        r = run(64, schedule=wide(64), participants=0)
         assert r.violation is not None and "acknowledged" in r.violation, r.violation
+
+    def test_a_repeated_ticket_placed_again_is_caught(self) -> None:
+        """A broken rule: the engine forgets the id of a closed order once it is
+        final, so a later carry of the same ticket (a participant's retry
+        through another member) places the order a second time."""
+
+        def forget_closed(nd: SimNode) -> None:
+            assert nd.ex is not None
+            nd.ex.engine.repeatable = frozenset()
+
+        violations = [r.violation for seed in range(6)
+                      if (r := run(seed, participants=6, rule=forget_closed)).violation is not None]
+        assert violations, "the checker found nothing wrong with a ticket placed twice"
+
+    def test_an_acknowledged_cancel_sorted_before_its_order_is_caught(self) -> None:
+        """Core bug (pinned with the guard off): a member whose clock jumped
+        2.5 s ahead carried a participant's order before its peers' clocks told
+        it; the others' clocks do not follow a stamp more than 1 s ahead, so
+        another member carried the participant's cancel with an earlier stamp.
+        The cancel sorted before the order, cancelled nothing, and was answered
+        as carried: the order rests for good (``python -m sim --seed 13
+        --expose``).  The guard in ``sim.node`` refuses such a cancel; once the
+        core stamps a carried cancel after its order, the exposed run passes
+        and the guard can go."""
+        assert run(13).violation is None
+        r = run(13, expose=True)
+        assert r.violation is not None and "left its order resting" in r.violation, r.violation
+
+    def test_a_restart_that_forgets_an_eviction_vote_is_caught(self) -> None:
+        """Core bug (pinned with the guard off): a participant's checkpoint was
+        taken while a vote to evict the equivocating member lay at or below its
+        bases (the others' finality went on without that member); a checkpoint
+        holds no eviction votes, so after its restart the participant never
+        decided the eviction the members decided, its digests never matched
+        theirs, and its finality stalled for good (``python -m sim --seed 54
+        --expose``, participant 7).  The guard restarts such a participant with
+        an empty disk; once checkpoints keep those votes, the exposed run
+        passes and the guard can go."""
+        assert run(54).violation is None
+        r = run(54, expose=True)
+        assert r.violation is not None and "no convergence" in r.violation, r.violation
