@@ -88,6 +88,14 @@ class NotCancellable(ExchangeError):
     code = "not_cancellable"
 
 
+class OrderAhead(ExchangeError):
+    """A participant's cancel that this member would stamp at or before the
+    order it cancels (the order was carried by a clock ahead of this one): it
+    would cancel nothing.  Another member, or this one a moment later, can."""
+
+    code = "order_ahead"
+
+
 def floor_key(hlc: int) -> bytes:
     """The greatest canonical key stamped at ``hlc``: records at or below it are those with stamp <= hlc."""
     return hlc.to_bytes(8, "big") + b"\xff" * 32
@@ -372,6 +380,11 @@ class Exchange:
                                 body.owner if isinstance(body, Carry) else self.node_id)
         if isinstance(body, Carry):
             self.check_ticket(body, now_ms=now_ms)
+            if isinstance(body.inner, Cancel):
+                placed = self.engine.key_of(body.inner.order_id)
+                if placed is not None and hlc_of(placed) >= max(pack(now_ms, 0), self.hlc.last + 1):
+                    raise OrderAhead(f"order {body.inner.order_id.hex()} is stamped ahead of this member's clock: "
+                                     "a cancel stamped now would sort before it")
         if after is None:
             seq, prev, _ = self.replica.head_info(self.node_id)
         else:
@@ -803,10 +816,23 @@ class Exchange:
         limits = {o: self.finality.end(o) for o in self.finality.forks()}
         for o, seq in self.replica.pin_limits().items():
             limits[o] = min(limits.get(o, seq), seq)
+        final_key = floor_key(self.finality.final)
         for x, votes in self.finality.votes().items():
             cuts = [v.cut for v in votes if v.cut is not None]
             if cuts:
                 limits[x] = min(limits.get(x, 1 << 62), *cuts)
+            if not self.membership.is_member(x):
+                continue
+            # a vote against a member stays in memory (so a restart, which rebuilds the votes from
+            # the entries above the checkpoint's bases, counts it too) until it cannot matter: while
+            # no retraction of it has become final, a vote stamped before that retraction may still
+            # arrive and complete a majority with it
+            for i, v in enumerate(votes):
+                if v.cut is None:
+                    continue
+                retracted = next((r for r in votes[i + 1:] if r.voter == v.voter), None)
+                if retracted is None or retracted.key > final_key:
+                    limits[v.voter] = min(limits.get(v.voter, 1 << 62), v.seq - 1)
         return limits
 
     def take_finalized(self) -> list[FinalBatch]:

@@ -25,7 +25,7 @@ from crdt.errors import BadTicket, ClockUnhealthy, ExchangeError, ForeignCancel,
 from crdt.hlc import physical_ms
 from crdt.keys import short_id
 from matching.engine import OrderStatus
-from matching.exchange import Exchange, NotCancellable, UnknownOrder, fill_id
+from matching.exchange import Exchange, NotCancellable, OrderAhead, UnknownOrder, fill_id
 from net.errors import (
     ApiError,
     BadRequest,
@@ -1191,6 +1191,8 @@ async def peer_carry(request: web.Request) -> web.Response:
         raise ApiError(str(exc), code="clock_unhealthy", status=503, retry_after=5) from None
     except BadTicket as exc:
         raise Unprocessable(str(exc), code="bad_ticket") from None
+    except OrderAhead as exc:
+        raise ApiError(str(exc), code="order_ahead", status=503, retry_after=1) from None
     except UnknownOrder as exc:
         raise NotFound(str(exc), code="unknown_order") from None
     except ForeignCancel as exc:
