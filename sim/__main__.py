@@ -11,8 +11,8 @@ that of ``sim.scenario.clean_stop``, and ``--schedule stop-skew`` that of
 a clean shutdown (a member's Leave first).  A run prints the longest time
 node 0 held records that were not final while its frontier stood still.
 Runs have participants as the seed draws them (``--participants N``: N in
-every run); ``--expose`` turns off the simulator's guards against the core
-bugs it found (``sim.node``), so that the seeds that found them fail again."""
+every run); ``--expose`` turns off the simulator's guard against a core bug
+it found and that is not fixed (``sim.node``), so that its seed fails again."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--participants", type=int, default=None,
                    help="this many participants in every run (default: as the seed draws, 0-6)")
     p.add_argument("--expose", action="store_true",
-                   help="turn off the guards against known core bugs (sim/node.py) to replay them")
+                   help="turn off the guard against a known core bug (sim/node.py) to replay it")
     args = p.parse_args(argv)
     schedule = None if args.schedule is None else SCHEDULES[args.schedule]()
     if args.seed is not None:

@@ -32,7 +32,7 @@ at the first one and prints the trace.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
@@ -54,7 +54,6 @@ class Checker:
     exempt: frozenset[int]  # nodes not held to agreement (they equivocate in a storm)
     own: dict[int, list[Fill]]  # an exempt node's final fills as last seen
     voided_seen: dict[int, int]  # how many of each node's void reports ``acknowledged`` has read
-    wipes: dict[int, int] = field(default_factory=dict)  # restarts with an empty disk seen, by node
     carried_twice: int = 0  # tickets carried more than once among a node's final entries (the most seen)
 
     @classmethod
@@ -63,10 +62,6 @@ class Checker:
 
     def step(self, nodes: Sequence[SimNode]) -> None:
         for n in nodes:
-            if n.wipes != self.wipes.get(n.index, 0):  # a participant started over with an empty disk
-                self.wipes[n.index] = n.wipes
-                self.seen[n.index] = self.voided_seen[n.index] = 0
-                self.own.pop(n.index, None)
             fills = n.disk.final_fills
             k = self.seen.get(n.index, 0)
             if len(fills) < k:

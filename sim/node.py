@@ -27,7 +27,6 @@ from typing import Any
 
 from crdt.entry import Body, Cancel, Carry, Entry, Order
 from crdt.errors import BadTicket, ExchangeError, ForeignCancel
-from crdt.hlc import pack
 from crdt.keys import SigningKey
 from matching.engine import Fill, FinalOrder
 from matching.exchange import Checkpoint, Exchange, NotCancellable, Params, Received
@@ -58,7 +57,6 @@ class Disk:
     final_orders: dict[bytes, FinalOrder] = field(default_factory=dict)
     checkpoint: Checkpoint | None = None
     network: bytes | None = None
-    forgets_votes: bool = False  # the checkpoint was taken with an eviction vote at or below its bases
 
     def commit(self, entries: tuple[Entry, ...] | list[Entry]) -> None:
         for e in entries:
@@ -74,7 +72,6 @@ class SimNode:
         self.index = index
         self.participant = participant
         self.guard_core_bugs = True
-        self.wipes = 0  # restarts with an empty disk (a participant's, see the module's doc)
         self.key = key
         self.node_id = key.public
         self.params = params
@@ -135,18 +132,8 @@ class SimNode:
             self.disk.final_fills += batch.fills
             for fo in batch.orders:
                 self.disk.final_orders[fo.oid] = fo
-            cp = self.disk.checkpoint = self.ex.checkpoint()
-            self.disk.forgets_votes = self._forgets_votes(cp)
+            self.disk.checkpoint = self.ex.checkpoint()
         self.disk.network = self.ex.network
-
-    def _forgets_votes(self, cp: Checkpoint) -> bool:
-        """Would a restart from ``cp`` forget a vote to evict a member that is
-        still one here (an ``Evict`` at or below the bases)?  Retracted or not:
-        a retraction counts from its own key on."""
-        ex = self.ex
-        assert ex is not None
-        return any(v.cut is not None and v.seq <= cp.bases.get(v.voter, (0,))[0]
-                   for x, votes in ex.finality.votes().items() if ex.membership.is_member(x) for v in votes)
 
     def write(self, now: int, body: Body) -> Entry | None:
         """Prepare, commit, apply and push one own entry."""
@@ -200,9 +187,6 @@ class SimNode:
         self.crash()
 
     def restart(self, now: int) -> None:
-        if self.participant and self.guard_core_bugs and self.disk.forgets_votes:
-            self.disk = Disk(network=self.disk.network)  # writes nothing: starts over, and pulls everything
-            self.wipes += 1
         ex = Exchange(self.key, network=self.disk.network, params=self.params)
         cp = self.disk.checkpoint
         bases = cp.bases if cp is not None else {}
@@ -289,11 +273,6 @@ class SimNode:
         assert ex is not None
         entry = self.carried.get(carry.ticket)
         if entry is None or not ex.counts(entry):  # (a carry voided since counts nothing: carry it again)
-            if self.guard_core_bugs and isinstance(carry.inner, Cancel):
-                key = ex.engine.key_of(carry.inner.order_id)
-                if key is not None and int.from_bytes(key[:8], "big") >= max(pack(self.wall(now), 0), ex.hlc.last + 1):
-                    self._send(now, src, ("refused", carry.ticket, "OrderAhead"))
-                    return
             try:
                 entry = ex.prepare(carry, now_ms=self.wall(now))
             except ExchangeError as exc:

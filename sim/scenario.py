@@ -328,7 +328,7 @@ def run(seed: int, *, trace: bool = False, storm: bool = False, stops: bool = Fa
     ``schedule`` pins the nodes, the duration and the faults;
     ``participants``: this many participants (and faults of theirs) instead
     of what the seed draws (a pinned schedule has none unless it says);
-    ``expose`` turns off the guards against core bugs (``sim.node``)."""
+    ``expose`` turns off the guard against a core bug not fixed yet (``sim.node``)."""
     with _signatures_checked_once():
         return _run(seed, trace=trace, storm=storm, stops=stops, rule=rule, schedule=schedule,
                     participants=participants, expose=expose)
@@ -452,7 +452,7 @@ def _run(seed: int, *, trace: bool, storm: bool, stops: bool, rule: Callable[[Si
     for nd in nodes:
         log.append(f"{'participant' if nd.participant else 'node'} {nd.index}: {'up' if nd.ex else 'down'}, "
                    f"final fills {len(nd.disk.final_fills)}, "
-                   f"restarts {nd.restarts}" + (f" ({nd.wipes} with an empty disk)" if nd.wipes else "") + ", "
+                   f"restarts {nd.restarts}, "
                    f"revoked {nd.revoked}, voided own {len(nd.voided)}"
                    + (f", member {nd.ex.is_member()}, F {nd.ex.finality.final >> 16}" if nd.ex else ""))
     return Result(
