@@ -36,6 +36,11 @@ An order id placed once is placed once: a later record with the id of an
 order the engine holds (or of one in ``retired``, closed and final) places
 nothing.  Two members can carry the same participant ticket; the first carry in
 key order is the order, wherever the other one arrived.
+
+A cancel that finds no order of its id leaves a *mark* (``marks``): an order
+placed later in key order with that id, by the cancel's owner, is placed
+cancelled (it neither trades nor rests).  A participant's order can move to a
+later carry when its first carry is voided, past a cancel of it.
 """
 
 from __future__ import annotations
@@ -148,6 +153,8 @@ class FinalBatch:
     records: int
     #: ``(id, key)`` of the closed orders this call let go and keeps in ``retired``
     retired: tuple[tuple[Any, Any], ...] = ()
+    #: the cancel records that became final here without finding their order (``marks``)
+    marked: tuple[Record, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -176,6 +183,9 @@ class Engine:
         #: unless told otherwise); the owner of the engine lets go of old ones.
         self.retired: dict[Any, Any] = {}
         self.repeatable: Container[Any] = _EVERY_ID
+        #: order id -> the cancel records that found no order of that id (see the module doc); the
+        #: owner of the engine lets go of old ones
+        self.marks: dict[Any, list[Record]] = {}
 
     # ---- entry points ----------------------------------------------------
 
@@ -243,7 +253,7 @@ class Engine:
     def _run(self, recs: Sequence[Record], start: int = 0) -> int:
         """Apply ``recs[start:]`` while each sorts after the one before and after
         the frontier; return the index of the first record not applied."""
-        bids, asks, orders, retired = self.bids, self.asks, self.orders, self.retired
+        bids, asks, orders, retired, marks = self.bids, self.asks, self.orders, self.retired, self.marks
         bid_prices, ask_prices = self._bid_prices, self._ask_prices
         fpush = self.fills.append
         apush = self._applied.append
@@ -264,6 +274,9 @@ class Engine:
             if kind < CANCEL:
                 if oid in orders or oid in retired:
                     continue  # a repeat of an order placed before: it places nothing
+                if marks and oid in marks and any(m[6] == owner for m in marks[oid]):
+                    orders[oid] = [0, oid, qty, qty, side, rec[4], key, owner]  # cancelled before it came
+                    continue
                 # the buy and sell branches mirror each other; they are written
                 # out twice because this loop is the engine's whole cost
                 if side == BUY:
@@ -350,7 +363,10 @@ class Engine:
                         q.append(o)
             elif kind == CANCEL:
                 o = orders.get(oid)
-                if o is None or o.__class__ is not list or not o[0] or o[7] != owner:
+                if o is None:
+                    marks.setdefault(oid, []).append(rec)
+                    continue
+                if o.__class__ is not list or not o[0] or o[7] != owner:
                     continue
                 p = o[5]
                 book = bids if o[4] == BUY else asks
@@ -412,6 +428,9 @@ class Engine:
         n = bisect_right(applied, floor, key=_rec_key)
         if self._floor is not None and floor <= self._floor:
             return FinalBatch(first_seq=self.fills_base, fills=(), orders=(), records=0)
+        below = self._floor
+        marked = tuple(r for ms in self.marks.values() for r in ms
+                       if r[0] <= floor and (below is None or r[0] > below))
         undone: list[Record] = []
         if n < len(applied):
             undone, _ = self._rewind_to(applied[n][0])  # the state at ``floor``
@@ -451,7 +470,7 @@ class Engine:
             done = self._run(undone[::-1])
             assert done == len(undone), "replay of the provisional tail out of key order"
         return FinalBatch(first_seq=first_seq, fills=new_final, orders=tuple(out), records=len(final_recs),
-                          retired=tuple(retired))
+                          retired=tuple(retired), marked=marked)
 
     def restore(self, resting: Iterable[Order], *, floor: Any, fills_base: int) -> None:
         """Start from a final book (orders as lists, any order) at ``floor``.
@@ -493,6 +512,12 @@ class Engine:
             undone.append(rec)
             _, kind, oid, side, price, _qty, _owner = rec
             if kind == CANCEL:
+                m = self.marks.get(oid)
+                if m and m[-1] is rec:
+                    m.pop()
+                    if not m:
+                        del self.marks[oid]
+                    continue
                 c = self._cancels
                 if c and c[-1][2] is rec:
                     o, i, _ = c.pop()

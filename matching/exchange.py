@@ -629,6 +629,10 @@ class Exchange:
                 break
             del tickets[t]
             retired.pop(t, None)
+        marks = self.engine.marks
+        if marks:  # cancels that found no order: one can come no later than twice the window after
+            for oid in [oid for oid, ms in marks.items() if all(hlc_of(m[0]) < horizon for m in ms)]:
+                del marks[oid]
 
     @staticmethod
     def ticket_horizon(final: int) -> int:
@@ -889,13 +893,16 @@ class Exchange:
         return len(engine.orders)
 
     def load(self, checkpoint: Checkpoint | None, resting: Iterable[list[Any]], entries: Iterable[Entry],
-             *, mono_ms: int, closed: Iterable[tuple[bytes, bytes]] = ()) -> Received:
+             *, mono_ms: int, closed: Iterable[tuple[bytes, bytes]] = (),
+             marked: Iterable[tuple[bytes, bytes, bytes]] = ()) -> Received:
         """Restart: the final state at the checkpoint, then the entries above it
         (committed by this node before it acknowledged them, so not re-verified,
         and exempt from the clock bound: the clock may have stepped back since).
         ``closed``: ``(id, key)`` of the carried orders that final let go
         (``FinalBatch.retired``) and that a repeat of their ticket could still
-        reach (the shell keeps them); a repeat must not place them again."""
+        reach (the shell keeps them); a repeat must not place them again.
+        ``marked``: ``(key, id, owner)`` of the final cancels that found no
+        order (``FinalBatch.marked``) and whose order could still come."""
         if checkpoint is not None:
             if checkpoint.network is not None:
                 self.membership.network = checkpoint.network
@@ -920,6 +927,9 @@ class Exchange:
                 if int.from_bytes(key[:8], "big") >= horizon:
                     self.engine.retired[oid] = key
                     self._tickets[oid] = int.from_bytes(key[:8], "big")
+            for key, oid, owner in marked:
+                if hlc_of(key) >= horizon:
+                    self.engine.marks.setdefault(oid, []).append((key, CANCEL, oid, 0, 0, 0, owner))
             self.final_digest = checkpoint.final_digest
             self.hlc.observe(checkpoint.final)
         own = self.replica.head_info(self.node_id)[2]

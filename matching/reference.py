@@ -108,11 +108,15 @@ def _better(a: RefOrder, b: RefOrder) -> bool:
 def reference(records: Iterable[Record]) -> RefResult:
     """Recompute book, fills and order states from scratch."""
     out = RefResult()
+    marks: dict[Any, set[Any]] = {}  # order id -> owners of cancels that came before the order
     for key, kind, oid, side, price, qty, owner in sorted(records, key=lambda r: r[0]):
         if kind == NOOP:
             continue
         if kind == CANCEL:
             target = out.orders.get(oid)
+            if target is None:
+                marks.setdefault(oid, set()).add(owner)
+                continue
             if target is not None and target.resting and target.owner == owner:
                 target.closed += target.remaining
                 target.remaining = 0
@@ -121,6 +125,10 @@ def reference(records: Iterable[Record]) -> RefResult:
             continue
         if oid in out.orders:
             continue  # a repeated id places nothing
+        if owner in marks.get(oid, ()):  # its owner cancelled it before it came: placed cancelled
+            out.orders[oid] = RefOrder(key=key, oid=oid, kind=kind, side=side, price=price, qty=qty, owner=owner,
+                                       closed=qty)
+            continue
         taker = RefOrder(key=key, oid=oid, kind=kind, side=side, price=price, qty=qty, owner=owner,
                          remaining=qty)
         out.orders[oid] = taker

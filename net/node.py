@@ -513,7 +513,8 @@ class Node:
         else:
             entries, resting = self.store.load_entries(), []
         result = self.exchange.load(cp, resting, entries, mono_ms=self.mono_ms(),
-                                    closed=self.store.retired_tickets() if cp is not None else ())
+                                    closed=self.store.retired_tickets() if cp is not None else (),
+                                    marked=self.store.cancel_marks() if cp is not None else ())
         for first, second in self.store.load_evidence():
             more = self.exchange.add_evidence(first, second, now_ms=self.clock_ms())
             if more is not None:

@@ -150,6 +150,11 @@ class Store:
             "CREATE TABLE IF NOT EXISTS retired_tickets (key BLOB NOT NULL, oid BLOB NOT NULL,"
             " PRIMARY KEY (key, oid)) WITHOUT ROWID"
         )
+        # final cancels that found no order of their id, while the order could still come (``FinalBatch.marked``)
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS cancel_marks (key BLOB NOT NULL, oid BLOB NOT NULL, owner BLOB NOT NULL,"
+            " PRIMARY KEY (key, oid)) WITHOUT ROWID"
+        )
         # a participant's client id for a request -> the ticket it signed for it (a repeat sends the same)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS client_tickets (kind INTEGER, cid TEXT, ticket BLOB NOT NULL,"
@@ -267,10 +272,14 @@ class Store:
         retired = [(key, oid) for b in batches for oid, key in b.retired]
         if retired:
             self._db.executemany("INSERT OR REPLACE INTO retired_tickets VALUES (?, ?)", retired)
+        marked = [(r[0], r[2], r[6]) for b in batches for r in b.marked]
+        if marked:
+            self._db.executemany("INSERT OR REPLACE INTO cancel_marks VALUES (?, ?, ?)", marked)
         if batches:
             # by stamp, as the exchange lets them go (``Exchange._forget_tickets``)
-            self._db.execute("DELETE FROM retired_tickets WHERE key < ?",
-                             (Exchange.ticket_horizon(checkpoint.final).to_bytes(8, "big"),))
+            horizon = Exchange.ticket_horizon(checkpoint.final).to_bytes(8, "big")
+            self._db.execute("DELETE FROM retired_tickets WHERE key < ?", (horizon,))
+            self._db.execute("DELETE FROM cancel_marks WHERE key < ?", (horizon,))
         self._db.execute("INSERT OR REPLACE INTO meta VALUES ('checkpoint', ?)", (encode_checkpoint(checkpoint),))
 
     def load_checkpoint(self) -> Checkpoint | None:
@@ -299,6 +308,11 @@ class Store:
         """``(id, key)`` of the carried orders final let go that a repeat of
         their ticket could still reach (for ``Exchange.load``)."""
         return [(bytes(oid), bytes(key)) for key, oid in self._db.execute("SELECT key, oid FROM retired_tickets")]
+
+    def cancel_marks(self) -> list[tuple[bytes, bytes, bytes]]:
+        """``(key, id, owner)`` of the final cancels that found no order (for ``Exchange.load``)."""
+        rows = self._db.execute("SELECT key, oid, owner FROM cancel_marks")
+        return [(bytes(k), bytes(o), bytes(w)) for k, o, w in rows]
 
     def final_order(self, oid: bytes) -> StoredOrder | None:
         row = self._db.execute("SELECT owner, key, side, price, qty, filled, remaining, state FROM final_orders"

@@ -11,8 +11,7 @@ that of ``sim.scenario.clean_stop``, and ``--schedule stop-skew`` that of
 a clean shutdown (a member's Leave first).  A run prints the longest time
 node 0 held records that were not final while its frontier stood still.
 Runs have participants as the seed draws them (``--participants N``: N in
-every run); ``--expose`` turns off the simulator's guard against a core bug
-it found and that is not fixed (``sim.node``), so that its seed fails again."""
+every run)."""
 
 from __future__ import annotations
 
@@ -50,14 +49,11 @@ def main(argv: list[str] | None = None) -> int:
                         "clocks past the limit, all healed by the end; every guarantee checked, liveness included")
     p.add_argument("--participants", type=int, default=None,
                    help="this many participants in every run (default: as the seed draws, 0-6)")
-    p.add_argument("--expose", action="store_true",
-                   help="turn off the guard against a known core bug (sim/node.py) to replay it")
     args = p.parse_args(argv)
     schedule = None if args.schedule is None else SCHEDULES[args.schedule]()
     if args.seed is not None:
         r = run(args.seed, trace=True, storm=args.storm, stops=args.stops,
-                schedule=wide(args.seed) if args.wide else schedule, participants=args.participants,
-                expose=args.expose)
+                schedule=wide(args.seed) if args.wide else schedule, participants=args.participants)
         print("\n".join(r.trace))
         print(f"seed {r.seed}: {r.nodes} nodes, {r.participants} participants, {r.steps} steps, {r.finals} final "
               f"fills, {r.revoked} "
@@ -73,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[int] = []
     for seed in range(args.first, args.first + args.seeds):
         r = run(seed, storm=args.storm, stops=args.stops, schedule=wide(seed) if args.wide else schedule,
-                participants=args.participants, expose=args.expose)
+                participants=args.participants)
         for k in totals:
             totals[k] += getattr(r, k)
         if r.violation is not None:
@@ -82,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
                      + (" --wide" if args.wide else "")
                      + (" --stops" if args.stops else "")
                      + (f" --participants {args.participants}" if args.participants is not None else "")
-                     + (" --expose" if args.expose else "")
                      + (f" --schedule {args.schedule}" if args.schedule else ""))
             print(f"seed {seed}: VIOLATION: {r.violation}  (replay: {again})", flush=True)
     secs = time.monotonic() - start

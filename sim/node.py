@@ -56,6 +56,7 @@ class Disk:
     final_fills: list[Fill] = field(default_factory=list)
     final_orders: dict[bytes, FinalOrder] = field(default_factory=dict)
     checkpoint: Checkpoint | None = None
+    marked: list[Any] = field(default_factory=list)  # final cancels that found no order (FinalBatch.marked)
     network: bytes | None = None
 
     def commit(self, entries: tuple[Entry, ...] | list[Entry]) -> None:
@@ -71,7 +72,6 @@ class SimNode:
                  *, participant: bool = False) -> None:
         self.index = index
         self.participant = participant
-        self.guard_core_bugs = True
         self.key = key
         self.node_id = key.public
         self.params = params
@@ -132,6 +132,7 @@ class SimNode:
             self.disk.final_fills += batch.fills
             for fo in batch.orders:
                 self.disk.final_orders[fo.oid] = fo
+            self.disk.marked += batch.marked
             self.disk.checkpoint = self.ex.checkpoint()
         self.disk.network = self.ex.network
 
@@ -200,7 +201,9 @@ class SimNode:
         # closed final orders: a repeated carry of a ticket above the checkpoint must not place one again
         closed = [(fo.oid, fo.key) for fo in self.disk.final_orders.values() if not fo.status.remaining]
         entries = [e for o, log in self.disk.entries.items() for e in log[bases.get(o, (0,))[0]:]]
-        r = ex.load(cp, resting, entries, mono_ms=now, closed=closed if cp is not None else ())
+        marked = [(m[0], m[2], m[6]) for m in self.disk.marked]
+        r = ex.load(cp, resting, entries, mono_ms=now, closed=closed if cp is not None else (),
+                    marked=marked if cp is not None else ())
         for first, second in self.disk.evidence.values():
             ex.add_evidence(first, second, now_ms=self.wall(now))
         self.ex = ex
@@ -358,10 +361,10 @@ class SimNode:
         if self.participant:
             if ex.network is None or not ex.clock_healthy():
                 return
-            # it cancels an order once (no cancel of it waits for an answer), and only
-            # one it was answered for: carried and certified, so that carry is never voided
+            # it cancels an order of its own once (no cancel of it waits for an answer), whether
+            # or not it was answered for it (a cancel before the order's placement marks it)
             cancelling = {s.carry.inner.order_id for s in self.sending.values() if isinstance(s.carry.inner, Cancel)}
-            answered = self.tickets_acked if self.guard_core_bugs else ex.engine.orders
+            answered = ex.engine.orders
             inner = self._order_or_cancel(rng, only=lambda oid: oid in answered and oid not in cancelling)
             try:
                 carry = ex.ticket(inner, now_ms=self.wall(now))

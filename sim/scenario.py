@@ -321,21 +321,20 @@ def _signatures_checked_once() -> Iterator[None]:
 
 def run(seed: int, *, trace: bool = False, storm: bool = False, stops: bool = False,
         rule: Callable[[SimNode], None] | None = None, schedule: Schedule | None = None,
-        participants: int | None = None, expose: bool = False) -> Result:
+        participants: int | None = None) -> Result:
     """One run; ``storm`` overlaps every kind of fault and checks safety only;
     ``stops`` makes every crash a clean shutdown (see ``plan``);
     ``rule`` may alter each node's core (a test of the checker itself);
     ``schedule`` pins the nodes, the duration and the faults;
     ``participants``: this many participants (and faults of theirs) instead
-    of what the seed draws (a pinned schedule has none unless it says);
-    ``expose`` turns off the guard against a core bug not fixed yet (``sim.node``)."""
+    of what the seed draws (a pinned schedule has none unless it says)."""
     with _signatures_checked_once():
         return _run(seed, trace=trace, storm=storm, stops=stops, rule=rule, schedule=schedule,
-                    participants=participants, expose=expose)
+                    participants=participants)
 
 
 def _run(seed: int, *, trace: bool, storm: bool, stops: bool, rule: Callable[[SimNode], None] | None,
-         schedule: Schedule | None, participants: int | None, expose: bool) -> Result:
+         schedule: Schedule | None, participants: int | None) -> Result:
     rng = random.Random(seed)
     prng = random.Random(f"participants {seed}")  # theirs alone: a seed without any runs as it always did
     if schedule is None:
@@ -352,7 +351,6 @@ def _run(seed: int, *, trace: bool, storm: bool, stops: bool, rule: Callable[[Si
     for nd in nodes:
         nd.peers = [j for j in range(n + p) if j != nd.index]
         nd.directory = directory
-        nd.guard_core_bugs = not expose
         if rule is not None:
             rule(nd)
     faults = plan(rng, n, duration, storm=storm, stops=stops) if schedule is None else list(schedule.faults)
