@@ -39,7 +39,6 @@ from net.errors import (
     UnsupportedMediaType,
 )
 from net.metrics import CONTENT_TYPE
-from net.node import CARRY_PAGE, CARRY_PATH, CARRY_WAIT_S
 from net.peers import NONCE_LEN, is_loopback_host, prove
 from net.ports import percentile
 from net.ratelimit import Buckets
@@ -47,6 +46,9 @@ from net.server import GUARD, guard_middleware
 from net.store import CID_CANCEL, CID_ORDER
 from net.webview import add_web_routes
 from net.wire import (
+    CARRY_PAGE,
+    CARRY_PATH,
+    CARRY_WAIT_S,
     CLIENT_BODY_CAP,
     MSGPACK,
     PEER_BODY_CAP,

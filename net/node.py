@@ -100,7 +100,7 @@ from net.store import (
     write_cookie,
 )
 from net.threads import off_loop
-from net.wire import MSGPACK, PEER_BODY_CAP, pack, peer_error, read_capped, unpack
+from net.wire import CARRY_PATH, CARRY_WAIT_S, MSGPACK, PEER_BODY_CAP, pack, peer_error, read_capped, unpack
 
 if TYPE_CHECKING:
     from net.grenache import Announcer
@@ -138,10 +138,7 @@ EXCHANGE_MAX_S = 5.0
 ENDPOINT_FILE = "endpoint"  # the local URL of the node, for the CLI
 MAX_FOREIGN = 1024  # peers of other networks remembered (not dialed again)
 JOIN_EVERY_S = 0.5  # how often a node that is not a member asks a peer to admit it
-CARRY_PATH = "/peer/v1/carry"  # a participant's ticket, for a member to carry
-CARRY_WAIT_S = 1.5  # how long a member waits for a majority to certify the entry carrying a ticket
 CARRY_BUDGET_S = 3.0  # how long a participant tries members, one after another, for one ticket
-CARRY_PAGE = 256  # entries of its log a member's answer carries up to the ticket's entry
 CARRY_VISIBLE_S = 1.0  # how long a participant waits to hold the entry that carries its ticket
 TICKETS_KEPT = 10_000  # tickets remembered by client id (participant) and entries by ticket (member)
 EVIDENCE_PER_REPLY = 8  # equivocation proofs handed out in one sync reply

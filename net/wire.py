@@ -20,6 +20,11 @@ from net.server import GUARD
 MSGPACK = "application/msgpack"
 CLIENT_BODY_CAP = 64 * 1024
 PEER_BODY_CAP = 4 * 1024 * 1024
+# a participant's ticket, for a member to carry (docs/PARTICIPANTS.md): the route, how long the member
+# waits for a majority to certify the carrying entry, and how many entries of its log the answer carries
+CARRY_PATH = "/peer/v1/carry"
+CARRY_WAIT_S = 1.5
+CARRY_PAGE = 256
 
 
 def wants_msgpack(request: web.Request) -> bool:
