@@ -186,6 +186,10 @@ class Engine:
         #: order id -> the cancel records that found no order of that id (see the module doc); the
         #: owner of the engine lets go of old ones
         self.marks: dict[Any, list[Record]] = {}
+        #: ``reaches(mark key, order key)``: does a mark apply to an order at that key (None: always)?
+        #: Its owner bounds a mark's reach as it bounds how long marks are kept, so that letting one go
+        #: changes no outcome
+        self.mark_reach: Callable[[Any, Any], bool] | None = None
 
     # ---- entry points ----------------------------------------------------
 
@@ -274,7 +278,7 @@ class Engine:
             if kind < CANCEL:
                 if oid in orders or oid in retired:
                     continue  # a repeat of an order placed before: it places nothing
-                if marks and oid in marks and any(m[6] == owner for m in marks[oid]):
+                if marks and oid in marks and self._marked(marks[oid], owner, key):
                     orders[oid] = [0, oid, qty, qty, side, rec[4], key, owner]  # cancelled before it came
                     continue
                 # the buy and sell branches mirror each other; they are written
@@ -385,6 +389,11 @@ class Engine:
                         del ask_prices[bisect_left(ask_prices, -p)]
                         best_ask = -ask_prices[-1] if ask_prices else _INF
         return i + 1
+
+    def _marked(self, marks: list[Record], owner: Any, key: Any) -> bool:
+        """Did ``owner`` cancel, before it came, the order at ``key``?"""
+        reach = self.mark_reach
+        return any(m[6] == owner and (reach is None or reach(m[0], key)) for m in marks)
 
     # ---- late arrivals ---------------------------------------------------
 

@@ -124,6 +124,14 @@ def record_of(entry: Entry, ticket_ok: Callable[[Carry], bool] = ticket_valid) -
     return None
 
 
+def _mark_reaches(mark: bytes, order: bytes) -> bool:
+    """A cancel's mark applies to an order carried no later than twice the
+    ticket window after the cancel: an honest participant signs a cancel after
+    its order, so every carry of the order lies within that reach, and a mark
+    is kept exactly that long (``Exchange.ticket_horizon``)."""
+    return physical_ms(hlc_of(order)) <= physical_ms(hlc_of(mark)) + 2 * TICKET_WINDOW_MS
+
+
 def order_id_of(entry: Entry) -> bytes | None:
     """The id of the order an entry places or cancels (None for other entries)."""
     body = entry.body
@@ -242,6 +250,7 @@ class Exchange:
         self._ticket_sigs: dict[tuple[bytes, bytes], bool] = {}
         self._tickets: dict[bytes, int] = {}
         self.engine.repeatable = self._tickets
+        self.engine.mark_reach = _mark_reaches
 
     # ---- network and membership ------------------------------------------------
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from crdt.entry import BUY, SELL, TICKET_WINDOW_MS, Cancel, Carry, Order, make_ticket
+from crdt.entry import BUY, SELL, TICKET_WINDOW_MS, Cancel, Carry, Entry, Order, make_entry, make_ticket
 from crdt.errors import BadTicket, ForeignCancel
 from crdt.hlc import pack
 from matching.engine import CANCELLED, FILLED, OPEN
@@ -185,3 +185,52 @@ class TestRestart:
             repeat = lock.nodes[2].prepare(ticket, now_ms=lock.now)  # a member carries the ticket once more
             again.receive([repeat], now_ms=lock.now)
             assert (again.engine.resting(SELL) != []) == places  # without the kept ids it would rest again
+
+
+class TestCancelMarks:
+    def test_a_cancel_before_its_order_places_it_cancelled(self) -> None:
+        """A participant's order whose first carry is voided is placed at a
+        later carry; a certified cancel that sorts between them must still
+        cancel it: the cancel marks the id, and the order comes in cancelled."""
+        lock = Lockstep(3)
+        p = participant(lock)
+        order = p.ticket(Order(side=SELL, price=100, qty=1), now_ms=lock.now)
+        cancel = make_ticket(p.key, stamp=order.stamp + 1, inner=Cancel(order_id=order.ticket))
+        unchecked(lock, 1, cancel)  # as after the first carry was voided: the cancel finds no order yet
+        lock.now += 5
+        lock.write(2, order)
+        settle(lock, p)
+        assert lock.final_orders[0][order.ticket].status.state == CANCELLED
+        assert lock.nodes[0].engine.resting(SELL) == [] and p.engine.resting(SELL) == []
+
+    def test_a_mark_reaches_no_further_than_it_is_kept(self) -> None:
+        """Regression: a mark was honoured for any later order of its id but
+        let go once final passed it by twice the ticket window, so a node that
+        still held it placed a late carry cancelled while the others placed
+        it open.  A mark now applies only to an order carried within twice the
+        window after it (only a cancel stamped before its order, signed by a
+        faulty participant and written by a faulty member, can meet this)."""
+        lock = Lockstep(3)
+        p, lagging = participant(lock, 0), participant(lock, 1)
+        t0 = lock.now
+        order = make_ticket(p.key, stamp=pack(t0 + 55_000, 0), inner=Order(side=SELL, price=100, qty=1))
+        unchecked(lock, 1, make_ticket(p.key, stamp=pack(t0, 0), inner=Cancel(order_id=order.ticket)))
+        lock.run(200, step=20)
+        lagging.receive(list(lock.log), now_ms=lock.now)
+        assert order.ticket in lagging.engine.marks
+        lock.run(62_000, step=100)  # the members' final passes the mark by twice the window: they let it go
+        assert all(order.ticket not in ex.engine.marks for ex in lock.nodes)
+        lock.write(0, order)
+        settle(lock, lagging)
+        states = {ex.status(order.ticket) for ex in (*lock.nodes, lagging)}
+        assert len(states) == 1 and next(iter(states)) is not None, states
+
+
+def unchecked(lock: Lockstep, i: int, body: Carry) -> Entry:
+    """Member ``i`` writes ``body`` without the checks of ``prepare`` (a faulty member)."""
+    ex = lock.nodes[i]
+    seq, prev, _ = ex.replica.head_info(ex.node_id)
+    entry = make_entry(ex.key, seq=seq + 1, hlc=ex.hlc.now(lock.now), prev=prev, body=body,
+                       ack=ex.finality.own_ack())
+    lock._apply(i, entry)
+    return entry
