@@ -305,19 +305,25 @@ class Finality:
                 continue
             last = ivs[-1]
             cut = last.end_seq if last.closed_at is not None else None
-            if cut is not None and cut <= self.replica.length(o) and self._hlc_at(o, cut) <= k:
-                n = min(cut, self.end(o)) if cut_forks else cut  # a closed log, wholly at or below k
-            else:
-                n = self._count_upto(o, k, cut_forks=cut_forks)
-                if n < 0:
-                    self._digests[cache_key] = None
-                    return None
-                if cut is not None:
-                    n = min(n, cut)
-            # the memberships too, with the evictions that closed them: two nodes
-            # that derived different decisions from the same logs never match
-            rows.append([o, n, self.replica.hash_at(o, n),
-                         [[iv.start, iv.after, iv.end_seq, iv.closed_at] for iv in ivs]])
+            try:
+                if cut is not None and cut <= self.replica.length(o) and self._hlc_at(o, cut) <= k:
+                    n = min(cut, self.end(o)) if cut_forks else cut  # a closed log, wholly at or below k
+                else:
+                    n = self._count_upto(o, k, cut_forks=cut_forks)
+                    if n < 0:
+                        self._digests[cache_key] = None
+                        return None
+                    if cut is not None:
+                        n = min(n, cut)
+                # the memberships too, with the evictions that closed them: two nodes
+                # that derived different decisions from the same logs never match
+                rows.append([o, n, self.replica.hash_at(o, n),
+                             [[iv.start, iv.after, iv.end_seq, iv.closed_at] for iv in ivs]])
+            except KeyError:
+                # a cut that a vote received after this node let go of that part of the log names (a
+                # hypothesis only: a decided cut is pinned): below memory, as for _count_upto
+                self._digests[cache_key] = None
+                return None
         d = blake2b(msgpack.packb([k, rows], use_bin_type=True), digest_size=32).digest()
         if len(self._digests) > 4096:
             self._digests.clear()
