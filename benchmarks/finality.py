@@ -3,15 +3,19 @@ node's restart time and memory with a long history.
 
 What it measures
 ----------------
-1. **Time to final** on a healthy 5-node cluster on 127.0.0.1 (``python cli.py
-   node`` processes, free ports): an open-loop generator places ``--rate``
-   orders/s in total (spread evenly over the nodes: 70% GTC near the mid that
+1. **Time to final** on a healthy cluster on 127.0.0.1 (``python cli.py
+   node`` processes, free ports: ``--members`` members, 5 by default, and
+   ``--participants`` participants, none by default): an open-loop generator
+   places ``--rate`` orders/s in total (spread evenly over the participants,
+   or over the members when there are none: 70% GTC near the mid that
    rest, 20% priced to cross, 10% cancels of its own resting orders) for
    ``--seconds``.  Each node records, for its own orders and cancels, the delay
    from acceptance to the moment its fill/outcome is final there
    (``/v1/latency`` ``final_samples``); the figure is p50/p99 over all nodes.
-   Also reported: accepted/s, errors, and the time from the last order until
-   every fill is final on every node.
+   Also reported: accepted/s, errors, the time from the last order until
+   every fill is final on every node, and the CPU time (user and system) of
+   the node processes per accepted order: summed, per member and per
+   participant.
 2. **Idle network**: after the load, with nothing pending, how many entries
    and peer bytes (request and reply bodies of the calls a node makes,
    ``peer_bytes_sent`` + ``peer_bytes_received``) each member adds per minute.
