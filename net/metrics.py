@@ -160,6 +160,14 @@ class _Snapshot(Collector):
                                 if ex.is_member() else 0)
         yield CounterMetricFamily("p2pex_no_quorum", "Orders and cancels answered 503 no_quorum",
                                   value=c["no_quorum"])
+        yield GaugeMetricFamily("p2pex_member", "1 while this node is a member, 0 as a participant (or joining)",
+                                value=1 if ex.is_member() else 0)
+        tickets = CounterMetricFamily("p2pex_tickets", "Participants' tickets carried and certified: this "
+                                      "participant's (carried), and those this member carried (carries)",
+                                      labels=["what"])
+        tickets.add_metric(["carried"], c["carried"])
+        tickets.add_metric(["carries"], c["carries"])
+        yield tickets
         yield GaugeMetricFamily("p2pex_final_fills", "Fills final here", value=ex.engine.fills_base)
         yield GaugeMetricFamily("p2pex_provisional_fills", "Fills not final yet", value=len(ex.engine.fills))
         yield GaugeMetricFamily("p2pex_resting_orders", "Orders resting in the book", value=ex.engine.resting_count())

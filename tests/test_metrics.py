@@ -138,6 +138,7 @@ class TestMetrics:
         assert value(sa, "p2pex_final_fills") == 1 and value(sa, "p2pex_provisional_fills") == 0
         assert value(sa, "p2pex_finality_lag_seconds") == 0
         assert value(sa, "p2pex_members") == 2
+        assert value(sa, "p2pex_member") == 1 and value(sa, "p2pex_tickets_total", what="carried") == 0
         assert value(sa, "p2pex_peers", state="up") == 1
         assert value(sb, "p2pex_time_to_final_seconds_count") >= 1
         assert value(sa, "p2pex_replication_latency_seconds_count") >= 1

@@ -103,6 +103,8 @@ class TestParticipants:
             fin = finality(p)
             assert fin["certified"]["length"] == 0, (p.name, fin["certified"])
         assert finality(p1)["tickets"]["carried"] >= 1
+        metrics = p1.request("GET", "/metrics", token=None).body.decode()
+        assert "\np2pex_member 0.0\n" in metrics and 'p2pex_tickets_total{what="carried"}' in metrics, metrics
         report(request, f"a participant's order acknowledged in {ack_ms:.0f} ms (carried and certified)")
 
     def test_only_the_owner_cancels_and_a_repeat_answers_for_the_same_order(self, nodes: list[NodeProc]) -> None:
