@@ -100,7 +100,8 @@ def status_table(st: Status) -> Table:
                       f"resting {c['resting']}, buffered {c['buffered']}")
     row(t, "peers", f"{len(st.peers)} ({up} up); replication p50 {_ms(r['latency_p50_ms'])}, "
                     f"p99 {_ms(r['latency_p99_ms'])}")
-    row(t, "finality", f"network {str(fin['network'])[:16]}, {'member' if fin['member'] else 'NOT a member'} "
+    role = fin.get("role") or ("member" if fin["member"] else "not a member")
+    row(t, "finality", f"network {str(fin['network'])[:16]}, {role} "
                        f"({len(fin['members'])} members); final fills {c['final_fills']}, provisional "
                        f"{c['provisional_fills']}; lag {fin['lag_ms']} ms"
         + (f", held back by {holding['member'][:8]} (silent {holding['for_ms'] / 1000:.1f} s)" if holding else ""))
