@@ -446,7 +446,8 @@
     $("state-hash").title = "the digest of every entry this node holds; equal on replicas that hold the same entries";
     const ready = $("ready");
     const fin = st.finality || {};
-    const rs = st.ready ? (fin.member === false ? "not member" : "ready") : "not ready";
+    const role = typeof fin.role === "string" ? fin.role : (fin.member === false ? "not member" : "member");
+    const rs = st.ready ? `ready, ${role}` : "not ready";
     ready.dataset.state = st.ready ? "ready" : "not-ready";
     ready.textContent = rs;
 
