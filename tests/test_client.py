@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -216,7 +217,8 @@ class TestReads:
         async with Client(a.url) as c:  # reads need no token
             st = await c.status()
             assert (st.node_id, st.name, st.url, st.trading, st.ready) == (a.node_id(), "a", a.url, True, True)
-            assert st.member and len(st.state_hash) == 64 and st.raw["finality"]["member"] is True
+            assert st.member and st.raw["finality"]["member"] is True
+            assert re.fullmatch("[0-9a-f]{64}", st.state_hash)  # its form only: the value moves with heartbeats
             assert [p.id for p in st.peers] == [b.node_id()] and st.peers[0].state == "up"
             assert st.book_hash is None
             assert (await c.status(verify=True)).book_hash

@@ -69,15 +69,22 @@ class TestCommitBeforeApply:
                 raise sqlite3.OperationalError("disk I/O error")
 
             monkeypatch.setattr(node.store, "save", failing)
-            # quiesced by construction: a node that was never started runs no loop, writes no
-            # heartbeat, and its clock is fixed, so only the failed write could move its state
-            before = (node.exchange.state_hash(), node.exchange.replica.version_vector())
+            before = quiesced_state(node)
             with pytest.raises(sqlite3.OperationalError):
                 node.submit(Order(side=SELL, price=100, qty=1))
-            assert (node.exchange.state_hash(), node.exchange.replica.version_vector()) == before
+            assert quiesced_state(node) == before
             assert len(node.exchange.engine.fills) == 0
         finally:
             node.store.close()
+
+
+def quiesced_state(node: Node) -> tuple[bytes, dict[bytes, int]]:
+    """The state hash and version vector of a node that runs no task (never
+    started: no heartbeat, no pull, a fixed clock), so that nothing but the
+    test's own calls can move them; a started node's state moves with every
+    heartbeat and must not be compared so."""
+    assert not node._tasks and not node.serving, "compare states only on a node that runs nothing"
+    return node.exchange.state_hash(), node.exchange.replica.version_vector()
 
 
 def lone_node(tmp_path: Path) -> Node:
@@ -115,8 +122,7 @@ class TestGroupCommit:
         """Every request of the group gets the error; the log goes on at the same seq."""
         node = lone_node(tmp_path)
         try:
-            # quiesced: the node runs no loop (no heartbeat), so only the failed group could move it
-            before = (node.exchange.state_hash(), node.exchange.replica.version_vector())
+            before = quiesced_state(node)
             save = node.store.save
 
             def failing(entries: object, **_: object) -> None:
@@ -129,7 +135,7 @@ class TestGroupCommit:
                                               for _ in range(3)), return_exceptions=True)
             outcomes = asyncio.run(three())
             assert all(isinstance(o, sqlite3.OperationalError) for o in outcomes), outcomes
-            assert (node.exchange.state_hash(), node.exchange.replica.version_vector()) == before
+            assert quiesced_state(node) == before
             monkeypatch.setattr(node.store, "save", save)
             nxt = node.submit(Order(side=SELL, price=100, qty=1))
             assert nxt.entry.seq == before[1][node.node_id] + 1
