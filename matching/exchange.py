@@ -101,6 +101,10 @@ def floor_key(hlc: int) -> bytes:
     return hlc.to_bytes(8, "big") + b"\xff" * 32
 
 
+def _kind(order: Order) -> int:
+    return MARKET if order.market else (IOC if order.tif == IOC else GTC)
+
+
 def record_of(entry: Entry, ticket_ok: Callable[[Carry], bool] = ticket_valid) -> Record | None:
     """The engine record of a member's entry, or None (it trades nothing).  A
     carried ticket is its owner's order (id: the ticket's hash) or cancel, at
@@ -109,8 +113,7 @@ def record_of(entry: Entry, ticket_ok: Callable[[Carry], bool] = ticket_valid) -
     signature; the caller may remember its answers)."""
     body = entry.body
     if isinstance(body, Order):
-        kind = MARKET if body.market else (IOC if body.tif == IOC else GTC)
-        return (entry.key, kind, entry.hash, body.side, body.price, body.qty, entry.origin)
+        return (entry.key, _kind(body), entry.hash, body.side, body.price, body.qty, entry.origin)
     if isinstance(body, Cancel):
         return (entry.key, CANCEL, body.order_id, 0, 0, 0, entry.origin)
     if isinstance(body, Carry):
@@ -118,8 +121,7 @@ def record_of(entry: Entry, ticket_ok: Callable[[Carry], bool] = ticket_valid) -
             return None
         inner = body.inner
         if isinstance(inner, Order):
-            kind = MARKET if inner.market else (IOC if inner.tif == IOC else GTC)
-            return (entry.key, kind, body.ticket, inner.side, inner.price, inner.qty, body.owner)
+            return (entry.key, _kind(inner), body.ticket, inner.side, inner.price, inner.qty, body.owner)
         return (entry.key, CANCEL, inner.order_id, 0, 0, 0, body.owner)
     return None
 
@@ -379,14 +381,12 @@ class Exchange:
             raise NotMember(
                 f"this node's admission was decided at a stamp {physical_ms(hlc_of(admitted)) - now_ms} ms "
                 "ahead of its clock (a voter's clock is ahead); it writes once its clock passes that stamp")
-        if isinstance(body, Carry) and body.ticket in self._tickets:
-            # carried before, by this member or another: once more is a repeat that changes nothing
-            # (refusing it would leave the participant with no way to get the first carry certified)
-            if not self.clock_healthy():
-                self._check_trading(body.inner, body.owner)
-        elif isinstance(body, Order | Cancel | Carry):
-            self._check_trading(body.inner if isinstance(body, Carry) else body,
-                                body.owner if isinstance(body, Carry) else self.node_id)
+        if isinstance(body, Order | Cancel):
+            self._check_trading(body, self.node_id)
+        elif isinstance(body, Carry):
+            # a ticket carried before, by this member or another: once more is a repeat that changes
+            # nothing (refusing it would leave the participant no way to get a carry certified)
+            self._check_trading(body.inner, body.owner, order=body.ticket not in self._tickets)
         if isinstance(body, Carry):
             self.check_ticket(body, now_ms=now_ms)
             if isinstance(body.inner, Cancel):
@@ -403,15 +403,15 @@ class Exchange:
         return make_entry(self.key, seq=seq + 1, hlc=self.hlc.now(now_ms), prev=prev, body=body,
                           ack=self.finality.own_ack())
 
-    def _check_trading(self, body: Order | Cancel, owner: bytes) -> None:
+    def _check_trading(self, body: Order | Cancel, owner: bytes, *, order: bool = True) -> None:
         """Refuse an order or cancel by ``owner`` that this node will not write
-        or carry: a clock too far off, a cancel of an order that is unknown,
-        someone else's, or no longer resting."""
+        or carry: a clock too far off, a cancel (``order``: looked at) of an
+        order that is unknown, someone else's, or no longer resting."""
         if not self.clock_healthy():
             raise ClockUnhealthy(
                 f"this node's clock is {-self.clock_offset_ms} ms off its peers' median "
                 f"(limit {self.params.max_clock_offset_ms} ms); fix the clock (NTP) before trading")
-        if isinstance(body, Cancel):
+        if order and isinstance(body, Cancel):
             placed_by = self.engine.owner(body.order_id)
             if placed_by is None:
                 raise UnknownOrder(f"no resting order {body.order_id.hex()}")
@@ -930,12 +930,12 @@ class Exchange:
             self.engine.restore(resting, floor=floor_key(checkpoint.final), fills_base=checkpoint.fills_base)
             horizon = self.ticket_horizon(checkpoint.final)
             for held in resting:  # a resting ticket order closes later: it must be retired then
-                if int.from_bytes(held[6][:8], "big") >= horizon:
-                    self._tickets[held[1]] = int.from_bytes(held[6][:8], "big")
+                if hlc_of(held[6]) >= horizon:
+                    self._tickets[held[1]] = hlc_of(held[6])
             for oid, key in closed:  # by stamp, as _forget_tickets keeps them
-                if int.from_bytes(key[:8], "big") >= horizon:
+                if hlc_of(key) >= horizon:
                     self.engine.retired[oid] = key
-                    self._tickets[oid] = int.from_bytes(key[:8], "big")
+                    self._tickets[oid] = hlc_of(key)
             for key, oid, owner in marked:
                 if hlc_of(key) >= horizon:
                     self.engine.marks.setdefault(oid, []).append((key, CANCEL, oid, 0, 0, 0, owner))

@@ -367,12 +367,8 @@ async def place_order(app: web.Application, body: Any, *, wait: float | None = N
     repeat = cid is not None and node.participant and node.ticket_sent(order, cid)
     try:
         result = await node.place(order, cid=cid)
-    except NotMember as exc:
-        raise ApiError(str(exc), code="not_member", status=503, retry_after=1) from None
-    except ClockUnhealthy as exc:
-        raise ApiError(str(exc), code="clock_unhealthy", status=503, retry_after=5) from None
-    except BadTicket as exc:
-        raise ApiError(str(exc), code="bad_ticket", status=503, retry_after=5) from None
+    except REFUSALS as exc:
+        raise refusal(exc) from None
     oid = result.order_id
     assert oid is not None
     await _certified(node, result.entry, oid, "order")
@@ -424,6 +420,23 @@ def _repeat_order(node: Node, oid: bytes, cid: str, order: Order, tif_text: str,
     view["cid"] = cid
     view["repeat"] = True
     return view
+
+
+#: The core's refusals of an order, a cancel or a ticket, and how each is answered:
+#: (code, status, Retry-After seconds or None).  Nothing was written.
+_REFUSED: dict[type[ExchangeError], tuple[str, int, float | None]] = {
+    NotMember: ("not_member", 503, 1), ClockUnhealthy: ("clock_unhealthy", 503, 5),
+    BadTicket: ("bad_ticket", 503, 5), OrderAhead: ("order_ahead", 503, 1),
+    UnknownOrder: ("unknown_order", 404, None), ForeignCancel: ("foreign_order", 409, None),
+    NotCancellable: ("not_cancellable", 409, None),
+}
+REFUSALS = tuple(_REFUSED)
+
+
+def refusal(exc: ExchangeError) -> ApiError:
+    """The answer to one of the core's refusals (``REFUSALS``)."""
+    code, status, retry_after = next(how for kind, how in _REFUSED.items() if isinstance(exc, kind))
+    return ApiError(str(exc), code=code, status=status, retry_after=retry_after)
 
 
 async def _certified(node: Node, entry: Entry | None, oid: bytes, what: str) -> bool:
@@ -493,20 +506,12 @@ async def cancel_order(node: Node, oid: bytes, cid: str | None) -> dict[str, Any
     repeat = cid is not None and node.participant and node.ticket_sent(Cancel(order_id=oid), cid)
     try:
         done = await node.place(Cancel(order_id=oid), cid=cid)
-    except BadTicket as exc:
-        raise ApiError(str(exc), code="bad_ticket", status=503, retry_after=5) from None
     except UnknownOrder as exc:
         if node.final_order(oid) is not None:
             raise Conflict(f"order {oid.hex()} is no longer resting", code="not_cancellable") from None
-        raise NotFound(str(exc), code="unknown_order") from None
-    except NotMember as exc:
-        raise ApiError(str(exc), code="not_member", status=503, retry_after=1) from None
-    except ClockUnhealthy as exc:
-        raise ApiError(str(exc), code="clock_unhealthy", status=503, retry_after=5) from None
-    except ForeignCancel as exc:
-        raise Conflict(str(exc), code="foreign_order") from None
-    except NotCancellable as exc:
-        raise Conflict(str(exc), code="not_cancellable") from None
+        raise refusal(exc) from None
+    except REFUSALS as exc:
+        raise refusal(exc) from None
     await _certified(node, done.entry, oid, "cancel")
     view = order_view(node, oid)
     assert view is not None
@@ -1187,20 +1192,10 @@ async def peer_carry(request: web.Request) -> web.Response:
     oid = ticket.ticket if isinstance(ticket.inner, Order) else ticket.inner.order_id
     try:
         entry = await node.carry(ticket)
-    except NotMember as exc:
-        raise ApiError(str(exc), code="not_member", status=503, retry_after=1) from None
-    except ClockUnhealthy as exc:
-        raise ApiError(str(exc), code="clock_unhealthy", status=503, retry_after=5) from None
-    except BadTicket as exc:
+    except BadTicket as exc:  # to a member, a ticket it will not carry is the caller's error
         raise Unprocessable(str(exc), code="bad_ticket") from None
-    except OrderAhead as exc:
-        raise ApiError(str(exc), code="order_ahead", status=503, retry_after=1) from None
-    except UnknownOrder as exc:
-        raise NotFound(str(exc), code="unknown_order") from None
-    except ForeignCancel as exc:
-        raise Conflict(str(exc), code="foreign_order") from None
-    except NotCancellable as exc:
-        raise Conflict(str(exc), code="not_cancellable") from None
+    except REFUSALS as exc:
+        raise refusal(exc) from None
     if not await node.until_certified(entry, CARRY_WAIT_S):
         raise NoQuorum(f"no majority of the members certified the entry carrying this {what} within "
                        f"{CARRY_WAIT_S:g} s", order_id=oid, retry_after=CARRY_WAIT_S)

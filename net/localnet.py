@@ -426,6 +426,29 @@ def _kill_leftovers() -> None:
         _live.pop(pid, None)
 
 
+def order_at(node: NodeProc, oid: str) -> dict[str, Any] | None:
+    """The order as ``node`` knows it, or None (404)."""
+    r = node.request("GET", f"/v1/orders/{oid}", token=None)
+    if r.status == 404:
+        return None
+    assert r.status == 200, r
+    out: dict[str, Any] = r.json()
+    return out
+
+
+def finality(node: NodeProc) -> dict[str, Any]:
+    """The ``finality`` part of the node's status."""
+    fin: dict[str, Any] = node.status()["finality"]
+    return fin
+
+
+def restart_stopped(nodes: Iterable[NodeProc]) -> None:
+    """Start again those of ``nodes`` that a test stopped or killed (each waits until ready)."""
+    for n in nodes:
+        if not n.running():
+            n.start()
+
+
 def make_nodes(base: Path, names: Iterable[str]) -> list[NodeProc]:
     """Node descriptions on fresh ports; the first is every other node's bootstrap."""
     nodes = [NodeProc(name=n, port=free_port(), data_dir=base / n) for n in names]

@@ -797,7 +797,7 @@ class Node:
         it in its own log (``submit_soon``); a participant has a member carry
         it (``_carry``).  Raises the core's typed errors, and NoQuorum from a
         participant whose ticket no member got certified in time."""
-        if self.exchange.is_member() or not self.participant:
+        if not self.participant:
             return await self.submit_soon(body, cid=cid)
         return await self._carry(body, cid)
 
@@ -893,7 +893,7 @@ class Node:
         if cid is None:
             return self.exchange.ticket(body, now_ms=self.clock_ms())
         key = (_cid_kind(body), cid)
-        ticket = self._cid_tickets.get(key) or self.store.find_client_ticket(*key)
+        ticket = self._kept_ticket(key)
         if ticket is not None:
             if ticket.inner != body:
                 what = "order" if isinstance(ticket.inner, Order) else "cancel"
@@ -905,15 +905,26 @@ class Node:
                 return ticket
         ticket = self.exchange.ticket(body, now_ms=self.clock_ms())
         self.store.save_client_ticket(*key, ticket)
-        self._cid_tickets[key] = ticket
-        if len(self._cid_tickets) > TICKETS_KEPT:
-            self._cid_tickets.popitem(last=False)
+        self._keep_ticket(key, ticket)
         return ticket
 
     def ticket_sent(self, body: Order | Cancel, cid: str) -> bool:
         """Did this participant send a ticket for this client id before?"""
-        key = (_cid_kind(body), cid)
-        return key in self._cid_tickets or self.store.find_client_ticket(*key) is not None
+        return self._kept_ticket((_cid_kind(body), cid)) is not None
+
+    def _kept_ticket(self, key: tuple[int, str]) -> Carry | None:
+        """The ticket kept for a client id: from memory, else from SQLite (then kept in memory)."""
+        ticket = self._cid_tickets.get(key)
+        if ticket is None:
+            ticket = self.store.find_client_ticket(*key)
+            if ticket is not None:
+                self._keep_ticket(key, ticket)
+        return ticket
+
+    def _keep_ticket(self, key: tuple[int, str], ticket: Carry) -> None:
+        self._cid_tickets[key] = ticket
+        if len(self._cid_tickets) > TICKETS_KEPT:
+            self._cid_tickets.popitem(last=False)
 
     async def carry(self, ticket: Carry) -> Entry:
         """A participant's ticket, for this member to carry: the entry that

@@ -26,10 +26,13 @@ from net.localnet import (
     cancel_leftovers,
     cli_json,
     cluster,
+    finality,
     free_port,
     get_json,
     http,
     make_nodes,
+    order_at,
+    restart_stopped,
     run_cli,
     start_network,
     stop_all,
@@ -43,9 +46,9 @@ from net.localnet import (
 
 __all__ = [
     "CLI", "CONVERGE_TIMEOUT", "HOST", "HTTP_TIMEOUT", "POLL", "ROOT", "NodeProc", "Outcome", "Reply", "all_final",
-    "all_logs", "cancel_leftovers", "cli_json", "cluster", "free_port", "get_json", "http", "logs_on_failure",
-    "make_nodes", "report", "run_cli", "start_network", "stop_all", "tail", "wait_converged", "wait_full_mesh",
-    "wait_order_everywhere", "wait_until", "write_history",
+    "all_logs", "cancel_leftovers", "cli_json", "cluster", "finality", "free_port", "get_json", "http",
+    "logs_on_failure", "make_nodes", "order_at", "report", "restart_stopped", "run_cli", "start_network",
+    "stop_all", "tail", "wait_converged", "wait_full_mesh", "wait_order_everywhere", "wait_until", "write_history",
 ]
 
 

@@ -29,10 +29,13 @@ from crdt.keys import SigningKey
 from tests.nodes import (
     NodeProc,
     all_final,
+    finality,
     http,
     logs_on_failure,
     make_nodes,
+    order_at,
     report,
+    restart_stopped,
     start_network,
     stop_all,
     wait_converged,
@@ -58,21 +61,6 @@ def final_fills(node: NodeProc) -> list[dict[str, Any]]:
         if not page["fills"]:
             break
     return out
-
-
-def order_at(node: NodeProc, oid: str) -> dict[str, Any] | None:
-    """The order as ``node`` knows it, or None (404)."""
-    r = node.request("GET", f"/v1/orders/{oid}", token=None)
-    if r.status == 404:
-        return None
-    assert r.status == 200, r
-    out: dict[str, Any] = r.json()
-    return out
-
-
-def finality(node: NodeProc) -> dict[str, Any]:
-    fin: dict[str, Any] = node.status()["finality"]
-    return fin
 
 
 def cross(maker: NodeProc, taker: NodeProc, price: int, qty: int = 2) -> tuple[str, str]:
@@ -103,9 +91,7 @@ def five(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProc]]:
 @pytest.fixture
 def members(request: pytest.FixtureRequest, five: list[NodeProc]) -> Iterator[list[NodeProc]]:
     with logs_on_failure(request, five):
-        for n in five:
-            if not n.running():
-                n.start()
+        restart_stopped(five)
         wait_until(lambda: all(finality(n)["member"] for n in five), timeout=SETTLE,
                    what="every node a member", nodes=five)
         wait_converged(five)

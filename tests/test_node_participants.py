@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -24,9 +23,12 @@ from tests.nodes import (
     NodeProc,
     all_final,
     cancel_leftovers,
+    finality,
     logs_on_failure,
     make_nodes,
+    order_at,
     report,
+    restart_stopped,
     start_network,
     stop_all,
     wait_converged,
@@ -37,20 +39,6 @@ pytestmark = pytest.mark.xdist_group("test_node_participants")
 
 #: Bound on waiting for something the network must do by itself (a loaded machine is slow).
 SETTLE = 30.0
-
-
-def finality(node: NodeProc) -> dict[str, Any]:
-    fin: dict[str, Any] = node.status()["finality"]
-    return fin
-
-
-def order_at(node: NodeProc, oid: str) -> dict[str, Any] | None:
-    r = node.request("GET", f"/v1/orders/{oid}", token=None)
-    if r.status == 404:
-        return None
-    assert r.status == 200, r
-    out: dict[str, Any] = r.json()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +56,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProc]]:
 @pytest.fixture
 def nodes(request: pytest.FixtureRequest, net: list[NodeProc]) -> Iterator[list[NodeProc]]:
     with logs_on_failure(request, net):
-        for n in net:
-            if not n.running():
-                n.start()
+        restart_stopped(net)
         wait_converged(net)
         yield net
         cancel_leftovers(net)
