@@ -66,6 +66,12 @@ def is_weak_key(public: bytes) -> bool:
 
 
 _verifier_cache: dict[bytes, Ed25519PublicKey] = {}
+#: Recent answers, by (key, signature, message): one process that holds several
+#: replicas (the simulator) or is shown one entry by many peers checks it once.
+#: ``verify`` is a pure function, so an answer never goes stale; the memory is
+#: let go when full.
+_VERIFIED_KEPT = 32_768
+_verified: dict[tuple[bytes, bytes, bytes], bool] = {}
 
 
 def verify(public: bytes, signature: bytes, message: bytes) -> bool:
@@ -77,6 +83,16 @@ def verify(public: bytes, signature: bytes, message: bytes) -> bool:
         return False
     if public in SMALL_ORDER or signature[:32] in SMALL_ORDER:
         return False
+    seen = (public, signature, message)
+    ok = _verified.get(seen)
+    if ok is None:
+        if len(_verified) >= _VERIFIED_KEPT:
+            _verified.clear()
+        ok = _verified[seen] = _verify(public, signature, message)
+    return ok
+
+
+def _verify(public: bytes, signature: bytes, message: bytes) -> bool:
     key = _verifier_cache.get(public)
     if key is None:
         try:

@@ -16,16 +16,12 @@ timeouts are scaled down (eviction after 800 ms) so a run is short.
 
 from __future__ import annotations
 
-import contextlib
 import random
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from hashlib import blake2b
 
-import crdt.entry
-import crdt.keys
-import crdt.replica
 from crdt.entry import GENESIS, Heartbeat, Order, make_entry
 from crdt.errors import ExchangeError
 from crdt.keys import SigningKey
@@ -293,32 +289,6 @@ def plan(rng: random.Random, n: int, duration: int, *, storm: bool = False, stop
 PARTICIPANTS = (0, 0, 1, 1, 2, 3, 4, 6)  # drawn per seed
 
 
-@contextlib.contextmanager
-def _signatures_checked_once() -> Iterator[None]:
-    """Every node of a run checks every signature it is shown, as a real node
-    does; the answer for one (key, signature, message) is computed once per
-    run (``crdt.keys.verify`` is a pure function) and shared, so that a run of
-    many replicas does not spend most of its time re-checking the same
-    signatures."""
-    verify = crdt.keys.verify  # what crdt.replica and crdt.entry imported
-    memo: dict[tuple[bytes, bytes, bytes], bool] = {}
-
-    def once(public: bytes, signature: bytes, message: bytes) -> bool:
-        k = (public, signature, message)
-        ok = memo.get(k)
-        if ok is None:
-            ok = memo[k] = verify(public, signature, message)
-        return ok
-
-    for module in (crdt.replica, crdt.entry):
-        setattr(module, "verify", once)  # noqa: B010 (the modules do not export the name they imported)
-    try:
-        yield
-    finally:
-        for module in (crdt.replica, crdt.entry):
-            setattr(module, "verify", verify)  # noqa: B010
-
-
 def run(seed: int, *, trace: bool = False, storm: bool = False, stops: bool = False,
         rule: Callable[[SimNode], None] | None = None, schedule: Schedule | None = None,
         participants: int | None = None) -> Result:
@@ -328,9 +298,8 @@ def run(seed: int, *, trace: bool = False, storm: bool = False, stops: bool = Fa
     ``schedule`` pins the nodes, the duration and the faults;
     ``participants``: this many participants (and faults of theirs) instead
     of what the seed draws (a pinned schedule has none unless it says)."""
-    with _signatures_checked_once():
-        return _run(seed, trace=trace, storm=storm, stops=stops, rule=rule, schedule=schedule,
-                    participants=participants)
+    return _run(seed, trace=trace, storm=storm, stops=stops, rule=rule, schedule=schedule,
+                participants=participants)
 
 
 def _run(seed: int, *, trace: bool, storm: bool, stops: bool, rule: Callable[[SimNode], None] | None,
