@@ -15,7 +15,7 @@ entries to peers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from hashlib import blake2b
 from typing import Any
@@ -35,7 +35,6 @@ from crdt.entry import (
     Order,
     make_entry,
     make_ticket,
-    ticket_hash,
     ticket_valid,
 )
 from crdt.errors import (
@@ -76,8 +75,6 @@ from matching.engine import (
 
 #: Far above any wall clock: restored entries are exempt from the skew bound.
 _NO_CLOCK = 1 << 62
-#: Ticket signatures remembered as checked (the memory is let go when full).
-_TICKET_SIGS_KEPT = 200_000
 
 
 class UnknownOrder(ExchangeError):
@@ -105,19 +102,18 @@ def _kind(order: Order) -> int:
     return MARKET if order.market else (IOC if order.tif == IOC else GTC)
 
 
-def record_of(entry: Entry, ticket_ok: Callable[[Carry], bool] = ticket_valid) -> Record | None:
+def record_of(entry: Entry) -> Record | None:
     """The engine record of a member's entry, or None (it trades nothing).  A
     carried ticket is its owner's order (id: the ticket's hash) or cancel, at
     the carrying entry's key; it counts only with a valid signature and a stamp
-    within ``TICKET_WINDOW_MS`` of the entry's (``ticket_ok`` checks the
-    signature; the caller may remember its answers)."""
+    within ``TICKET_WINDOW_MS`` of the entry's."""
     body = entry.body
     if isinstance(body, Order):
         return (entry.key, _kind(body), entry.hash, body.side, body.price, body.qty, entry.origin)
     if isinstance(body, Cancel):
         return (entry.key, CANCEL, body.order_id, 0, 0, 0, entry.origin)
     if isinstance(body, Carry):
-        if abs(physical_ms(body.stamp) - physical_ms(entry.hlc)) > TICKET_WINDOW_MS or not ticket_ok(body):
+        if abs(physical_ms(body.stamp) - physical_ms(entry.hlc)) > TICKET_WINDOW_MS or not ticket_valid(body):
             return None
         inner = body.inner
         if isinstance(inner, Order):
@@ -247,9 +243,7 @@ class Exchange:
         # member -> how much of this node's log it certified, and the fingerprint of
         # the memberships it counted (see certified())
         self._certified: dict[bytes, tuple[int, bytes]] = {}
-        # carried tickets: whether each signature verified (checked once), and the
-        # stamp of the entry that carried each ticket order (until final passes it far)
-        self._ticket_sigs: dict[tuple[bytes, bytes], bool] = {}
+        # the stamp of the entry that carried each ticket (until final passes it far)
         self._tickets: dict[bytes, int] = {}
         self.engine.repeatable = self._tickets
         self.engine.mark_reach = _mark_reaches
@@ -429,7 +423,7 @@ class Exchange:
         if abs(physical_ms(carry.stamp) - now_ms) > TICKET_WINDOW_MS // 2:
             raise BadTicket(f"the ticket's stamp is {physical_ms(carry.stamp) - now_ms} ms from this member's "
                             f"clock (limit {TICKET_WINDOW_MS // 2} ms)")
-        if not self._ticket_signed(carry):
+        if not ticket_valid(carry):
             raise BadTicket("the ticket's signature does not verify")
 
     def ticket(self, inner: Order | Cancel, *, now_ms: int) -> Carry:
@@ -605,25 +599,13 @@ class Exchange:
             self._engine_change(lambda: self.engine.add_many(recs), fx)
 
     def _record(self, e: Entry) -> Record | None:
-        rec = record_of(e, self._ticket_signed)
+        rec = record_of(e)
         body = e.body
         if rec is not None and isinstance(body, Carry):
             # the ids of the orders carried tickets placed (the engine keeps them once closed), and of
             # the tickets themselves, cancels too (carrying one again is a harmless repeat: prepare)
             self._tickets.setdefault(body.ticket, e.hlc)
         return rec
-
-    def _ticket_signed(self, carry: Carry) -> bool:
-        # by signature too: a copy of a ticket with a bad signature must not spoil the good one
-        seen = (ticket_hash(carry.owner, carry.stamp, carry.inner), carry.sig)
-        if seen[0] != carry.ticket:
-            return False
-        ok = self._ticket_sigs.get(seen)
-        if ok is None:
-            if len(self._ticket_sigs) >= _TICKET_SIGS_KEPT:
-                self._ticket_sigs.clear()
-            ok = self._ticket_sigs[seen] = ticket_valid(carry)
-        return ok
 
     def _forget_tickets(self, final: int) -> None:
         """A closed ticket order's id stays known (``Engine.retired``) for as
