@@ -447,6 +447,8 @@ class Finality:
             fx = self.final_x.get(x, 0)
             last = self._latest_votes(x)
             if not last:
+                if self._own_vote_open(x):
+                    out.add(x)  # kept, and acknowledged without x, until it settles
                 continue
             if any(v.cut is not None or hlc_of(v.key) > fx for v in last.values()):
                 out.add(x)
@@ -747,7 +749,35 @@ class Finality:
         never completes (its joiner gave up) would stop this node certifying for
         good, and one admission between a certification and the decision that
         could void it is harmless (docs/FINALITY.md, section 7)."""
-        return bool(self.my_votes) or any(self._live_vote(x) is not None for x in self._votes)
+        return bool(self.my_votes) or any(self._live_vote(x) is not None or self._own_vote_open(x)
+                                          for x in self._votes)
+
+    def _own_vote_open(self, x: bytes) -> bool:
+        """Has this node an eviction vote against ``x``, counted now or not, that
+        may still count: its own newest vote or retraction against ``x`` is a
+        vote, or a retraction not yet below the frontier without ``x`` (or the
+        final one)?  A vote that does not act now (its writer's membership
+        there rests on admissions not derived yet) acts once a late admission
+        vote moves where that membership began: a member that certified while
+        such a vote of its own did not count saw the eviction decided with it,
+        and with its cut below what it had certified (``--wide --seed 67``)."""
+        last = self._own_latest(x)
+        if last is None:
+            return False
+        return last.cut is not None or hlc_of(last.key) > max(self.final_x.get(x, 0), self.final)
+
+    def _own_latest(self, x: bytes) -> Vote | None:
+        """This node's newest vote or retraction against ``x``, counted now or not."""
+        me = self.node_id
+        last: Vote | None = None
+        for v in self._votes.get(x, ()):
+            if v.voter == me and (last is None or v.key > last.key):
+                last = v
+        return last
+
+    def _own_vote_live(self, x: bytes) -> bool:
+        last = self._own_latest(x)
+        return last is not None and last.cut is not None
 
     def votes(self) -> dict[bytes, list[Vote]]:
         """The votes and retractions that count against each member."""
@@ -796,7 +826,8 @@ class Finality:
         voting = [x for x in contested if self._under_vote(x, mono_ms)]
         for x in contested:
             mine = self._live_vote(x)
-            if mine is not None:
+            # a vote of this node that does not count now is retracted all the same: it may count later
+            if mine is not None or self._own_vote_live(x):
                 if self._alive(x, mono_ms) and self.last_heard.get(x, 0) > self._my_vote_mono.get(x, 0):
                     return Retract(member=x)
             elif majority and self._silent(x, mono_ms) and (voting == [x] or x in self._forks):

@@ -198,6 +198,19 @@ class TestSimulatedNetworks:
         assert r.evictions == 1
         assert r.finals > 200  # 235 since joiners ask every peer (the messages, not the faults, moved)
 
+
+    def test_wide_seed_67_a_vote_that_does_not_count_yet_stops_certification(self) -> None:
+        """Regression: a member voted against another, then its own membership
+        at that vote's key changed in its view (an eviction of its own, an
+        admission again), so the vote did not count, and the member certified
+        the other's log again.  A late admission vote then moved where its
+        membership began, the vote counted, and the eviction it completed cut
+        the log below what that member had certified: an acknowledged carry
+        of a participant's order was voided.  A member now certifies nothing
+        while a vote of its own may count later too, and retracts it."""
+        r = run(67, storm=True, schedule=wide(67))
+        assert r.violation is None, r.violation
+
     @pytest.mark.parametrize("fresh", [False, True], ids=["voted-out-rejoin", "fresh-joiners"])
     def test_split_brain_two_sides_cannot_each_grow_a_majority(self, fresh: bool) -> None:
         """Regression (issue 20): admission was unilateral.  Of four nodes, n3
