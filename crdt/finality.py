@@ -127,6 +127,7 @@ class Finality:
         # (member, contested member) -> its recent acks computed without the latter; kept
         # apart so that a member that lags behind a decision about itself still finds them
         self._sacks: dict[tuple[bytes, bytes], deque[tuple[int, int, bytes]]] = {}
+        self._sack_mono: dict[tuple[bytes, bytes], int] = {}  # when each of those last arrived
         self._votes: dict[bytes, list[Vote]] = {}  # member -> every vote and retraction against it
         self._votes_revision = 0  # bumped whenever _votes changes
         self._timelines: dict[bytes, tuple[tuple[int, int, int], list[Vote]]] = {}
@@ -147,9 +148,10 @@ class Finality:
         # equivocation: origin -> (fork seq, floor hlc nothing at or below which is cut)
         self._forks: dict[bytes, tuple[int, int]] = {}
         self.forks_version = 0  # bumped whenever an equivocating origin's effective end may move
-        self._digests: dict[tuple[int, bytes | None, bool, Decision | None], bytes | None] = {}
+        self._digests: dict[tuple[int, bytes | None, bool, object, int], bytes | None] = {}
         # contested member -> (stamp, the eviction its votes decide and the membership after it)
         self._hypotheses: dict[bytes, tuple[tuple[int, int, int], tuple[Decision, Membership] | None]] = {}
+        self._every: tuple[tuple[int, int, int], tuple[tuple[Decision, ...], Membership] | None] | None = None
         self.last_own_ms = 0  # monotonic time of this node's newest entry
         self._mono = 0  # the latest monotonic time this node was given
         self._settled: dict[tuple[bytes, bytes], int] = {}  # (member, last vote key) -> when settled here
@@ -222,6 +224,7 @@ class Finality:
                     if sq is None:
                         sq = self._sacks[(o, ack[3])] = deque(maxlen=8)
                     sq.append((ack[4], ack[5], ack[6]))
+                    self._sack_mono[(o, ack[3])] = mono_ms
             body = e.body
             if body.__class__ is Leave:
                 self._leaves[o] = e.seq
@@ -280,20 +283,32 @@ class Finality:
     # ---- digests ----------------------------------------------------------------------
 
     def digest(self, k: int, *, without: bytes | None = None, cut_forks: bool = True,
-               decided: bytes | None = None) -> bytes | None:
+               decided: bytes | None = None, every: bool = False) -> bytes | None:
         """Hash over every member's effective log prefix stamped at or below ``k``
         (``without`` one member), or None when that reaches below memory.  Without
         a member, or with its eviction ``decided`` as the votes held here decide
-        it (see ``_hypothesis``), the memberships are those after that eviction."""
-        membership, hypothesis = self.membership, None
-        target = without if without is not None else decided
-        if target is not None:
-            hypothesis = self._hypothesis(target)
-            if hypothesis is not None:
-                membership = hypothesis[1]
-            elif decided is not None:
+        it (see ``_hypothesis``), the memberships are those after that eviction;
+        ``every``: after every eviction the votes held here decide (None unless
+        they decide more than one), as a member that has decided them all
+        computes its digests without ``without``."""
+        membership: Membership = self.membership
+        hypothesis: object = None
+        if every:
+            found = self._every_hypothesis() if without is not None else None
+            if found is None:
                 return None
-        cache_key = (k, without, cut_forks, None if hypothesis is None else hypothesis[0])
+            hypothesis, membership = found
+        else:
+            target = without if without is not None else decided
+            if target is not None:
+                single = self._hypothesis(target)
+                if single is not None:
+                    hypothesis, membership = single
+                elif decided is not None:
+                    return None
+        # the memberships' revision too: an admission vote that arrives late (from a log this
+        # digest leaves out, or that is not complete to k) can move where an admission began
+        cache_key = (k, without, cut_forks, hypothesis, self.membership.revision)
         if cache_key in self._digests:
             return self._digests[cache_key]
         rows = []
@@ -351,6 +366,36 @@ class Finality:
         self._hypotheses[x] = (stamp, found)
         return found
 
+    def _every_hypothesis(self) -> tuple[tuple[Decision, ...], Membership] | None:
+        """Every eviction the votes held here decide, one after the other in
+        canonical order (each judged on the membership the ones before it
+        leave: the first can make a majority of the second's votes), and the
+        membership after them all; None unless there are two or more.  A node
+        that lags behind two decisions finds the members' acks without the
+        first computed after both (the acks they published before the second
+        may be gone), and would otherwise never decide the first."""
+        stamp = (self.membership.revision, self.forks_version, self._votes_revision)
+        if self._every is not None and self._every[0] == stamp:
+            return self._every[1]
+        real, timelines = self.membership, self._timelines
+        decisions: list[Decision] = []
+        membership = real
+        try:
+            for _ in range(len(self._votes)):
+                self.membership, self._timelines = membership, {}
+                found = [d for x in list(self._votes) if membership.is_member(x)
+                         and (d := self._decision(x, 1 << 62)) is not None]
+                if not found:
+                    break
+                d = min(found, key=lambda d: d.at)
+                decisions.append(d)
+                membership = membership.with_decision(d)
+        finally:
+            self.membership, self._timelines = real, timelines
+        result = (tuple(decisions), membership) if len(decisions) > 1 else None
+        self._every = (stamp, result)
+        return result
+
     # ---- frontiers ---------------------------------------------------------------------
 
     def _head_hlc(self, o: bytes, *, without: bytes | None) -> int:
@@ -392,7 +437,8 @@ class Finality:
             k, s, d = ack[0], ack[1], ack[2]
             if k > complete:
                 continue
-            if self.digest(k, without=suspect) == d:
+            if self.digest(k, without=suspect) == d or (
+                    suspect is not None and self.digest(k, without=suspect, every=True) == d):
                 found = k, s
                 break
         if suspect is not None and suspect == self.node_id:
@@ -413,7 +459,11 @@ class Finality:
         members = self.membership.members()
         me = self.node_id
         c = self._completeness()
-        self.complete = max(self.complete, c) if members else 0
+        # never below the final frontier: every member agreed on the history up to
+        # it, so nobody can add an entry there.  A view frozen at a vote's cut can
+        # stamp lower (the member wrote nothing since, in a membership begun after
+        # that stamp), and acks at such a K reach below memory: none were published
+        self.complete = max(self.complete, c, self.final) if members else 0
         ks, ss = [self.complete], []
         for m in members:
             # an origin proven to equivocate is not asked to agree, unless a vote
@@ -455,10 +505,27 @@ class Finality:
                 continue
             # settled here; go on acknowledging without x a while longer: a member
             # that lags (or whose history changed since) needs fresh acks to settle it
-            since = self._settled.setdefault((x, max(v.key for v in last.values())), self._mono)
-            if self._mono - since < 2 * self.evict_after_ms:
+            newest = max(v.key for v in last.values())
+            since = self._settled.setdefault((x, newest), self._mono)
+            if self._mono - since < 2 * self.evict_after_ms or self._owed(x, hlc_of(newest)):
                 out.add(x)
         return sorted(out)
+
+    def _owed(self, x: bytes, settles_at: int) -> bool:
+        """Do other members still wait for this member's acks without ``x``?
+        They do while they publish acks without ``x`` themselves (recently) and
+        this member's newest published one does not yet reach the retraction
+        that settles it.  A member that was not one while the others settled
+        (voted out and admitted again meanwhile) settled here without writing
+        a word, and the others, which count it again, waited for it for good."""
+        me = self.node_id
+        if x == me:
+            return False  # nobody waits for acks of x without x
+        mine = self._sacks.get((me, x))
+        if mine and mine[-1][1] >= settles_at:
+            return False
+        return any(o != me and (o, x) in self._sack_mono and self._mono - self._sack_mono[(o, x)] < self.evict_after_ms
+                   for o in self.membership.members())
 
     def _recompute_contested(self, members: list[bytes]) -> None:
         me = self.node_id
