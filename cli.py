@@ -129,6 +129,9 @@ def add_node_parser(sub: Any) -> None:
                         "[P2PEX_MAX_MEMBERS]")
     p.add_argument("--evict-after", type=positive_float, default=env("EVICT_AFTER", "10"),
                    help="seconds of silence after which the members vote a member out [P2PEX_EVICT_AFTER]")
+    p.add_argument("--suspect-after", type=positive_float, default=env("SUSPECT_AFTER", "1"),
+                   help="seconds a member may hold orders back from finality without writing before the "
+                        "members vote it out (at most --evict-after) [P2PEX_SUSPECT_AFTER]")
     p.add_argument("--heartbeat-ms", type=positive_int, default=env("HEARTBEAT_MS", "50"),
                    help="spacing of the entries that move finality while something is not final "
                         "[P2PEX_HEARTBEAT_MS]")
@@ -183,7 +186,7 @@ def run_node(args: argparse.Namespace) -> int:
         keepalive_timeout=args.keepalive_timeout, max_receiving=int(args.max_receiving_mb * 1024 * 1024),
         write_limit=args.write_limit, read_limit=args.read_limit, peer_limit=args.peer_limit,
         genesis=args.genesis, member=args.member, max_members=args.max_members,
-        evict_after=args.evict_after, heartbeat_ms=args.heartbeat_ms,
+        evict_after=args.evict_after, suspect_after=args.suspect_after, heartbeat_ms=args.heartbeat_ms,
         clock_offset_ms=args.clock_offset_ms, max_clock_offset_ms=args.max_clock_offset_ms,
         max_loop_lag_ms=args.max_loop_lag_ms,
         max_foreign_origins=args.max_foreign_origins,

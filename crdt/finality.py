@@ -61,6 +61,9 @@ ACKS_KEPT = 48
 DEFAULT_EVICT_AFTER_MS = 10_000
 DEFAULT_HEARTBEAT_MS = 50
 DEFAULT_LIVENESS_MS = 3_000
+#: a member whose log has not grown for this long while records wait here for
+#: it (its head lies below them) is suspected at once, not after evict_after
+DEFAULT_SUSPECT_AFTER_MS = 1_000
 
 
 def hlc_of(key: bytes) -> int:
@@ -109,6 +112,7 @@ class Finality:
         evict_after_ms: int = DEFAULT_EVICT_AFTER_MS,
         heartbeat_ms: int = DEFAULT_HEARTBEAT_MS,
         liveness_ms: int = DEFAULT_LIVENESS_MS,
+        suspect_after_ms: int = DEFAULT_SUSPECT_AFTER_MS,
     ) -> None:
         self.node_id = node_id
         self.replica = replica
@@ -116,6 +120,9 @@ class Finality:
         self.evict_after_ms = evict_after_ms
         self.heartbeat_ms = heartbeat_ms
         self.liveness_ms = min(liveness_ms, max(evict_after_ms // 3, 1))
+        self.suspect_after_ms = min(suspect_after_ms, evict_after_ms)
+        self._pending_hlc = 0  # the newest record not final here (0: none), as last told
+        self._waiting_since: int | None = None  # since when records have waited here without a break
         self.complete = 0
         self.stable = 0
         self.final = 0
@@ -877,6 +884,11 @@ class Finality:
         ``pending_hlc``: the newest record not final here (0: none);
         ``newest_hlc``: the newest record."""
         me = self.node_id
+        self._pending_hlc = pending_hlc
+        if not pending_hlc:
+            self._waiting_since = None
+        elif self._waiting_since is None:
+            self._waiting_since = mono_ms
         members = self.membership.members()
         if me not in members or self.leaving:
             return None
@@ -991,10 +1003,45 @@ class Finality:
         # suspected at once did; the second now waits evict_after like a crash)
         if self.left(x) and not any(c != x for c in self.contested()):
             return True
-        return mono_ms - self.last_heard.get(x, mono_ms) > self.evict_after_ms
+        return mono_ms - self.last_heard.get(x, mono_ms) > self.evict_after_ms or self._lagging(x, mono_ms)
+
+    def _lagging(self, x: bytes, mono_ms: int) -> bool:
+        """Is ``x`` holding records back here without a sign of life?  Records
+        have waited here for more than ``suspect_after_ms``, ``x``'s log stops
+        below the newest of them, and has not grown for that long.  A live
+        member writes an entry stamped above a record within a heartbeat of
+        receiving it, so under load a crashed, paused or cut-off member is
+        suspected within ``suspect_after_ms``; an idle network suspects no one
+        before ``evict_after_ms``."""
+        since = self._waiting_since
+        me = self.node_id
+        if since is None or x == me:
+            return False
+        if mono_ms - max(self.last_heard.get(x, mono_ms), since) <= self.suspect_after_ms:
+            return False
+        head = self._hlc_at(x, self.end(x))
+        if head >= self._pending_hlc:
+            return False
+        # only in a calm network: every other member heard, none of them holding
+        # more of x's log than this node does (its acks say how far it is
+        # complete: past x's head here, x is alive and only slow to reach this
+        # node), and no other member under vote or settling one.  With several
+        # members silent, or links cut one way, nodes see different members
+        # lagging, and votes against two members at once stall finality
+        # (evict_after still applies then)
+        for o in self.membership.members():
+            if o in (me, x):
+                continue
+            if mono_ms - self.last_heard.get(o, mono_ms) > self.suspect_after_ms:
+                return False
+            acks = self._acks.get(o)
+            if acks and acks[-1] and acks[-1][0] > head:
+                return False
+        return all(c == x for c in self.contested())
 
     def _alive(self, x: bytes, mono_ms: int) -> bool:
-        return not self.left(x) and mono_ms - self.last_heard.get(x, mono_ms) <= self.evict_after_ms // 2
+        return (not self.left(x) and mono_ms - self.last_heard.get(x, mono_ms) <= self.evict_after_ms // 2
+                and not self._lagging(x, mono_ms))
 
     def _hears_majority(self, mono_ms: int, members: list[bytes]) -> bool:
         """Does this node hear a majority of members (itself included)?  A node

@@ -50,6 +50,7 @@ from crdt.finality import (
     DEFAULT_EVICT_AFTER_MS,
     DEFAULT_HEARTBEAT_MS,
     DEFAULT_LIVENESS_MS,
+    DEFAULT_SUSPECT_AFTER_MS,
     Finality,
     Frontiers,
     hlc_of,
@@ -153,6 +154,8 @@ class Params:
     evict_after_ms: int = DEFAULT_EVICT_AFTER_MS
     heartbeat_ms: int = DEFAULT_HEARTBEAT_MS
     liveness_ms: int = DEFAULT_LIVENESS_MS
+    #: a member silent this long while records wait for it is voted out (see ``Finality._lagging``)
+    suspect_after_ms: int = DEFAULT_SUSPECT_AFTER_MS
     #: a node whose clock is further than this from its peers' median refuses orders
     max_clock_offset_ms: int = 1_000
     #: origins held that are not members (anyone can make a key); entries of more are refused
@@ -224,7 +227,8 @@ class Exchange:
         self.membership = Membership(network)
         self.finality = Finality(
             node_id=self.node_id, replica=self.replica, membership=self.membership,
-            evict_after_ms=p.evict_after_ms, heartbeat_ms=p.heartbeat_ms, liveness_ms=p.liveness_ms)
+            evict_after_ms=p.evict_after_ms, heartbeat_ms=p.heartbeat_ms, liveness_ms=p.liveness_ms,
+            suspect_after_ms=p.suspect_after_ms)
         self.hlc = Hlc()
         self.engine = Engine()
         self.clock_offset_ms = 0  # the network's clock minus ours (median over peers)

@@ -40,6 +40,7 @@ class NodeConfig:
     member: bool = False  # ask the members to admit this node to the committee (else: a participant)
     max_members: int = 7  # a member votes to admit no one while the committee has this many
     evict_after: float = 10.0  # seconds of silence before the members vote a member out
+    suspect_after: float = 1.0  # seconds a member may hold records back without writing before that vote
     heartbeat_ms: int = 50  # spacing of the entries that move finality while something is not final
     clock_offset_ms: int = 0  # added to the wall clock (tests that skew clocks)
     max_clock_offset_ms: int = 1_000  # off the peers' median by more than this: refuse orders

@@ -315,6 +315,7 @@ class Node:
         evict_ms = int(config.evict_after * 1000)
         self.exchange = Exchange(self.key, params=Params(
             max_skew_ms=config.max_skew_ms, evict_after_ms=evict_ms, heartbeat_ms=config.heartbeat_ms,
+            suspect_after_ms=int(config.suspect_after * 1000),
             liveness_ms=min(3_000, max(evict_ms // 3, 1)), max_clock_offset_ms=config.max_clock_offset_ms,
             max_foreign_origins=config.max_foreign_origins, max_members=config.max_members))
         self.token = new_token()  # in .cookie once the node listens

@@ -34,7 +34,7 @@ from sim.node import SimNode
 TICK_MS = 5
 PULL_MS = 40
 JOIN_MS = 60
-PARAMS = Params(evict_after_ms=800, heartbeat_ms=20, liveness_ms=200, max_skew_ms=5_000,
+PARAMS = Params(evict_after_ms=800, suspect_after_ms=300, heartbeat_ms=20, liveness_ms=200, max_skew_ms=5_000,
                 max_clock_offset_ms=1_000)
 FAULTS = ("delay", "partition", "crash", "crash_long", "pause", "pause_long", "skew", "step_back",
           "equivocate", "past_stamp")

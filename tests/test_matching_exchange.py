@@ -749,6 +749,58 @@ class TestFinality:
         assert net.final_orders[0] == net.final_orders[1]
 
 
+class TestSuspicion:
+    """Under load, a member that holds records back without writing is voted out
+    after ``suspect_after_ms``, not ``evict_after_ms`` (docs/FINALITY.md, section 4)."""
+
+    PARAMS = Params(heartbeat_ms=10, liveness_ms=200, evict_after_ms=60_000, suspect_after_ms=100)
+
+    def test_a_member_that_holds_orders_back_is_voted_out_within_suspect_after(self) -> None:
+        net = Lockstep(4, params=self.PARAMS)
+        net.write(0, Order(side=SELL, price=100, qty=5))
+        net.run(100)
+        gone = net.nodes[3].node_id
+        net.down.add(3)
+        bid = net.write(1, Order(side=BUY, price=100, qty=2))
+        before = [list(net.finals[i]) for i in range(3)]
+        net.run(80)
+        assert all(ex.frontiers().final < bid.hlc for ex in net.live())  # not suspected yet
+        net.run(400)  # far less than evict_after (60 s)
+        for i, ex in enumerate(net.live()):
+            assert not ex.membership.is_member(gone)
+            assert ex.frontiers().final >= bid.hlc and ex.pending() == 0
+            assert net.finals[i][:len(before[i])] == before[i]  # nothing final changed
+        assert len({tuple(net.finals[i]) for i in range(3)}) == 1
+
+    def test_an_idle_network_suspects_no_one(self) -> None:
+        net = Lockstep(4, params=self.PARAMS)
+        net.write(0, Order(side=SELL, price=100, qty=5))
+        net.run(200)
+        net.down.add(3)
+        net.run(1_000)  # nothing waits for it: no vote before evict_after
+        assert not any(isinstance(e.body, Evict) for e in net.log)
+        assert all(ex.membership.is_member(net.nodes[3].node_id) for ex in net.live())
+
+    def test_members_that_keep_writing_are_never_suspected(self) -> None:
+        net = Lockstep(4, params=self.PARAMS)
+        for t in range(40):
+            net.write(t % 4, Order(side=BUY if t % 2 else SELL, price=100 + t % 3, qty=1))
+            net.run(50)
+        assert not any(isinstance(e.body, Evict) for e in net.log)
+
+    def test_two_members_holding_back_at_once_wait_for_evict_after(self) -> None:
+        """Nodes that see two members lagging may see different ones; votes
+        against two members at once stall finality, so neither is suspected
+        early (finality waits, as for any two members failing together)."""
+        net = Lockstep(5, params=self.PARAMS)
+        net.write(0, Order(side=SELL, price=100, qty=5))
+        net.run(100)
+        net.down.update({3, 4})
+        net.write(1, Order(side=BUY, price=100, qty=2))
+        net.run(1_000)
+        assert not any(isinstance(e.body, Evict) for e in net.log)
+
+
 class TestLeave:
     """A member that shuts down cleanly writes ``Leave``: the others vote it out
     at once instead of waiting evict_after for its silence."""

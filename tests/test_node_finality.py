@@ -153,7 +153,8 @@ class TestFiveMembers:
         wait_until(lambda: all_final(live), timeout=EVICT_AFTER + SETTLE, what="finality back without e",
                    nodes=live)
         resumed = time.monotonic() - t_kill
-        report(request, f"finality resumed {resumed:.1f} s after kill -9 of a member (--evict-after {EVICT_AFTER:g})")
+        report(request, f"finality resumed {resumed:.1f} s after kill -9 of a member with a fill waiting "
+                        f"(--suspect-after 1, --evict-after {EVICT_AFTER:g})")
         for n in live:
             fin = finality(n)
             assert e_id not in fin["members"], n.name
