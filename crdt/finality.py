@@ -302,7 +302,9 @@ class Finality:
         hypothesis: object = None
         if every:
             found = self._every_hypothesis() if without is not None else None
-            if found is None:
+            # only for the first eviction of the chain: a frontier without a later one
+            # would be used on this node's memberships, which lack the earlier decisions
+            if found is None or found[0][0].member != without:
                 return None
             hypothesis, membership = found
         else:
@@ -545,7 +547,19 @@ class Finality:
         contested = self.contested()
         for x in [x for x in self._votes if x not in contested and x not in self.closing
                   and self.membership.is_member(x)]:
-            del self._votes[x]  # every vote against it retracted and settled, long enough ago
+            # every vote against it retracted and settled, long enough ago.  A vote that
+            # does not count yet stays until it lies below the final frontier: it counts
+            # once the admission its writer's membership (or its ``since``) rests on is
+            # derived here, and a node that had dropped it decided another eviction than
+            # the others (``--wide --storm --seed 125``)
+            counted = {(v.voter, v.seq) for v in self._timeline(x)}
+            keep = [v for v in self._votes[x] if (v.voter, v.seq) not in counted and hlc_of(v.key) > self.final]
+            if len(keep) == len(self._votes[x]):
+                continue
+            if keep:
+                self._votes[x] = keep
+            else:
+                del self._votes[x]
             self._votes_revision += 1
             self._timelines.pop(x, None)
         for table in (self.complete_x, self.stable_x, self.final_x):
@@ -553,7 +567,7 @@ class Finality:
                 del table[x]
         for x in contested:
             c = self._completeness(without=x)
-            self.complete_x[x] = max(self.complete_x.get(x, 0), c)
+            self.complete_x[x] = max(self.complete_x.get(x, 0), c, self.final)  # as for complete
             ks, ss = [self.complete_x[x]], []
             for m in members:
                 if m in (me, x) or m in self._forks:
@@ -841,11 +855,17 @@ class Finality:
         return last.cut is not None or hlc_of(last.key) > max(self.final_x.get(x, 0), self.final)
 
     def _own_latest(self, x: bytes) -> Vote | None:
-        """This node's newest vote or retraction against ``x``, counted now or not."""
+        """This node's newest vote or retraction against ``x``'s current membership
+        (any, while ``x`` is no member here), counted now or not.  A vote against
+        an earlier membership never counts again (a decision spent it, or its
+        ``since`` names another admission)."""
         me = self.node_id
+        start = self.membership.admitted_at(x)
         last: Vote | None = None
         for v in self._votes.get(x, ()):
-            if v.voter == me and (last is None or v.key > last.key):
+            if v.voter != me or (start is not None and (v.key <= start or v.since not in (0, hlc_of(start)))):
+                continue
+            if last is None or v.key > last.key:
                 last = v
         return last
 
@@ -906,10 +926,11 @@ class Finality:
         for x in contested:
             mine = self._live_vote(x)
             # a vote of this node that does not count now is retracted all the same: it may count later
-            if mine is not None or self._own_vote_live(x):
-                if self._alive(x, mono_ms) and self.last_heard.get(x, 0) > self._my_vote_mono.get(x, 0):
-                    return Retract(member=x)
-            elif majority and self._silent(x, mono_ms) and (voting == [x] or x in self._forks):
+            if (mine is not None or self._own_vote_live(x)) and self._alive(x, mono_ms) \
+                    and self.last_heard.get(x, 0) > self._my_vote_mono.get(x, 0):
+                return Retract(member=x)
+            if mine is None and not self._own_vote_live(x) and majority and self._silent(x, mono_ms) and (
+                    voting == [x] or x in self._forks):
                 return self._vote(x)  # join the vote under way (one member under vote at a time)
         if majority:
             # a proven equivocator is voted out whatever else is under vote: its

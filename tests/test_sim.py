@@ -139,11 +139,14 @@ class TestSimulatedNetworks:
         r = run(334, storm=True, participants=0)
         assert r.violation is None, r.violation
 
-    def test_storm_seed_351_votes_that_arrive_before_the_admission_are_kept(self) -> None:
+    def test_storm_seed_351_votes_that_arrive_before_the_admission_are_kept(
+            self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Regression: a paused node received two votes against itself before the
         ``Admit`` that had made it a member, dropped them as votes against a
         non-member, and never decided its own eviction.  It went on to match its
         own voided entries and finalized a different fill #91."""
+        # suspicion at evict_after, as when it was found: the same messages
+        monkeypatch.setattr(scenario, "PARAMS", replace(PARAMS, suspect_after_ms=PARAMS.evict_after_ms))
         r = run(351, storm=True, participants=0)
         assert r.violation is None, r.violation
         assert r.evictions == 2
@@ -200,6 +203,16 @@ class TestSimulatedNetworks:
         assert r.evictions == 1
         assert r.finals > 200  # 235 since joiners ask every peer (the messages, not the faults, moved)
 
+
+    def test_wide_storm_seed_125_a_vote_that_does_not_count_yet_is_kept(self) -> None:
+        """Regression: once every counted vote against a member was retracted
+        and settled, a node dropped all the votes against it, among them one
+        that did not count yet (its writer's admission was not derived there
+        yet).  When it did, that node lacked the vote and closed the member's
+        next membership at another vote than every other node.  Such votes are
+        now kept until they lie below the final frontier."""
+        r = run(125, storm=True, schedule=wide(125))
+        assert r.violation is None, r.violation
 
     def test_wide_seed_67_a_vote_that_does_not_count_yet_stops_certification(
             self, monkeypatch: pytest.MonkeyPatch) -> None:
