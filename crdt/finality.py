@@ -930,7 +930,7 @@ class Finality:
                     and self.last_heard.get(x, 0) > self._my_vote_mono.get(x, 0):
                 return Retract(member=x)
             if mine is None and not self._own_vote_live(x) and majority and self._silent(x, mono_ms) and (
-                    voting == [x] or x in self._forks):
+                    (voting == [x] and self._alone_silent(x, mono_ms, members)) or x in self._forks):
                 return self._vote(x)  # join the vote under way (one member under vote at a time)
         if majority:
             # a proven equivocator is voted out whatever else is under vote: its
@@ -1043,17 +1043,21 @@ class Finality:
         head = self._hlc_at(x, self.end(x))
         if head >= self._pending_hlc:
             return False
-        # only in a calm network: every other member heard, none of them holding
-        # more of x's log than this node does (its acks say how far it is
-        # complete: past x's head here, x is alive and only slow to reach this
-        # node), and no other member under vote or settling one.  With several
-        # members silent, or links cut one way, nodes see different members
-        # lagging, and votes against two members at once stall finality
-        # (evict_after still applies then)
+        heard_within = self.suspect_after_ms // 2
+        # only in a calm network: every other member heard within half that time
+        # (two members that fail together, or a moment apart, must not have the
+        # first suspected alone: the vote could not be decided without the
+        # second's acks, and its voters would certify nothing), none of them
+        # holding more of x's log than this node does (its acks say how far it
+        # is complete: past x's head here, x is alive and only slow to reach
+        # this node), and no other member under vote or settling one.  With
+        # several members silent, or links cut one way, nodes see different
+        # members lagging, and votes against two members at once stall finality
+        # (evict_after still applies)
         for o in self.membership.members():
             if o in (me, x):
                 continue
-            if mono_ms - self.last_heard.get(o, mono_ms) > self.suspect_after_ms:
+            if mono_ms - self.last_heard.get(o, mono_ms) > heard_within:
                 return False
             acks = self._acks.get(o)
             if acks and acks[-1] and acks[-1][0] > head:
@@ -1071,10 +1075,26 @@ class Finality:
         return alive >= len(members) // 2 + 1
 
     def _suspect(self, mono_ms: int, members: list[bytes]) -> bytes | None:
-        silent = [o for o in members if o != self.node_id and self._silent(o, mono_ms)]
-        if not silent:
+        # proven equivocators are voted out by a rule of their own (next_body)
+        silent = [o for o in members if o != self.node_id and o not in self._forks and self._silent(o, mono_ms)]
+        if len(silent) != 1 or not self._alone_silent(silent[0], mono_ms, members):
+            # two members silent at once: a vote against one is decided only through the
+            # other's acks without it, so it waits for one of them to come back anyway,
+            # and meanwhile its voters certify nothing (every order answered no_quorum).
+            # Without the vote the members still certify, and finality waits alike
             return None
-        return min(silent)  # the same choice on every node that sees the same members silent
+        return silent[0]
+
+    def _alone_silent(self, x: bytes, mono_ms: int, members: list[bytes]) -> bool:
+        """Is ``x`` the only member silent here (proven equivocators apart, whose
+        logs no longer hold anyone back), with no other member close to silent?
+        Two members killed together fall silent one liveness interval apart at
+        most (a heartbeat apart under load): the first must not be voted on
+        alone."""
+        near = max(self.evict_after_ms - self.liveness_ms - self.heartbeat_ms, self.evict_after_ms // 2)
+        return not any(o not in (self.node_id, x) and o not in self._forks
+                       and (self._silent(o, mono_ms) or mono_ms - self.last_heard.get(o, mono_ms) > near)
+                       for o in members)
 
     def holding(self, mono_ms: int) -> tuple[bytes, int] | None:
         """The member whose log stops completeness, and for how long it has been silent."""

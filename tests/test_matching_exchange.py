@@ -801,6 +801,32 @@ class TestSuspicion:
         assert not any(isinstance(e.body, Evict) for e in net.log)
 
 
+class TestTwoSilent:
+    """Two members silent at once: a vote against one is decided only through the
+    other's acks without it, so nobody votes until one of them is back; the
+    members meanwhile go on certifying (docs/FINALITY.md, section 4)."""
+
+    def test_no_vote_while_two_members_are_silent_and_the_other_is_voted_out_once_one_is_back(self) -> None:
+        net = Lockstep(5, params=Params(heartbeat_ms=10, liveness_ms=200, evict_after_ms=150))
+        net.write(0, Order(side=SELL, price=100, qty=5))
+        net.run(100)
+        back, gone = net.nodes[3], net.nodes[4].node_id
+        net.down.update({3, 4})
+        bid = net.write(1, Order(side=BUY, price=100, qty=2))
+        net.run(1_000)  # far past evict_after
+        assert not any(isinstance(e.body, Evict) for e in net.log)
+        for ex in net.live():
+            assert not ex.finality.open_votes()  # so it certifies: orders are still answered
+            assert ex.frontiers().final < bid.hlc  # finality waits, as before
+        net.down.discard(3)
+        net.run(1_000)
+        for ex in net.live():
+            assert not ex.membership.is_member(gone)
+            assert ex.membership.is_member(back.node_id)
+            assert ex.frontiers().final >= bid.hlc
+        assert len({tuple(net.finals[i]) for i in range(4)}) == 1
+
+
 class TestLeave:
     """A member that shuts down cleanly writes ``Leave``: the others vote it out
     at once instead of waiting evict_after for its silence."""
