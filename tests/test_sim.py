@@ -48,6 +48,12 @@ PARTICIPANT_SEEDS = 40  # runs with 2-6 participants each, besides those the see
 PARTICIPANT_STORM_SEEDS = 16
 
 
+def _as_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Suspicion at evict_after, as before suspicion under load: a seed pinned
+    before it then replays the messages it was found with."""
+    monkeypatch.setattr(scenario, "PARAMS", replace(PARAMS, suspect_after_ms=PARAMS.evict_after_ms))
+
+
 def _one(args: tuple[int, bool, bool, bool]) -> tuple[int, str | None, int]:
     seed, storm, wide_faults, stops = args
     r = run(seed, storm=storm, stops=stops, schedule=wide(seed) if wide_faults else None)
@@ -121,13 +127,14 @@ class TestSimulatedNetworks:
         assert not bad, "\n".join(f"seed {s}: {v} (replay: python -m sim --seed {s} --wide --storm)" for s, v in bad)
         assert sum(f for _, _, f in results) > 0
 
-    def test_storm_seed_292_a_vote_past_a_forked_end_decides_nothing(self) -> None:
+    def test_storm_seed_292_a_vote_past_a_forked_end_decides_nothing(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Regression: a node learned of an equivocation and, in the same step,
         decided an eviction with a vote its writer had signed past the fork.
         Membership had not been told of the fork's end yet and the vote timeline
         was cached, so the void vote completed a majority.  The evicted node
         never reached that decision; once the deciding node equivocated too,
         the two finalized a different fill #65."""
+        _as_found(monkeypatch)
         r = run(292, storm=True, participants=0)
         assert r.violation is None, r.violation
         assert r.finals > 100
@@ -145,19 +152,20 @@ class TestSimulatedNetworks:
         ``Admit`` that had made it a member, dropped them as votes against a
         non-member, and never decided its own eviction.  It went on to match its
         own voided entries and finalized a different fill #91."""
-        # suspicion at evict_after, as when it was found: the same messages
-        monkeypatch.setattr(scenario, "PARAMS", replace(PARAMS, suspect_after_ms=PARAMS.evict_after_ms))
+        _as_found(monkeypatch)
         r = run(351, storm=True, participants=0)
         assert r.violation is None, r.violation
         assert r.evictions == 2
 
-    def test_storm_seed_1133_a_second_vote_does_not_thaw_the_first_votes_cut(self) -> None:
+    def test_storm_seed_1133_a_second_vote_does_not_thaw_the_first_votes_cut(
+            self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Regression: two members voted against a paused one with cut 12,
         retracted, and voted again with cut 20 before the retraction settled.
         Their views thawed to 20 at the second vote, so their acks let the
         paused member finalize its own entries 13-20; the eviction then decided
         at the first votes, with cut 12, voided those entries everywhere else.
         The member refused that decision and finalized a different fill #11."""
+        _as_found(monkeypatch)
         r = run(1133, storm=True, participants=0)
         assert r.violation is None, r.violation
         assert r.evictions == 1
@@ -191,13 +199,15 @@ class TestSimulatedNetworks:
         assert r.violation is None, r.violation
         assert r.evictions == 2
 
-    def test_seed_1835_a_vote_the_equivocator_cannot_retract_ends_at_its_eviction(self) -> None:
+    def test_seed_1835_a_vote_the_equivocator_cannot_retract_ends_at_its_eviction(
+            self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Regression: a node voted against a member just before it equivocated.
         Its retractions lay past its fork, so they were void and the vote stayed
         live for good: the member stayed under vote, nobody joined the vote
         against the equivocator, every node heartbeat at full rate, and the
         equivocator's own view stayed frozen.  Now the equivocator is voted out
         whatever else is under vote, and its eviction retracts its votes."""
+        _as_found(monkeypatch)
         r = run(1835, participants=0)
         assert r.violation is None, r.violation
         assert r.evictions == 1
@@ -224,8 +234,7 @@ class TestSimulatedNetworks:
         the log below what that member had certified: an acknowledged carry
         of a participant's order was voided.  A member now certifies nothing
         while a vote of its own may count later too, and retracts it."""
-        # suspicion at evict_after, as when it was found: the same messages
-        monkeypatch.setattr(scenario, "PARAMS", replace(PARAMS, suspect_after_ms=PARAMS.evict_after_ms))
+        _as_found(monkeypatch)
         r = run(67, storm=True, schedule=wide(67))
         assert r.violation is None, r.violation
 
@@ -458,6 +467,7 @@ class TestCheckerCanFail:
         its node had answered that it was placed.  ``python -m sim --wide
         --seed 64`` does that under the old rule (node 2's order seq 21) and
         passes under the highest cut, the rule certification rests on."""
+        _as_found(monkeypatch)
         assert run(64, schedule=wide(64), participants=0).violation is None
 
         def lowest(votes: list[Vote]) -> int:
