@@ -142,9 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--kill must leave at least one member")
     with tempfile.TemporaryDirectory(prefix="p2pex-failover-") as tmp:
         names = [f"m{i + 1}" for i in range(args.members)] + [f"p{i + 1}" for i in range(args.participants)]
-        nodes = make_nodes(Path(tmp), names)
-        for n in nodes[args.members:]:
-            n.member = False
+        nodes = make_nodes(Path(tmp), names, participants=args.participants)
         if args.suspect_after is not None:
             for n in nodes:
                 n.extra_args = [*n.extra_args, "--suspect-after", f"{args.suspect_after:g}"]

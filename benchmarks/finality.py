@@ -134,9 +134,7 @@ def cpu_ms(pid: int) -> float:
 def cluster_figures(base: Path, rate: float, seconds: float, idle_s: float, seed: int, *,
                     members: int = 5, participants: int = 0) -> dict[str, Any]:
     names = [f"m{i + 1}" for i in range(members)] + [f"p{i + 1}" for i in range(participants)]
-    nodes = make_nodes(base, names)
-    for n in nodes[members:]:
-        n.member = False
+    nodes = make_nodes(base, names, participants=participants)
     traders = nodes[members:] or nodes  # the load goes through the participants, if any
     try:
         start_network(nodes, timeout=120)

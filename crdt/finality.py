@@ -925,11 +925,12 @@ class Finality:
         voting = [x for x in contested if self._under_vote(x, mono_ms)]
         for x in contested:
             mine = self._live_vote(x)
+            own_live = self._own_vote_live(x)  # counted now or not
             # a vote of this node that does not count now is retracted all the same: it may count later
-            if (mine is not None or self._own_vote_live(x)) and self._alive(x, mono_ms) \
+            if (mine is not None or own_live) and self._alive(x, mono_ms) \
                     and self.last_heard.get(x, 0) > self._my_vote_mono.get(x, 0):
                 return Retract(member=x)
-            if mine is None and not self._own_vote_live(x) and majority and self._silent(x, mono_ms) and (
+            if mine is None and not own_live and majority and self._silent(x, mono_ms) and (
                     (voting == [x] and self._alone_silent(x, mono_ms, members)) or x in self._forks):
                 return self._vote(x)  # join the vote under way (one member under vote at a time)
         if majority:

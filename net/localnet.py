@@ -449,11 +449,14 @@ def restart_stopped(nodes: Iterable[NodeProc]) -> None:
             n.start()
 
 
-def make_nodes(base: Path, names: Iterable[str]) -> list[NodeProc]:
-    """Node descriptions on fresh ports; the first is every other node's bootstrap."""
+def make_nodes(base: Path, names: Iterable[str], *, participants: int = 0) -> list[NodeProc]:
+    """Node descriptions on fresh ports; the first is every other node's bootstrap.
+    The last ``participants`` of them start without ``--member``."""
     nodes = [NodeProc(name=n, port=free_port(), data_dir=base / n) for n in names]
     for n in nodes[1:]:
         n.bootstrap = [nodes[0].port]
+    for n in nodes[len(nodes) - participants:]:
+        n.member = False
     return nodes
 
 

@@ -43,9 +43,7 @@ SETTLE = 30.0
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProc]]:
-    nodes = make_nodes(tmp_path_factory.mktemp("participants"), ("m1", "m2", "m3", "p1", "p2", "p3"))
-    for n in nodes[3:]:
-        n.member = False
+    nodes = make_nodes(tmp_path_factory.mktemp("participants"), ("m1", "m2", "m3", "p1", "p2", "p3"), participants=3)
     try:
         start_network(nodes, timeout=SETTLE)
         yield nodes
@@ -208,10 +206,8 @@ def test_five_members_and_ten_participants_trade_through_two_members_killed(
     itself waits while two members are silent at once: see Known limitations
     in the README.)"""
     names = [f"m{i}" for i in range(1, 6)] + [f"p{i}" for i in range(1, 11)]
-    nodes = make_nodes(tmp_path, names)
+    nodes = make_nodes(tmp_path, names, participants=10)
     members, parts = nodes[:5], nodes[5:]
-    for p in parts:
-        p.member = False
     with logs_on_failure(request, nodes):
         try:
             start_network(nodes, timeout=60)
